@@ -1,0 +1,4 @@
+from mixer_cli.models.checkpoints import load_mixer
+from mixer_cli.models.mixer import VARIANTS, Mixer, MixerSpec, build_mixer
+
+__all__ = ["VARIANTS", "Mixer", "MixerSpec", "build_mixer", "load_mixer"]

@@ -1,0 +1,63 @@
+"""What a person reads at the end of a run: a rich summary table and PNG plots of the curves."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def print_summary(results: dict, title: str = "Run summary") -> None:
+    table = Table(title=title, show_header=False, title_style="bold")
+    table.add_column(style="cyan")
+    table.add_column()
+    for key, value in results.items():
+        if isinstance(value, float) and key.endswith(("top1", "top5")):
+            value = f"{100 * value:.2f}%"
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.csv (Lightning's CSVLogger) as {metric: [(step, value), ...]}."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_curves(metrics_csv: Path, out: Path, title: str) -> None:
+    """Training loss and held-out accuracy against steps, next to the CSV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_csv.is_file():
+        return
+    series = read_metrics(metrics_csv)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax in (("train/loss", ax_loss), ("val/loss", ax_loss), ("val/acc1", ax_acc), ("val/acc5", ax_acc)):
+        if key in series:
+            steps, values = zip(*series[key])
+            ax.plot(steps, values, label=key, marker="o" if key.startswith("val") else None, markersize=3)
+    ax_loss.set(xlabel="step", ylabel="loss", yscale="log")
+    ax_acc.set(xlabel="step", ylabel="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Training: LightningModule, DataModule, optimiser/schedule factories and the Trainer."""
