@@ -1,23 +1,34 @@
-"""Data sources: the bundled demo (and, at scale, webdataset shards and image folders)."""
+"""Data sources: the bundled demo, image folders, and webdataset shards at scale (DESIGN.md, Data)."""
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig
-from torchvision.transforms import v2
 
 from mixer_cli.data.demo import demo_arrays
 from mixer_cli.data.tensor import TensorImages
+from mixer_cli.data.transforms import demo_transform, eval_transform, train_transform
 from mixer_cli.errors import UserError
 
+SOURCES = ("demo", "folder", "shards")
+__all__ = ["build_dataset", "demo_arrays", "SOURCES"]
 
-def build_dataset(data: DictConfig, aug: DictConfig, split: str):
-    """The dataset of `split` ('train' or 'test'), with training augmentation on 'train' only."""
+
+def build_dataset(data: DictConfig, aug: DictConfig, split: str, seed: int = 0):
+    """The dataset of `split` ('train' or 'test'), with training augmentation on 'train' only.
+
+    Map-style for the demo and image folders; for shards an IterableDataset that batches itself
+    (train: endless and resampled, its epoch length set by the DataModule; test: exact, unpadded).
+    """
+    train = split == "train"
     if data.source == "demo":
         x, y = demo_arrays(split)
-        return TensorImages(x, y, demo_transform(data, aug, train=split == "train"))
-    raise UserError(f"unknown data source {data.source!r}; choose one of: demo")
+        return TensorImages(x, y, demo_transform(data, aug, train=train))
+    if data.source not in SOURCES:
+        raise UserError(f"unknown data source {data.source!r}; choose one of: {', '.join(SOURCES)}")
+    transform = train_transform(data, aug) if train else eval_transform(data, aug)
+    if data.source == "folder":
+        from mixer_cli.data.folder import image_folder
 
+        return image_folder(data, "train_path" if train else "eval_path", transform)
+    from mixer_cli.data.shards import eval_shards, train_shards
 
-def demo_transform(data: DictConfig, aug: DictConfig, train: bool) -> v2.Compose:
-    shift = [v2.RandomCrop(data.img_size, padding=aug.pad_crop)] if train and aug.get("pad_crop") else []
-    return v2.Compose([*shift, v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)])
+    return train_shards(data, transform, seed) if train else eval_shards(data, transform)

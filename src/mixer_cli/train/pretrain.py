@@ -31,7 +31,7 @@ def pretrain(cfg: DictConfig, resume: Path | None = None, progress: bool = True)
     steps = total_steps(cfg, datamodule.train_size)
     run_dir = resume if resume is not None else make_run_dir(cfg, "pretrain")
     try:
-        trainer, plan = build_trainer(cfg, run_dir, progress=progress)
+        trainer, plan = build_trainer(cfg, run_dir, progress=progress, resume=resume is not None)
         datamodule.device_batch = plan.device_batch
         if resume is None:
             save_config(cfg, run_dir)

@@ -1,12 +1,12 @@
 """The Lightning Trainer with the toolkit's callbacks, logs and crash-safe checkpoints."""
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
@@ -14,27 +14,46 @@ from omegaconf import DictConfig
 from mixer_cli.train.batching import BatchPlan, plan_batches
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file, then rename: a crash or kill mid-write never leaves a torn
-    checkpoint, and the previous last.ckpt stays readable until the new one is complete."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
 
 
 def quiet_lightning() -> None:
-    # The demo's in-memory data needs no loader workers; Lightning's advice says otherwise.
+    """Silence advice that does not apply to our runs, so the warnings that remain matter."""
+    # The demo's in-memory data needs no loader workers.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+    # Our run directory already holds config.yaml when the logger and checkpointer start.
+    warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
+    # Device lines ("GPU available: ...") would precede a one-line error; the summary names the devices.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, progress: bool = True) -> tuple[L.Trainer, BatchPlan]:
+def keep_metrics_on_resume(logger: CSVLogger) -> None:
+    """Lightning's CSV logger deletes an existing metrics.csv when it starts; a resumed run must
+    append to it instead, so the curves cover the whole run."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    rows = path.read_text()
+    writer = logger.experiment  # creating the writer removes the file
+    path.write_text(rows)
+    writer.metrics_keys = rows.splitlines()[0].split(",")
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, progress: bool = True, resume: bool = False
+) -> tuple[L.Trainer, BatchPlan]:
     """A Trainer logging and checkpointing into run_dir, and how the global batch is split."""
     quiet_lightning()
     t = cfg.trainer
+    logger = CSVLogger(run_dir, name="", version="")
+    if resume:
+        keep_metrics_on_resume(logger)
     callbacks = [
         ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/acc1", mode="max", save_last=True),
         LearningRateMonitor(logging_interval="step"),
@@ -54,9 +73,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, progress: bool = True) -> tupl
         gradient_clip_algorithm="norm",
         check_val_every_n_epoch=t.val_every_epochs,
         log_every_n_steps=t.log_every_steps,
-        logger=CSVLogger(run_dir, name="", version=""),
+        logger=logger,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress,
         enable_model_summary=False,
     )

@@ -1,0 +1,184 @@
+"""Webdataset shards as training and evaluation sources (DESIGN.md, Data).
+
+Training (`TrainShards`): the shard list is split by node and by worker into disjoint subsets, so
+different ranks see different data; each (rank, worker) streams its subset forever, reshuffled
+every pass with its own seed, through a shuffle buffer. The epoch length is set on the loader: a
+rank yields exactly `batches_per_epoch` batches per epoch however many workers share them, so step
+counts match `samples per epoch / global batch` under DDP, and no rank ever runs dry (no DDP hang).
+Evaluation (`EvalShards`): every shard is read exactly once, split by node and by worker, last
+batch partial: no sample is dropped or duplicated across ranks.
+A corrupt sample (bad image, truncated tar) is skipped, counted and logged; the run goes on.
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+import logging
+import random
+from pathlib import Path
+
+import webdataset as wds
+from omegaconf import DictConfig
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mixer_cli.data.writer import INDEX, read_index
+from mixer_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = "jpg;jpeg;png;webp"
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def worker_and_workers() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def resolve_shards(path: str, size: int | None, key: str) -> tuple[list[str], int | None]:
+    """Shard files and sample count of a split: a folder written by `mixer data write` (its index.json
+    knows both), or a brace pattern like /data/in1k/train-{000000..001023}.tar (size from config)."""
+    folder = Path(path)
+    if folder.is_dir():
+        if not (folder / INDEX).is_file():
+            raise UserError(f"data.{key}={path} has no {INDEX}; write it with `mixer data write --to {path}` or give a shard pattern")
+        index = read_index(folder)
+        return [str(folder / s["file"]) for s in index["shards"]], size or index["num_samples"]
+    urls = wds.shardlists.expand_urls(path)
+    missing = [u for u in urls if "://" not in u and not glob.has_magic(u) and not Path(u).is_file()]
+    if not urls or len(missing) == len(urls):
+        raise UserError(f"no shards at data.{key}={path}; set data.{key}=... (or the MIXER_DATA root)")
+    if missing:
+        raise UserError(f"{len(missing)} of {len(urls)} shards of data.{key} are missing, e.g. {missing[0]}")
+    return urls, size
+
+
+class SkipCorrupt:
+    """Webdataset error handler: skip the sample (or the rest of a truncated shard), count, log."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        log.warning("data: skipped corrupt sample #%d in this loader worker: %s", self.count, str(exn)[:200])
+        return True
+
+
+def decoded_samples(transform, channels: int, handler: SkipCorrupt):
+    """Pipeline stages: tar streams -> (image tensor, label) pairs."""
+    return [
+        wds.tarfile_to_samples(handler=handler),
+        wds.decode("pil" if channels == 3 else "pill", handler=handler),
+        wds.to_tuple(IMAGE_KEYS, "cls", handler=handler),
+        wds.map_tuple(transform, int, handler=handler),
+    ]
+
+
+class TrainShards(IterableDataset):
+    """Endless, shuffled (image, label) batches from this rank's and worker's share of the shards."""
+
+    def __init__(self, urls: list[str], num_samples: int, transform, channels: int, shuffle_buffer: int, seed: int):
+        self.urls, self.num_samples = urls, num_samples
+        self.transform, self.channels = transform, channels
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.batch_size, self.batches_per_epoch = 1, num_samples
+        self.corrupt = SkipCorrupt()
+        self._stream = None  # kept across epochs (persistent workers): no refill of the shuffle buffer
+
+    def set_epoch_length(self, batch_size: int, batches_per_epoch: int) -> None:
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+
+    def check_split(self, world_size: int, num_workers: int) -> None:
+        """Every (rank, worker) needs a shard of its own; otherwise say so now rather than hang later."""
+        slots = world_size * max(num_workers, 1)
+        if len(self.urls) < slots:
+            raise UserError(
+                f"{len(self.urls)} training shard(s) cannot feed {world_size} rank(s) x {max(num_workers, 1)} loader "
+                f"worker(s) = {slots}; write smaller shards (mixer data write --shard-size) or lower data.num_workers"
+            )
+
+    def my_shards(self) -> tuple[list[str], int]:
+        """This (rank, worker)'s disjoint slice of the shard list, and a seed no other one shares."""
+        rank, world = rank_and_world()
+        worker, workers = worker_and_workers()
+        slot, slots = rank * workers + worker, world * workers
+        self.check_split(world, workers)
+        return self.urls[slot::slots], self.seed * 1_000_003 + slot
+
+    def _endless(self):
+        shards, seed = self.my_shards()
+        rng = random.Random(seed)
+        read = [0]  # samples that came out of the tar files, to notice shards that hold none
+
+        def shard_passes():
+            while True:
+                before = read[0]
+                yield from (dict(url=u) for u in rng.sample(shards, len(shards)))
+                if read[0] == before:  # a whole pass without one sample: resampling would spin forever
+                    raise UserError(f"no readable sample in the {len(shards)} shard(s) from {shards[0]}: all corrupt")
+
+        def count(samples):
+            for sample in samples:
+                read[0] += 1
+                yield sample
+
+        tar_stage, *decode_stages = decoded_samples(self.transform, self.channels, self.corrupt)
+        pipeline = wds.DataPipeline(
+            shard_passes,
+            tar_stage,
+            count,
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
+            *decode_stages,  # after the shuffle: the buffer holds encoded bytes, not decoded images
+            wds.batched(self.batch_size, partial=False),
+        )
+        return iter(pipeline)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        if self._stream is None:
+            self._stream = self._endless()
+        worker, workers = worker_and_workers()
+        share = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        return itertools.islice(self._stream, share)
+
+
+class EvalShards(IterableDataset):
+    """Every sample of the split exactly once over all ranks and workers, in batches."""
+
+    def __init__(self, urls: list[str], num_samples: int | None, transform, channels: int):
+        self.urls, self.num_samples = urls, num_samples
+        self.transform, self.channels = transform, channels
+        self.batch_size = 1
+        self.corrupt = SkipCorrupt()
+
+    def __iter__(self):
+        return iter(
+            wds.DataPipeline(
+                wds.SimpleShardList(self.urls),
+                wds.split_by_node,
+                wds.split_by_worker,
+                *decoded_samples(self.transform, self.channels, self.corrupt),
+                wds.batched(self.batch_size, partial=True),
+            )
+        )
+
+
+def train_shards(data: DictConfig, transform, seed: int) -> TrainShards:
+    urls, size = resolve_shards(data.train_path, data.get("train_size"), "train_path")
+    if not size:
+        raise UserError("data.train_size must be set for a shard pattern (samples per epoch), e.g. data.train_size=1281167")
+    return TrainShards(urls, size, transform, data.channels, data.get("shuffle_buffer", 10_000), seed)
+
+
+def eval_shards(data: DictConfig, transform) -> EvalShards:
+    urls, size = resolve_shards(data.eval_path, data.get("eval_size"), "eval_path")
+    return EvalShards(urls, size, transform, data.channels)

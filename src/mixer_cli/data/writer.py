@@ -1,0 +1,175 @@
+"""`mixer data write`: an image folder (one sub-folder per class) or the bundled demo -> webdataset shards.
+
+Each sample is `<key>.jpg|png|webp` (the original bytes; other formats re-encoded as PNG) and
+`<key>.cls` (the class index). Beside the shards, `index.json` records the classes, the per-class
+counts, the shards with their sample counts, and the files skipped as unreadable. Every image is
+fully decoded once while writing, so a corrupt file is reported and skipped here, not mid-training.
+Shards are written under temporary names and renamed when complete; index.json comes last, so a
+folder with an index.json is always a complete set.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from mixer_cli.config import write_atomic
+from mixer_cli.errors import UserError
+
+INDEX = "index.json"
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as-is; anything else -> PNG
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class Sample:
+    name: str  # where it came from, for the report of skipped files
+    label: int
+    read: Callable[[], bytes]  # the encoded image, read only when written
+
+
+@dataclass
+class WriteReport:
+    classes: list[str]
+    counts: list[int]
+    shards: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    def to_dict(self, source: str) -> dict:
+        return {
+            "format": "mixer-shards/1",
+            "source": source,
+            "num_samples": self.num_samples,
+            "classes": self.classes,
+            "counts": self.counts,
+            "shards": self.shards,
+            "skipped": self.skipped,
+        }
+
+
+def folder_samples(root: Path) -> tuple[list[str], list[Sample]]:
+    """Classes (sorted sub-folder names) and one Sample per image file under them."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{root} has no class sub-folders; expected {root}/<class>/<image files>")
+    samples = [
+        Sample(str(path), label, path.read_bytes)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    ]
+    return classes, samples
+
+
+def demo_samples(split: str) -> tuple[list[str], list[Sample]]:
+    """The bundled demo digits of `split` as PNG-encoded samples (lossless)."""
+    from mixer_cli.data.demo import demo_arrays
+
+    x, y = demo_arrays(split)
+    return [str(c) for c in range(10)], [
+        Sample(f"demo/{split}/{i}", int(label), lambda img=img: _png(img)) for i, (img, label) in enumerate(zip(x, y))
+    ]
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def checked_image(raw: bytes) -> tuple[str, bytes]:
+    """(extension, bytes) of a fully decodable image; raises on a corrupt or truncated file."""
+    with Image.open(io.BytesIO(raw)) as img:
+        fmt = img.format
+        img.load()  # decodes every pixel: truncated or corrupt data fails here, not in training
+        if fmt in KEPT_FORMATS:
+            return KEPT_FORMATS[fmt], raw
+        buf = io.BytesIO()
+        img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, format="PNG")
+        return "png", buf.getvalue()
+
+
+def check_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not an empty folder; choose a new --to folder")
+
+
+def write_shards(
+    classes: list[str],
+    samples: list[Sample],
+    out: Path,
+    shard_size: int = 10_000,
+    seed: int = 0,
+    source: str = "",
+    on_skip=None,
+) -> WriteReport:
+    """Write `samples` in a seeded random order (so each shard mixes the classes) into `out`."""
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    check_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    report = WriteReport(classes=classes, counts=[0] * len(classes))
+    records = _readable(samples, order, report, on_skip)
+    for number, chunk in enumerate(_chunks(records, shard_size)):
+        name = f"shard-{number:06d}.tar"
+        _write_tar(out / name, chunk)
+        report.shards.append({"file": name, "samples": len(chunk)})
+    if not report.shards:
+        out.rmdir()  # nothing half-written: no shards, no folder
+        raise UserError(f"no readable images in {source or 'the input'}; nothing written")
+    write_atomic(out / INDEX, json.dumps(report.to_dict(source), indent=1))
+    return report
+
+
+def _readable(samples, order, report: WriteReport, on_skip) -> Iterator[dict]:
+    for i in order:
+        s = samples[i]
+        try:
+            ext, data = checked_image(s.read())
+        except Exception as e:  # PIL raises many types for bad files; each one means "skip it"
+            report.skipped.append({"file": s.name, "error": f"{type(e).__name__}: {e}"})
+            if on_skip:
+                on_skip(s.name, e)
+            continue
+        report.counts[s.label] += 1
+        yield {"__key__": f"{i:09d}", ext: data, "cls": s.label}
+
+
+def _chunks(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    chunk = []
+    for r in records:
+        chunk.append(r)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_tar(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with wds.TarWriter(str(tmp)) as sink:
+        for r in records:
+            sink.write(r)
+    os.replace(tmp, path)
+
+
+def read_index(folder: Path) -> dict:
+    """The index.json that `mixer data write` put beside its shards."""
+    path = Path(folder) / INDEX
+    with open(path) as f:
+        return json.load(f)
