@@ -96,7 +96,7 @@ def test_timm_state_dict_gives_timms_logits(tmp_path, suffix):
 def test_lightning_checkpoint_loads_with_recorded_spec(tmp_path):
     ref = _ours(gelu="exact")
     preprocess = {"img_size": 24, "channels": 3, "mean": [0.1] * 3, "std": [0.2] * 3, "interpolation": "bicubic",
-                  "eval_crop": "resize_crop"}
+                  "eval_crop": "resize-crop", "eval_resize": 28}
     ckpt = {"state_dict": {f"model.{k}": v for k, v in ref.state_dict().items()},
             "mixer": {"spec": ref.spec.to_dict(), "preprocess": preprocess}, "epoch": 3}
     torch.save(ckpt, tmp_path / "last.ckpt")
@@ -186,3 +186,17 @@ def test_missing_and_foreign_files_are_clear_errors(tmp_path):
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "resnet.pth")
     with pytest.raises(ValueError, match=r"resnet\.pth does not hold MLP-Mixer weights"):
         load_mixer(tmp_path / "resnet.pth")
+
+
+def test_export_command_writes_safetensors_from_an_npz(tmp_path):
+    from typer.testing import CliRunner
+
+    from mixer_cli.cli import app
+
+    ref = _ours()
+    src = _save_npz(tmp_path, ref)
+    r = CliRunner().invoke(app, ["export", "--from", str(src), "--to", str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 0, r.output
+    torch.testing.assert_close(_logits(load_mixer(tmp_path / "m.safetensors"), X), _logits(ref, X), atol=1e-5, rtol=1e-5)
+    r = CliRunner().invoke(app, ["export", "--from", str(src), "--to", str(tmp_path / "m.pt")])
+    assert r.exit_code == 2 and r.output.startswith("error: --to ") and "m.safetensors" in r.output

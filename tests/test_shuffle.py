@@ -1,10 +1,26 @@
 """The permutation experiment (Sec. 3.4, Figure 4): the shuffles, and why the Mixer is immune to one."""
+import csv
+
 import pytest
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from torch import nn
+from typer.testing import CliRunner
 
-from mixer_cli.experiments.shuffle import ShufflePixels, draw_permutations, patch_pixel_permutation
+from mixer_cli.cli import app
+from mixer_cli.config import compose
+from mixer_cli.experiments.shuffle import (
+    ShufflePixels,
+    draw_permutations,
+    patch_pixel_permutation,
+    relative_drops,
+    shuffled_fewshot_sets,
+    verdict,
+    with_shuffle,
+)
 from mixer_cli.models import build_mixer
+from mixer_cli.train.datamodule import MixerDataModule
 
 IMG, PATCH = 12, 4  # a 3 x 3 grid of 4 x 4 patches
 
@@ -122,3 +138,79 @@ def test_cnn_is_not_rescued_by_the_same_weight_permutation():
         torch.testing.assert_close(twin_tokens, tokens[..., patch_order], rtol=1e-12, atol=1e-12)
         reference = cnn(x)
         assert (twin(shuffle(x)) - reference).abs().max() > 0.05 * reference.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiment: data pipeline, drops, verdict, and the command end to end.
+
+TINY = [
+    "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=32",
+    "resnet.channels=[8,16,16,16]", "resnet.stem_width=8", "data.global_batch=1000", "sched.warmup_steps=1",
+    "fewshot.every_n_steps=2", "trainer.epochs=1", "shuffle.progress=false",
+]
+
+
+def test_every_split_is_shuffled_after_its_own_preprocessing():
+    cfg = compose(TINY, config_name="shuffle")
+    perm = draw_permutations(28, 4, seed=0)["patch_pixel"]
+    plain, shuffled = MixerDataModule(cfg, 1), MixerDataModule(cfg, 1)
+    shuffle = ShufflePixels(perm)
+    with_shuffle(shuffled.eval_set, shuffle)
+    x, y = shuffled.eval_set[7]
+    assert torch.equal(x, shuffle(plain.eval_set[7][0])) and y == plain.eval_set[7][1]
+    train, test = shuffled_fewshot_sets(cfg, shuffle)
+    torch.testing.assert_close(shuffle.inverse()(train[3][0]).view(28, 28)[0], torch.full((28,), -0.1307 / 0.3081))
+    assert torch.equal(test[7][0], x)  # the probe's test split is the same shuffled split
+
+
+def test_relative_drops_and_the_verdict():
+    results = [
+        {"model": m, "pipeline": p, "fewshot": f, "test_top1": t}
+        for m, p, f, t in [("mixer", "original", 0.80, 0.90), ("mixer", "patch_pixel", 0.79, 0.90),
+                           ("mixer", "global_pixel", 0.40, 0.45), ("resnet", "original", 0.90, 0.95),
+                           ("resnet", "patch_pixel", 0.45, 0.60), ("resnet", "global_pixel", 0.30, 0.40)]
+    ]
+    relative_drops(results)
+    drops = {(r["model"], r["pipeline"]): round(r["fewshot_drop"], 4) for r in results}
+    assert drops == {
+        ("mixer", "original"): 0, ("mixer", "patch_pixel"): 0.0125, ("mixer", "global_pixel"): 0.5,
+        ("resnet", "original"): 0, ("resnet", "patch_pixel"): 0.5, ("resnet", "global_pixel"): 0.6667,
+    }
+    assert results[2]["paper"] == "~45%" and results[5]["paper"] == "~75%"
+    assert verdict(results, tolerance=0.02, shots=5).startswith(
+        "holds: under patch + pixel shuffling the Mixer's 5-shot drop is +1.2%")
+    assert verdict(results, tolerance=0.01, shots=5).startswith("does NOT hold")
+    assert verdict([r for r in results if r["model"] == "mixer"], tolerance=0.02, shots=5) is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["shuffle.models=[mixer,vit]"], "error: shuffle.models must list some of mixer, resnet, got ['mixer', 'vit']"),
+    (["shuffle.pipelines=[patch_pixel]"],
+     "error: shuffle.pipelines must include original: the drops are measured against it"),
+    (["resnet.timm_name=resnet5000"],
+     "error: unknown timm model 'resnet5000' (resnet.timm_name); e.g. resnetv2_50x1_bit, resnet50"),
+    (["fewshot.shots=500"], "error: class 0 has only 400 training example(s), fewer than the 500 shots asked for;"),
+])
+def test_user_errors_are_one_line_and_write_nothing(tmp_path, args, message):
+    r = CliRunner().invoke(app, ["shuffle-experiment", *TINY, *args, f"run_root={tmp_path}"])
+    assert r.exit_code == 2
+    assert r.output.startswith(message) and len(r.output.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_command_writes_curves_table_and_permutations(tmp_path):
+    r = CliRunner().invoke(app, ["shuffle-experiment", *TINY, "shuffle.pipelines=[original,patch_pixel]",
+                                 f"run_root={tmp_path}"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    (run,) = (tmp_path / "shuffle-experiment").iterdir()
+    assert {"config.yaml", "permutations.safetensors", "fewshot_curves.csv", "fewshot_curves.png", "results.csv",
+            "results.json", "mixer-original", "mixer-patch_pixel", "resnet-original", "resnet-patch_pixel"} == {
+        p.name for p in run.iterdir()}
+    saved, drawn = load_file(run / "permutations.safetensors"), draw_permutations(28, 4, seed=0)
+    assert saved.keys() == drawn.keys() and all(torch.equal(saved[k], drawn[k]) for k in drawn)
+    rows = list(csv.DictReader(open(run / "fewshot_curves.csv")))
+    steps = sorted({int(r["step"]) for r in rows if r["model"] == "mixer" and r["pipeline"] == "original"})
+    assert steps == [0, 2, 4]  # at the start, every 2 steps, at the end (4 steps of 1,000 images)
+    assert "Sec. 3.4 finding" in r.output and "patch + pixel shuffling" in r.output
+    assert OmegaConf.load(run / "config.yaml").shuffle.pipelines == ["original", "patch_pixel"]

@@ -87,6 +87,246 @@ def pretrain(
     run_pretrain(cfg, resume=resume)
 
 
+@app.command(
+    "shuffle-experiment",
+    epilog="Examples: [bold]mixer shuffle-experiment[/] (the bundled demo, minutes on a CPU) · "
+    "[bold]mixer shuffle-experiment shuffle.models=[mixer] trainer.epochs=3[/] · "
+    "[bold]mixer shuffle-experiment recipe=shuffle_b16_r50[/] (the paper's setting)",
+)
+@user_errors
+def shuffle_experiment(overrides: Optional[list[str]] = OVERRIDES):
+    """Figure 4: train a Mixer and a ResNet on original, patch + pixel shuffled and globally
+    shuffled inputs; plot linear 5-shot accuracy over training and tabulate each model's drop."""
+    from mixer_cli.config import compose
+    from mixer_cli.experiments.shuffle import run_experiment
+
+    run_experiment(compose(overrides or [], config_name="shuffle"))
+
+
+@app.command(
+    epilog="Examples: [bold]mixer visualize --from runs/pretrain/20261125-101500-demo/last.ckpt[/] · "
+    "[bold]mixer visualize --from last.ckpt --blocks 1 --out /tmp/units[/]"
+)
+@user_errors
+def visualize(
+    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
+                                    dir_okay=False),
+    blocks: int = typer.Option(3, "--blocks", help="How many of the first blocks' token-mixing MLPs to draw."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNGs and CSV [default: CKPT's folder/<name>-units].",
+                                       file_okay=False),
+):
+    """Figure 5: the hidden units of the first token-mixing MLPs as grid-shaped images, each paired
+    with its closest opposite-phase unit and sorted by frequency, and the stem's filters."""
+    from mixer_cli.report import console
+    from mixer_cli.visualize import visualize as draw
+
+    for path in draw(checkpoint, out, blocks=blocks):
+        console.print(f"wrote {path}")
+
+
+data_app = typer.Typer(help="Write webdataset shards; benchmark the input pipeline.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command(
+    "write",
+    epilog="Examples: [bold]mixer data write --from ~/pics/train --to /data/pics/train[/] · "
+    "[bold]mixer data write --from demo --to /tmp/demo-shards --shard-size 500[/] (writes train/ and test/), then "
+    "[bold]mixer pretrain data.source=shards data.train_path=/tmp/demo-shards/train "
+    "data.eval_path=/tmp/demo-shards/test[/]",
+)
+@user_errors
+def data_write(
+    source: str = typer.Option(..., "--from", help="An image folder (one sub-folder per class), or 'demo'."),
+    out: Path = typer.Option(..., "--to", help="A new or empty folder for the shards and index.json.", file_okay=False),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per shard (need >= ranks x workers shards)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample order (shards mix the classes)."),
+    workers: int = typer.Option(1, "--workers", help="Processes that decode-check the images (CPU cores to use)."),
+):
+    """Write an image folder or the bundled demo as webdataset shards plus index.json (classes,
+    counts, shards). Unreadable or corrupt images are reported and skipped."""
+    from mixer_cli.data.writer import check_output, demo_samples, folder_samples, write_shards
+    from mixer_cli.report import console
+
+    def skipped(name, reason):
+        err.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False, soft_wrap=True)
+
+    if source == "demo":
+        jobs = [(out / split, *demo_samples(split), f"demo:{split}") for split in ("train", "test")]
+    else:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"--from {source}: no such folder; give an image folder (a sub-folder per class) or 'demo'")
+        jobs = [(out, *folder_samples(folder), str(folder))]
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    for target, *_ in jobs:
+        check_output(target)
+    for target, classes, samples, name in jobs:
+        report = write_shards(classes, samples, target, shard_size, seed, source=name, on_skip=skipped, workers=workers)
+        console.print(
+            f"wrote {report.num_samples} images of {len(classes)} classes in {len(report.shards)} shard(s) to "
+            f"{target} ({len(report.skipped)} skipped)"
+        )
+
+
+@data_app.command(
+    "bench",
+    epilog="Examples: [bold]mixer data bench[/] · [bold]mixer data bench --seconds 10 --out /tmp/data-bench.csv[/]",
+)
+@user_errors
+def data_bench(
+    images: int = typer.Option(64, "--images", help="Distinct synthetic 224x224 JPEGs to cycle through."),
+    seconds: float = typer.Option(5.0, "--seconds", help="Time per pipeline (spread over 5 rounds; best round counts)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Also write the table as CSV (and a PNG bar chart beside it).", dir_okay=False
+    ),
+):
+    """Decode + augment images/s per CPU core for 224x224 JPEGs: Inception crop + flip, with and
+    without RandAugment, and the evaluation resize-crop, each against JPEG decoding alone."""
+    from rich.table import Table
+
+    from mixer_cli.data.bench import run_bench, write_bench
+    from mixer_cli.report import console
+
+    if images < 1 or seconds <= 0:
+        raise UserError("--images must be at least 1 and --seconds above 0")
+    rows = run_bench(images, seconds)
+    table = Table(title="data pipeline, one CPU core, 224x224 JPEG")
+    for col in ("pipeline", "img/s per core", "vs decode only"):
+        table.add_column(col, justify="left" if col == "pipeline" else "right")
+    for r in rows:
+        table.add_row(r["pipeline"], f"{r['img_per_s_per_core']:.0f}", f"{r['vs_decode_only']:.2f}x")
+    console.print(table)
+    if out is not None:
+        for path in write_bench(rows, out):
+            console.print(f"wrote {path}")
+
+
+@app.command(
+    epilog="Examples: [bold]mixer fewshot --from runs/pretrain/20261125-101500-demo/last.ckpt[/] (transfer to "
+    "scikit-learn's digits) · [bold]mixer fewshot --from CKPT --shots 5 data=imagenet fewshot.seeds=5[/] · "
+    "[bold]mixer fewshot --from CKPT data=folder data.train_path=~/pics/train data.eval_path=~/pics/val "
+    "data.num_classes=5 fewshot.l2=select[/]"
+)
+@user_errors
+def fewshot(
+    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
+                                    dir_okay=False),
+    shots: Optional[str] = typer.Option(None, "--shots", help="Shots per class, e.g. 5 or 1,5,10,25 [default: fewshot.shots]."),
+    overrides: Optional[list[str]] = OVERRIDES,
+):
+    """Linear few-shot accuracy on frozen pre-logits (Figures 2 and 4): a closed-form ridge probe to
+    {-1, 1} targets (l2 = 2^10) per shot count and seed, one feature pass; a table and results.json."""
+    from mixer_cli.config import compose
+    from mixer_cli.evaluate.transfer import fewshot as run_fewshot
+    from mixer_cli.evaluate.transfer import parse_shots
+
+    cfg = compose(overrides or [], config_name="fewshot")
+    run_fewshot(cfg, checkpoint, parse_shots(shots) if shots else parse_shots(",".join(map(str, cfg.fewshot.shots))))
+
+
+@app.command(
+    epilog="Examples: [bold]mixer benchmark[/] (Mixer-B/16, timm's MlpMixer, ViT-B/16, BiT-R50x1; about a minute on "
+    "a CPU) · [bold]mixer benchmark --train --precision bf16[/] · "
+    "[bold]mixer benchmark --res 224,448 models=mixer-l16,vit-l16 batch_sizes=64,128,256[/] · "
+    "[bold]mixer benchmark --compile --grad-checkpointing --train models=mixer-h14[/]"
+)
+@user_errors
+def benchmark(
+    overrides: Optional[list[str]] = OVERRIDES,
+    res: Optional[str] = typer.Option(None, "--res", help="Resolutions, comma-separated, e.g. 224,448 [default: 224]."),
+    train: bool = typer.Option(False, "--train", help="Also time a training step (forward, backward, AdamW) and its memory."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast) [default: fp32]."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile every model (compiled in the untimed warm-up)."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward (L, H)."),
+):
+    """Throughput as in Tables 2-3: img/s and img/s per device (per core on a CPU), best over a
+    batch sweep, our Mixers against timm's MlpMixer, ViT and BiT; FLOP/s against the measured
+    matmul peak, training memory per image, and the paper's claims as ratios from the same run."""
+    from mixer_cli.benchmark import list_overrides, run_benchmark
+    from mixer_cli.config import compose
+
+    options = [f"res=[{res}]"] if res else []
+    options += ["modes=[infer,train]"] if train else []
+    options += [f"precision={precision}"] if precision else []
+    options += ["compile=true"] if compile else []
+    options += ["grad_checkpointing=true"] if grad_checkpointing else []
+    run_benchmark(compose(list_overrides([*(overrides or []), *options]), config_name="benchmark"))
+
+
+@app.command(
+    epilog="Examples: [bold]mixer finetune --from runs/pretrain/20261125-101500-demo/last.ckpt[/] (the demo) · "
+    "[bold]mixer finetune --from Mixer-L_16.npz --res 448 recipe=ft_imagenet[/] · "
+    "[bold]mixer finetune --from CKPT recipe=ft_cifar10 optim.lr=0.003,0.01,0.03,0.06 --multirun[/]"
+)
+@user_errors
+def finetune(
+    overrides: Optional[list[str]] = OVERRIDES,
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--from", help="Pre-trained model: our .ckpt or .safetensors, the paper's .npz, a timm .pth/.safetensors.",
+        dir_okay=False, show_default=False,
+    ),
+    res: Optional[int] = typer.Option(
+        None, "--res", help="Fine-tune at this resolution, K x the model's (Appendix C grows the token-mixing MLPs).",
+        show_default=False,
+    ),
+    multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep: one run per value of a=1,2,3 overrides, one table at the end."),
+):
+    """Fine-tune a pre-trained Mixer on a target as a recipe says (no recipe: ft_demo, the bundled
+    demo's checkpoint): momentum SGD, warmup + cosine, no weight decay, clip 1, a new zero head."""
+    from mixer_cli.config import compose, expand_sweep
+    from mixer_cli.train.finetune import command_overrides, sweep
+    from mixer_cli.train.finetune import finetune as run_finetune
+
+    overrides = command_overrides(overrides or [], checkpoint, res)
+    if multirun:
+        sweep(overrides)
+        return
+    if len(expand_sweep(overrides)) > 1:
+        raise UserError("these overrides list several values (a sweep): add --multirun to run one fine-tune per value")
+    run_finetune(compose(overrides, config_name="finetune"))
+
+
+@app.command(
+    epilog="Examples: [bold]mixer recipes[/] · [bold]mixer recipes i21k_b16[/] · [bold]mixer recipes ft_cifar10[/]"
+)
+@user_errors
+def recipes(name: Optional[str] = typer.Argument(None, help="Show this recipe's whole config, resolved.")):
+    """List every recipe beside the paper's numbers (Tables 2-3), or show one resolved."""
+    from mixer_cli.recipes import print_recipe, print_recipes
+
+    if name is None:
+        print_recipes()
+    else:
+        print_recipe(name)
+
+
+@app.command(
+    epilog="Examples: [bold]mixer export --from runs/finetune/20261125-101500-ft_demo/best.ckpt --to demo.safetensors[/] · "
+    "[bold]mixer export --from Mixer-B_16.npz --to b16.safetensors[/]"
+)
+@user_errors
+def export(
+    checkpoint: Path = typer.Option(..., "--from", help="Any file `--from` accepts (.ckpt, .npz, .pth, .safetensors).",
+                                    dir_okay=False, show_default=False),
+    out: Path = typer.Option(..., "--to", help="The .safetensors file to write.", dir_okay=False, show_default=False),
+):
+    """Export a model to safetensors: weights with timm's names, the spec and the preprocessing in
+    the metadata, so `load_mixer` (and timm) load it without guessing and without pickles."""
+    from mixer_cli.models import load_mixer
+    from mixer_cli.models.checkpoints import export_safetensors
+
+    if out.suffix != ".safetensors":
+        raise UserError(f"--to {out}: the export is a .safetensors file; name it e.g. {out.with_suffix('.safetensors')}")
+    if not out.parent.is_dir():
+        raise UserError(f"--to {out}: folder {out.parent} does not exist")
+    model = load_mixer(checkpoint)
+    export_safetensors(model, out)
+    err.print(f"wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{model.spec.img_size}px, {model.spec.num_classes} classes)", highlight=False)
+
+
 def main() -> None:
     app(prog_name="mixer")
 

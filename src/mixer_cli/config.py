@@ -6,8 +6,10 @@ groups of conf/ and sets the paper's hyper-parameters; `key=value` overrides fol
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import os
 import re
+import time
 from pathlib import Path
 
 from hydra import compose as hydra_compose
@@ -37,14 +39,17 @@ def _to_hydra(override: str) -> str:
     return re.sub(r"^recipe=", "recipes=", override)
 
 
-def compose(overrides: list[str] = (), config_name: str = "config") -> DictConfig:
-    """The resolved config for `config_name` (conf/<name>.yaml) with the user's overrides."""
+def compose(overrides: list[str] = (), config_name: str = "config", resolve: bool = True) -> DictConfig:
+    """The resolved config for `config_name` (conf/<name>.yaml) with the user's overrides.
+    resolve=False keeps interpolations and ??? values (for listing recipes without their data)."""
     root = package_root()
-    _check_recipe(overrides)
+    _check_recipe(overrides, config_name)
     hydra_overrides = [f"hydra.searchpath=[file://{root}]", *map(_to_hydra, overrides)]
     try:
         with initialize_config_dir(config_dir=str(root / "conf"), version_base=None):
             cfg = hydra_compose(config_name=config_name, overrides=hydra_overrides)
+        if not resolve:
+            return cfg
         OmegaConf.resolve(cfg)
     except MissingConfigException as e:
         raise UserError(_missing_option_message(str(e))) from None
@@ -58,12 +63,38 @@ def compose(overrides: list[str] = (), config_name: str = "config") -> DictConfi
     return cfg
 
 
-def _check_recipe(overrides) -> None:
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Hydra's basic sweeper without Hydra's app: the cartesian product of the sweep overrides
+    (`a=1,2`, `range(...)`, `choice(...)`), in order; a plain override goes to every point."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as e:
+        raise UserError(f"bad override: {str(e).splitlines()[0]}") from None
+    choices = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            choices.append([o.input_line])
+        elif o.is_discrete_sweep():
+            choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            raise UserError(f"cannot run the sweep {o.input_line!r}: list its values, e.g. optim.lr=0.003,0.01")
+    return [list(point) for point in itertools.product(*choices)]
+
+
+def _check_recipe(overrides, config_name: str) -> None:
     for o in overrides:
         if o.startswith("recipe="):
             name = o.split("=", 1)[1]
             if name not in recipe_names():
                 raise UserError(f"unknown recipe {name!r}; recipes: {', '.join(recipe_names())} (see `mixer recipes`)")
+            # ft_* recipes fine-tune a checkpoint; the others train from scratch (`mixer pretrain`, ...).
+            if name.startswith("ft_") and config_name != "finetune":
+                raise UserError(f"{name} is a fine-tuning recipe: run `mixer finetune --from CKPT recipe={name}`")
+            if config_name == "finetune" and not name.startswith("ft_"):
+                fts = ", ".join(n for n in recipe_names() if n.startswith("ft_"))
+                raise UserError(f"{name} is not a fine-tuning recipe; choose one of: {fts}")
 
 
 def _missing_option_message(msg: str) -> str:
@@ -90,20 +121,79 @@ def _override_message(msg: str, root: Path, config_name: str) -> str:
     return f"unknown config key '{key}'"
 
 
+# One run directory per run, not per rank. Ranks that Lightning launches inherit rank 0's session
+# through this variable; ranks started by SLURM or torchrun derive it from their shared job id.
+SESSION_ENV = "MIXER_RUN_SESSION"
+_runs_made = 0  # run directories this process asked for; every rank asks in the same order
+
+
+def is_global_zero_process() -> bool:
+    """Rank 0 by the launchers' variables (torchrun: RANK; SLURM: SLURM_PROCID; Lightning: NODE_RANK,
+    LOCAL_RANK); true for a plain local start."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"))
+
+
+def launcher_job_id() -> str | None:
+    """The id every rank of a SLURM or torchrun job shares; None for a local start."""
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return f"slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun-{run_id[:8]}"
+    return None
+
+
 def make_run_dir(cfg: DictConfig, command: str) -> Path:
-    """A new, empty directory runs/<command>/<timestamp>-<name>[-k]; never reuses an existing one."""
+    """runs/<command>/<session>-<name>[-n]: rank 0 creates it, new and empty (never an existing one;
+    under SLURM/torchrun the job id names it); the other ranks of the run wait for the same directory."""
+    global _runs_made
     root = Path(cfg.run_root) / command
+    job = launcher_job_id()
+    suffix = f"-{_runs_made}" if _runs_made else ""
+    if not is_global_zero_process():
+        session = os.environ.get(SESSION_ENV) or job
+        if session is None:
+            raise UserError("the ranks of this run cannot agree on a run directory: start them with torchrun "
+                            "--rdzv-id=ID (or --standalone), under SLURM, or with trainer.devices=N")
+        path = _wait_for(root / f"{session}-{cfg.name}{suffix}")
+    elif job is not None:
+        path = root / f"{job}-{cfg.name}{suffix}"
+        path.mkdir(parents=True, exist_ok=True)  # a requeued job continues in its directory
+        os.environ[SESSION_ENV] = job
+    else:
+        path = _new_dir(root, cfg.name, suffix)
+    _runs_made += 1
+    return path
+
+
+def _new_dir(root: Path, name: str, suffix: str) -> Path:
+    """A new directory; the first of a process picks a session no other run uses, the later ones
+    (sweeps) reuse it with a counter, so launched ranks can follow."""
     root.mkdir(parents=True, exist_ok=True)
+    if suffix and os.environ.get(SESSION_ENV):
+        path = root / f"{os.environ[SESSION_ENV]}-{name}{suffix}"
+        path.mkdir()
+        return path
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = f"{stamp}-{cfg.name}"
     for k in range(1000):
-        path = root / (base if k == 0 else f"{base}-{k}")
+        session = stamp if k == 0 else f"{stamp}-{k}"
+        path = root / f"{session}-{name}{suffix}"
         try:
             path.mkdir()
-            return path
         except FileExistsError:
             continue
+        os.environ[SESSION_ENV] = session
+        return path
     raise UserError(f"could not create a new run directory under {root}")
+
+
+def _wait_for(path: Path, timeout_s: float = 600.0) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while not path.is_dir():
+        if time.monotonic() > deadline:
+            raise UserError(f"rank 0 did not create the run directory {path} within {timeout_s:.0f}s")
+        time.sleep(0.2)
+    return path
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:
@@ -121,6 +211,6 @@ def load_run_config(run_dir: Path) -> DictConfig:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks may write the same file
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -22,9 +22,13 @@ def image_folder(data: DictConfig, key: str, transform) -> ImageFolder:
     if not root.is_dir():
         raise UserError(f"no image folder at data.{key}={root}; set data.{key}=... (or the MIXER_DATA root)")
     try:
-        dataset = ImageFolder(str(root), transform=transform, loader=partial(load_image, mode="RGB" if data.channels == 3 else "L"))
+        loader = partial(load_image, mode="RGB" if data.channels == 3 else "L")
+        dataset = ImageFolder(str(root), transform=transform, loader=loader)
     except FileNotFoundError as e:  # no class sub-folders, or no images in them
         raise UserError(f"data.{key}={root}: {str(e).splitlines()[0]}") from None
     if len(dataset.classes) != data.num_classes:
-        raise UserError(f"data.{key}={root} has {len(dataset.classes)} classes but data.num_classes={data.num_classes}; set data.num_classes={len(dataset.classes)}")
+        found = len(dataset.classes)
+        raise UserError(
+            f"data.{key}={root} has {found} classes, data.num_classes={data.num_classes}; set data.num_classes={found}"
+        )
     return dataset

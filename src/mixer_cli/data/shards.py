@@ -28,9 +28,13 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = "jpg;jpeg;png;webp"
 
 
-def rank_and_world() -> tuple[int, int]:
+def rank_and_world(placed: tuple[int, int] | None = None) -> tuple[int, int]:
+    """This process's (rank, world size): as the DataModule placed the dataset (known in the main
+    process, and pickled into loader workers however they start), else from torch.distributed."""
     import torch.distributed as dist
 
+    if placed is not None:
+        return placed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -47,7 +51,9 @@ def resolve_shards(path: str, size: int | None, key: str) -> tuple[list[str], in
     folder = Path(path)
     if folder.is_dir():
         if not (folder / INDEX).is_file():
-            raise UserError(f"data.{key}={path} has no {INDEX}; write it with `mixer data write --to {path}` or give a shard pattern")
+            raise UserError(
+                f"data.{key}={path} has no {INDEX}; write it with `mixer data write --to {path}` or give shard names"
+            )
         index = read_index(folder)
         return [str(folder / s["file"]) for s in index["shards"]], size or index["num_samples"]
     urls = wds.shardlists.expand_urls(path)
@@ -90,6 +96,7 @@ class TrainShards(IterableDataset):
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.batch_size, self.batches_per_epoch = 1, num_samples
         self.corrupt = SkipCorrupt()
+        self.placed: tuple[int, int] | None = None  # (rank, world size), set by the DataModule
         self._stream = None  # kept across epochs (persistent workers): no refill of the shuffle buffer
 
     def set_epoch_length(self, batch_size: int, batches_per_epoch: int) -> None:
@@ -106,7 +113,7 @@ class TrainShards(IterableDataset):
 
     def my_shards(self) -> tuple[list[str], int]:
         """This (rank, worker)'s disjoint slice of the shard list, and a seed no other one shares."""
-        rank, world = rank_and_world()
+        rank, world = rank_and_world(self.placed)
         worker, workers = worker_and_workers()
         slot, slots = rank * workers + worker, world * workers
         self.check_split(world, workers)
@@ -159,12 +166,17 @@ class EvalShards(IterableDataset):
         self.transform, self.channels = transform, channels
         self.batch_size = 1
         self.corrupt = SkipCorrupt()
+        self.placed: tuple[int, int] | None = None  # (rank, world size), set by the DataModule
+
+    def my_rank_shards(self, shards):
+        rank, world = rank_and_world(self.placed)
+        return itertools.islice(shards, rank, None, world)
 
     def __iter__(self):
         return iter(
             wds.DataPipeline(
                 wds.SimpleShardList(self.urls),
-                wds.split_by_node,
+                self.my_rank_shards,
                 wds.split_by_worker,
                 *decoded_samples(self.transform, self.channels, self.corrupt),
                 wds.batched(self.batch_size, partial=True),
@@ -175,7 +187,7 @@ class EvalShards(IterableDataset):
 def train_shards(data: DictConfig, transform, seed: int) -> TrainShards:
     urls, size = resolve_shards(data.train_path, data.get("train_size"), "train_path")
     if not size:
-        raise UserError("data.train_size must be set for a shard pattern (samples per epoch), e.g. data.train_size=1281167")
+        raise UserError("set data.train_size (samples per epoch) for a shard pattern, e.g. data.train_size=50000")
     return TrainShards(urls, size, transform, data.channels, data.get("shuffle_buffer", 10_000), seed)
 
 

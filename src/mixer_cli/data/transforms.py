@@ -41,14 +41,14 @@ def train_transform(data: DictConfig, aug: DictConfig):
             mean=tuple(data.mean),
             std=tuple(data.std),
         )
+    if randaugment_policy(aug):
+        raise UserError("RandAugment runs after the Inception crop; set aug.inception_crop=true or randaug_magnitude=0")
     # Without the Inception crop (the demo digits): resize, then the optional pad-and-crop shift.
     steps = [T.Resize((data.img_size, data.img_size), interpolation=str_to_interp_mode(data.interpolation))]
     if aug.get("pad_crop"):
         steps.append(T.RandomCrop(data.img_size, padding=aug.pad_crop))
     if aug.get("hflip"):
         steps.append(T.RandomHorizontalFlip())
-    if randaugment_policy(aug):
-        raise UserError("RandAugment needs the Inception crop pipeline; set aug.inception_crop=true or aug.randaug_magnitude=0")
     return T.Compose([*steps, MaybeToTensor(), T.Normalize(data.mean, data.std)])
 
 
@@ -65,7 +65,9 @@ def eval_transform(data: DictConfig, aug: DictConfig):
     else:
         raise UserError(f"unknown aug.eval_crop {crop!r}; choose one of: {', '.join(EVAL_CROPS)}")
     if crop != "none" and aug.eval_resize < data.img_size:
-        raise UserError(f"aug.eval_resize={aug.eval_resize} is smaller than data.img_size={data.img_size}; use at least the image size")
+        raise UserError(
+            f"aug.eval_resize={aug.eval_resize} is below data.img_size={data.img_size}; use at least the image size"
+        )
     return T.Compose([*resize, MaybeToTensor(), T.Normalize(data.mean, data.std)])
 
 

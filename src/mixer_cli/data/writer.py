@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -114,8 +115,10 @@ def write_shards(
     seed: int = 0,
     source: str = "",
     on_skip=None,
+    workers: int = 1,
 ) -> WriteReport:
-    """Write `samples` in a seeded random order (so each shard mixes the classes) into `out`."""
+    """Write `samples` in a seeded random order (so each shard mixes the classes) into `out`;
+    `on_skip(name, reason)` hears of each unreadable file."""
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     check_output(out)
@@ -123,7 +126,7 @@ def write_shards(
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     report = WriteReport(classes=classes, counts=[0] * len(classes))
-    records = _readable(samples, order, report, on_skip)
+    records = _readable(samples, order, report, on_skip, workers)
     for number, chunk in enumerate(_chunks(records, shard_size)):
         name = f"shard-{number:06d}.tar"
         _write_tar(out / name, chunk)
@@ -135,18 +138,45 @@ def write_shards(
     return report
 
 
-def _readable(samples, order, report: WriteReport, on_skip) -> Iterator[dict]:
-    for i in order:
-        s = samples[i]
-        try:
-            ext, data = checked_image(s.read())
-        except Exception as e:  # PIL raises many types for bad files; each one means "skip it"
-            report.skipped.append({"file": s.name, "error": f"{type(e).__name__}: {e}"})
-            if on_skip:
-                on_skip(s.name, e)
-            continue
-        report.counts[s.label] += 1
-        yield {"__key__": f"{i:09d}", ext: data, "cls": s.label}
+def _checked_or_error(raw: bytes | str) -> tuple[str, bytes] | str:
+    """checked_image's result, or what was wrong as one line (a string crosses process boundaries)."""
+    if isinstance(raw, str):
+        return raw
+    try:
+        return checked_image(raw)
+    except Exception as e:  # PIL raises many types for bad files; each one means "skip it"
+        return f"{type(e).__name__}: {e}"
+
+
+def _read_or_error(sample: Sample) -> bytes | str:
+    try:
+        return sample.read()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _readable(samples, order, report: WriteReport, on_skip, workers: int) -> Iterator[dict]:
+    """Records of the decodable samples, in `order`; decoding checked by `workers` processes,
+    a block at a time so memory stays bounded on sets of millions of images."""
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        for start in range(0, len(order), 256 * workers):
+            block = order[start : start + 256 * workers]
+            raws = [_read_or_error(samples[i]) for i in block]
+            checked = pool.map(_checked_or_error, raws, chunksize=16) if pool else map(_checked_or_error, raws)
+            for i, result in zip(block, checked):
+                s = samples[i]
+                if isinstance(result, str):
+                    report.skipped.append({"file": s.name, "error": result})
+                    if on_skip:
+                        on_skip(s.name, result)
+                    continue
+                ext, data = result
+                report.counts[s.label] += 1
+                yield {"__key__": f"{i:09d}", ext: data, "cls": s.label}
+    finally:
+        if pool:
+            pool.terminate()
 
 
 def _chunks(records: Iterator[dict], size: int) -> Iterator[list[dict]]:

@@ -9,8 +9,41 @@ convolutions rely on neighbouring pixels and suffer. Both suffer under `global_p
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import timm
 import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.table import Table
+from safetensors.torch import save_file
+from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
+from torchvision.transforms import v2
+
+from mixer_cli.config import make_run_dir, save_config, write_atomic
+from mixer_cli.errors import UserError
+from mixer_cli.evaluate.fewshot import (
+    FewShotCallback,
+    check_counts,
+    extract_features,
+    extract_train_pool,
+    fewshot_accuracies,
+    labels_of,
+    make_loader,
+)
+from mixer_cli.evaluate.transfer import eval_dataset
+from mixer_cli.report import console, read_metrics
+from mixer_cli.train.datamodule import MixerDataModule
+from mixer_cli.train.module import MixerClassifier, model_from_config
+from mixer_cli.train.pretrain import total_steps
+from mixer_cli.train.trainer import build_trainer
 
 PIPELINES = ("original", "patch_pixel", "global_pixel")
 
@@ -52,3 +85,199 @@ class ShufflePixels(nn.Module):
 
     def inverse(self) -> ShufflePixels:
         return ShufflePixels(torch.argsort(self.perm))
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment: every model under every pipeline, the few-shot curve of each, the drops.
+
+MODELS = ("mixer", "resnet")
+# Sec. 3.4: what the paper found, for each model and shuffled pipeline.
+PAPER_FINDING = {
+    ("mixer", "patch_pixel"): "none (curves match)",
+    ("mixer", "global_pixel"): "~45%",
+    ("resnet", "patch_pixel"): "large",
+    ("resnet", "global_pixel"): "~75%",
+}
+
+
+def build_resnet(cfg: DictConfig) -> nn.Module:
+    """The convolutional baseline: a timm model by name (the paper's ResNet50x1 is BiT's
+    `resnetv2_50x1_bit`), or a small timm ResNet of basic blocks for the demo's 28 x 28 digits."""
+    r, d = cfg.resnet, cfg.data
+    if r.timm_name:
+        if r.timm_name not in timm.list_models():
+            raise UserError(f"unknown timm model {r.timm_name!r} (resnet.timm_name); e.g. resnetv2_50x1_bit, resnet50")
+        return timm.create_model(r.timm_name, num_classes=d.num_classes, in_chans=d.channels)
+    return ResNet(BasicBlock, layers=tuple(r.layers), channels=tuple(r.channels), stem_width=r.stem_width,
+                  num_classes=d.num_classes, in_chans=d.channels)
+
+
+def with_shuffle(dataset, shuffle: ShufflePixels):
+    """The dataset with the pipeline's permutation after its own preprocessing; every data source
+    (demo tensors, image folders, shards) keeps its per-image transform in `.transform`."""
+    dataset.transform = v2.Compose([dataset.transform, shuffle])
+    return dataset
+
+
+def shuffled_fewshot_sets(cfg: DictConfig, shuffle: ShufflePixels):
+    """The probe's train split (evaluation preprocessing: the shots are not augmented) and test split."""
+    return tuple(with_shuffle(eval_dataset(cfg.data, cfg.aug, split), shuffle) for split in ("train", "test"))
+
+
+def fewshot_mean(model: nn.Module, train_set, test_set, cfg: DictConfig) -> float:
+    """The final linear k-shot accuracy, the mean over `fewshot.seeds` random samples of the shots."""
+    f, n = cfg.fewshot, cfg.data.num_classes
+    pool = extract_train_pool(model, train_set, f.shots, range(f.seeds), n, f.batch_size)
+    test_x, test_y = extract_features(model, make_loader(test_set, f.batch_size))
+    return float(np.mean([r["accuracy"] for r in fewshot_accuracies(pool, test_x, test_y, n, [f.shots], f.l2)]))
+
+
+def check_config(cfg: DictConfig) -> None:
+    s = cfg.shuffle
+    for key, allowed in (("models", MODELS), ("pipelines", PIPELINES)):
+        unknown = [v for v in s[key] if v not in allowed]
+        if unknown or not s[key]:
+            raise UserError(f"shuffle.{key} must list some of {', '.join(allowed)}, got {list(s[key])}")
+    if "original" not in s.pipelines:
+        raise UserError("shuffle.pipelines must include original: the drops are measured against it")
+
+
+def train_one(cfg: DictConfig, kind: str, pipeline: str, perm: torch.Tensor, run_dir: Path) -> dict:
+    """Train one model on one pipeline from the same seed; returns its final numbers and its curve."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    f, shuffle = cfg.fewshot, ShufflePixels(perm)
+    model = model_from_config(cfg) if kind == "mixer" else build_resnet(cfg)
+    datamodule = MixerDataModule(cfg, device_batch=1)
+    with_shuffle(datamodule.train_set, shuffle)
+    with_shuffle(datamodule.eval_set, shuffle)
+    fewshot_train, fewshot_test = shuffled_fewshot_sets(cfg, shuffle)
+    steps = total_steps(cfg, datamodule.train_size)
+    run_dir.mkdir()
+    trainer, plan = build_trainer(cfg, run_dir, progress=cfg.shuffle.progress)
+    datamodule.device_batch = plan.device_batch
+    trainer.callbacks.append(FewShotCallback(
+        fewshot_train, fewshot_test, shots=f.shots, every_n_steps=f.every_n_steps, l2=f.l2, seed=0,
+        batch_size=f.batch_size, num_workers=cfg.data.num_workers, num_classes=cfg.data.num_classes,
+    ))
+    module = MixerClassifier(OmegaConf.to_container(cfg, resolve=True), steps, model=model)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    return {
+        "model": kind,
+        "pipeline": pipeline,
+        "fewshot": fewshot_mean(model, fewshot_train, fewshot_test, cfg),
+        "test_top1": float(trainer.callback_metrics["val/acc1"]),
+        "steps": trainer.global_step,
+        "train_seconds": round(seconds, 1),
+        "curve": read_metrics(run_dir / "metrics.csv")[f"fewshot/{f.shots}shot"],
+    }
+
+
+def relative_drops(results: list[dict]) -> list[dict]:
+    """Each run's drop against the same model's original pipeline: 1 - shuffled / original."""
+    original = {r["model"]: r for r in results if r["pipeline"] == "original"}
+    for r in results:
+        base = original[r["model"]]
+        r["fewshot_drop"] = 1 - r["fewshot"] / base["fewshot"]
+        r["test_drop"] = 1 - r["test_top1"] / base["test_top1"]
+        r["paper"] = PAPER_FINDING.get((r["model"], r["pipeline"]), "")
+    return results
+
+
+def verdict(results: list[dict], tolerance: float, shots: int) -> str | None:
+    """Sec. 3.4's qualitative finding on this run, when both models ran the patch + pixel pipeline."""
+    drop = {r["model"]: r["fewshot_drop"] for r in results if r["pipeline"] == "patch_pixel"}
+    if set(drop) != set(MODELS):
+        return None
+    holds = abs(drop["mixer"]) <= tolerance < drop["resnet"]
+    return (
+        f"{'holds' if holds else 'does NOT hold'}: under patch + pixel shuffling the Mixer's {shots}-shot drop is "
+        f"{100 * drop['mixer']:+.1f}% (paper: none; tolerance {100 * tolerance:.0f}%), "
+        f"the ResNet's {100 * drop['resnet']:+.1f}% (paper: large)"
+    )
+
+
+def run_experiment(cfg: DictConfig) -> list[dict]:
+    """Figure 4: every model under every pipeline; writes the curves (CSV, PNG), the table
+    (results.csv, results.json) and the permutations into a new run directory."""
+    check_config(cfg)
+    s = cfg.shuffle
+    patch_size = model_from_config(cfg).spec.patch_size  # validates the Mixer before anything is written
+    if "resnet" in s.models:
+        build_resnet(cfg)
+    check_counts(labels_of(eval_dataset(cfg.data, cfg.aug, "train")), cfg.fewshot.shots, cfg.data.num_classes)
+    perms = draw_permutations(cfg.data.img_size, patch_size, s.seed)
+    run_dir = make_run_dir(cfg, "shuffle-experiment")
+    save_config(cfg, run_dir)
+    save_file({k: v.contiguous() for k, v in perms.items()}, run_dir / "permutations.safetensors")
+    runs = [(kind, pipeline) for kind in s.models for pipeline in s.pipelines]
+    results = []
+    for i, (kind, pipeline) in enumerate(runs, 1):
+        console.rule(f"[bold]{kind} · {pipeline}[/] ({i}/{len(runs)})")
+        results.append(train_one(cfg, kind, pipeline, perms[pipeline], run_dir / f"{kind}-{pipeline}"))
+    relative_drops(results)
+    write_outputs(results, run_dir, cfg)
+    print_table(results, cfg.fewshot.shots, f"mixer shuffle-experiment {cfg.name}: {run_dir}")
+    finding = verdict(results, s.tolerance, cfg.fewshot.shots)
+    if finding:
+        console.print(f"Sec. 3.4 finding {finding}")
+    return results
+
+
+def write_outputs(results: list[dict], run_dir: Path, cfg: DictConfig) -> None:
+    shots = cfg.fewshot.shots
+    curves = io.StringIO()
+    writer = csv.writer(curves)
+    writer.writerow(["model", "pipeline", "step", f"fewshot_{shots}shot"])
+    for r in results:
+        writer.writerows([r["model"], r["pipeline"], step, f"{acc:.4f}"] for step, acc in r["curve"])
+    write_atomic(run_dir / "fewshot_curves.csv", curves.getvalue())
+    table = io.StringIO()
+    keys = ["model", "pipeline", "fewshot", "fewshot_drop", "test_top1", "test_drop", "paper", "steps", "train_seconds"]
+    writer = csv.DictWriter(table, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(results)
+    write_atomic(run_dir / "results.csv", table.getvalue())
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    plot_curves(results, run_dir / "fewshot_curves.png", shots, title=f"mixer shuffle-experiment {cfg.name}")
+
+
+PIPELINE_LABEL = {"original": "original", "patch_pixel": "patch + pixel shuffling", "global_pixel": "global shuffling"}
+
+
+def plot_curves(results: list[dict], out: Path, shots: int, title: str) -> None:
+    """Figure 4's layout: one panel per model, linear k-shot accuracy against steps per pipeline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], models):
+        for r in (r for r in results if r["model"] == kind):
+            steps, accs = zip(*r["curve"])
+            ax.plot(steps, accs, marker="o", markersize=3, label=PIPELINE_LABEL[r["pipeline"]])
+        ax.set(title={"mixer": "Mixer", "resnet": "ResNet"}[kind], xlabel="training steps")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel(f"linear {shots}-shot accuracy")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def print_table(results: list[dict], shots: int, title: str) -> None:
+    table = Table(title=title, title_style="bold")
+    for name in ("model", "pipeline", f"{shots}-shot", "drop", "test top-1", "drop", "paper's drop", "steps"):
+        table.add_column(name, justify="left" if name in ("model", "pipeline", "paper's drop") else "right")
+    for r in results:
+        table.add_row(
+            r["model"], PIPELINE_LABEL[r["pipeline"]], f"{100 * r['fewshot']:.1f}%", f"{100 * r['fewshot_drop']:+.1f}%",
+            f"{100 * r['test_top1']:.1f}%", f"{100 * r['test_drop']:+.1f}%", r["paper"], f"{r['steps']:,}",
+        )
+    console.print(table)

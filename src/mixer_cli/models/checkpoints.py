@@ -26,10 +26,13 @@ from mixer_cli.models.mixer import Mixer, MixerSpec, with_spec
 
 EXPORT_FORMAT = "mixer-cli/1"
 
-# The official code's inputs are scaled to [-1, 1] and resized bilinearly (vit_jax input_pipeline);
-# timm's pretrained configs for these weights keep mean/std 0.5 and resize bicubically.
-FLAX_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}
-TIMM_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
+# The official code scales inputs to [-1, 1] and resizes evaluation images straight to the model's
+# resolution, bilinearly (vit_jax input_pipeline); timm's configs for these weights keep mean/std
+# 0.5, resize the shorter side bicubically to img_size / 0.875 and centre-crop.
+FLAX_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear",
+                   "eval_crop": "none", "eval_resize": 1.0}
+TIMM_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
+                   "eval_crop": "resmall-crop", "eval_resize": 1 / 0.875}
 
 
 # ---- the official Flax .npz -------------------------------------------------------------------
@@ -166,8 +169,9 @@ def _build(state, spec: MixerSpec, preprocess: dict, source: Path, overrides: di
 
 
 def _default_preprocess(spec: MixerSpec, base: dict) -> dict:
-    return {**base, "img_size": spec.img_size, "channels": spec.in_chans,
-            "mean": base["mean"][: spec.in_chans], "std": base["std"][: spec.in_chans], "eval_crop": "resize_crop"}
+    """The preprocessing of a file that records none: its source's conventions at its resolution."""
+    return {**base, "img_size": spec.img_size, "channels": spec.in_chans, "mean": base["mean"][: spec.in_chans],
+            "std": base["std"][: spec.in_chans], "eval_resize": round(spec.img_size * base["eval_resize"])}
 
 
 def load_mixer(path: str | Path, **overrides) -> Mixer:

@@ -51,7 +51,8 @@ class MixerDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if isinstance(self.train_set, TrainShards):
-            world, _ = self._world()
+            world, rank = self._world()
+            self.train_set.placed = (rank, world)
             accumulate = self.cfg.data.global_batch // (world * self.device_batch)
             steps = max(self.train_size // self.cfg.data.global_batch, 1)
             self.train_set.set_epoch_length(self.device_batch, steps * accumulate)
@@ -62,6 +63,8 @@ class MixerDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         if isinstance(self.eval_set, IterableDataset):
+            world, rank = self._world()
+            self.eval_set.placed = (rank, world)
             self.eval_set.batch_size = self.device_batch
             return self._loader(self.eval_set, batch_size=None)
         world, rank = self._world()

@@ -4,7 +4,10 @@ from __future__ import annotations
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from torch.nn import functional as F
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mixer_cli.models.mixer import Mixer, spec_for
@@ -43,7 +46,17 @@ def preprocessing(cfg: DictConfig) -> dict:
         "std": list(d.std),
         "interpolation": d.interpolation,
         "eval_crop": cfg.aug.get("eval_crop", "none"),
+        "eval_resize": cfg.aug.get("eval_resize"),
     }
+
+
+def mixup_from_config(aug: DictConfig, num_classes: int) -> Mixup | None:
+    """timm's batch mixup with Beta(p, p) weights, p = aug.mixup (Appendix B); None when p = 0."""
+    if not aug.get("mixup"):
+        return None
+    return Mixup(
+        mixup_alpha=aug.mixup, cutmix_alpha=0.0, prob=1.0, mode="batch", label_smoothing=0.0, num_classes=num_classes
+    )
 
 
 class MixerClassifier(L.LightningModule):
@@ -53,16 +66,23 @@ class MixerClassifier(L.LightningModule):
         self.cfg = OmegaConf.create(config)
         self.total_steps = total_steps
         self.model = model if model is not None else model_from_config(self.cfg)
-        n = self.model.spec.num_classes
+        n = self.cfg.data.num_classes  # the model may be a ResNet (shuffle experiment): no Mixer spec
         self.val_acc1 = MulticlassAccuracy(n, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(n, top_k=min(5, n), average="micro")
+        self.val_loss = MeanMetric()
+        self.val_samples = SumMetric()  # equals the split's size: nothing dropped or counted twice
+        self.mixup = mixup_from_config(self.cfg.aug, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        if self.mixup is not None:
+            x, soft = self.mixup(x, y)
+            loss = SoftTargetCrossEntropy()(self(x), soft)
+        else:
+            loss = F.cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -71,9 +91,17 @@ class MixerClassifier(L.LightningModule):
         logits = self(x)
         self.val_acc1.update(logits, y)
         self.val_acc5.update(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log("val/acc1", self.val_acc1, prog_bar=True)
-        self.log("val/acc5", self.val_acc5)
+        self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))
+        self.val_samples.update(len(y))
+
+    def on_validation_epoch_end(self):
+        # Computed here on every rank, not logged per step: evaluation is exact and unpadded, so a rank
+        # may have had fewer batches, or none (fewer eval shards than ranks), and must still join the sync.
+        metrics = {"val/loss": self.val_loss, "val/acc1": self.val_acc1, "val/acc5": self.val_acc5,
+                   "val/samples": self.val_samples}
+        for name, metric in metrics.items():
+            self.log(name, metric.compute(), prog_bar=name == "val/acc1")
+            metric.reset()
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.cfg.optim, self.model)
@@ -82,4 +110,5 @@ class MixerClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Everything needed to rebuild and feed the model without guessing (DESIGN: checkpoints).
-        checkpoint["mixer"] = {"spec": self.model.spec.to_dict(), "preprocess": preprocessing(self.cfg)}
+        if isinstance(self.model, Mixer):  # a ResNet (shuffle experiment) keeps its weights only
+            checkpoint["mixer"] = {"spec": self.model.spec.to_dict(), "preprocess": preprocessing(self.cfg)}

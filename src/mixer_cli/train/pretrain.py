@@ -23,16 +23,20 @@ def total_steps(cfg: DictConfig, train_size: int) -> int:
     return max(train_size // cfg.data.global_batch, 1) * cfg.trainer.epochs
 
 
-def pretrain(cfg: DictConfig, resume: Path | None = None, progress: bool = True) -> dict:
-    """Train; returns the final metrics. With `resume`, continue that run from its last.ckpt."""
+def pretrain(
+    cfg: DictConfig, resume: Path | None = None, progress: bool = True, model=None, command: str = "pretrain"
+) -> dict:
+    """Train; returns the final metrics. With `resume`, continue that run from its last.ckpt.
+    `model` (fine-tuning) replaces the config's fresh Mixer; `command` names the runs/ sub-folder."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = model_from_config(cfg)  # validates the spec before anything is written
+    model = model if model is not None else model_from_config(cfg)  # validates the spec before anything is written
     datamodule = MixerDataModule(cfg, device_batch=1)  # validates the data before anything is written
     steps = total_steps(cfg, datamodule.train_size)
-    run_dir = resume if resume is not None else make_run_dir(cfg, "pretrain")
+    run_dir = resume if resume is not None else make_run_dir(cfg, command)
     try:
         trainer, plan = build_trainer(cfg, run_dir, progress=progress, resume=resume is not None)
         datamodule.device_batch = plan.device_batch
+        datamodule.check_world(trainer.world_size)  # too few shards for ranks x workers: say so now
         if resume is None:
             save_config(cfg, run_dir)
     except BaseException:
@@ -46,7 +50,7 @@ def pretrain(cfg: DictConfig, resume: Path | None = None, progress: bool = True)
     results = _results(cfg, trainer, module, plan, steps, time.perf_counter() - start, run_dir)
     if trainer.is_global_zero:
         write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
-        plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", title=f"mixer pretrain {cfg.name}")
+        plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", title=f"mixer {command} {cfg.name}")
         print_summary(results)
     return results
 
@@ -67,6 +71,7 @@ def _results(cfg, trainer, module, plan, steps, seconds, run_dir) -> dict:
         "train_loss": metrics.get("train/loss"),
         "test_top1": metrics.get("val/acc1"),
         "test_top5": metrics.get("val/acc5"),
+        "test_samples": int(metrics["val/samples"]) if "val/samples" in metrics else None,  # = the split: exact
         "run_dir": str(run_dir),
     }
 

@@ -45,6 +45,17 @@ def keep_metrics_on_resume(logger: CSVLogger) -> None:
     writer.metrics_keys = rows.splitlines()[0].split(",")
 
 
+def build_strategy(name: str):
+    """Lightning's strategy by name; FSDP wraps (and so shards) each Mixer block on its own."""
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from mixer_cli.models.mixer import MixerBlock
+
+        return FSDPStrategy(auto_wrap_policy={MixerBlock})
+    return name
+
+
 def build_trainer(
     cfg: DictConfig, run_dir: Path, progress: bool = True, resume: bool = False
 ) -> tuple[L.Trainer, BatchPlan]:
@@ -60,12 +71,16 @@ def build_trainer(
     ]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
+    if cfg.get("fewshot") and cfg.fewshot.get("every_n_steps"):  # Figure 4's curves: few-shot accuracy over steps
+        from mixer_cli.evaluate.transfer import fewshot_callback
+
+        callbacks.append(fewshot_callback(cfg))
     trainer = L.Trainer(
         default_root_dir=run_dir,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(t.strategy),
         precision=t.precision,
         max_epochs=-1 if t.steps else t.epochs,
         max_steps=t.steps or -1,

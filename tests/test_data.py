@@ -1,0 +1,340 @@
+"""The data layer: shard writer round trip, corrupt data, shard streams, transforms, sources."""
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mixer_cli.data import build_dataset
+from mixer_cli.data.shards import EvalShards, TrainShards, resolve_shards
+from mixer_cli.data.transforms import eval_transform, train_transform
+from mixer_cli.data.writer import demo_samples, folder_samples, read_index, write_shards
+from mixer_cli.errors import UserError
+
+CLASSES = ["cat", "dog", "eel"]
+
+
+def pixels(i: int, size: int = 16) -> np.ndarray:
+    """A distinct RGB image per sample index (so samples can be identified after a round trip)."""
+    rng = np.random.default_rng(i)
+    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def image_folder(root: Path, per_class: int = 4, bad: bool = True) -> dict[str, tuple[int, np.ndarray]]:
+    """PNGs (lossless) and one JPEG per class; with `bad`, a corrupt and a truncated JPEG too."""
+    expected = {}
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for j in range(per_class):
+            i = label * 100 + j
+            fmt = "JPEG" if j == 0 else "PNG"
+            path = root / name / f"{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
+            Image.fromarray(pixels(i)).save(path, format=fmt)
+            expected[path.name] = (label, pixels(i))
+    if bad:
+        (root / "dog" / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+        good = io.BytesIO()
+        Image.fromarray(pixels(7, size=64)).save(good, format="JPEG")
+        (root / "eel" / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    return expected
+
+
+def read_raw(folder: Path) -> list[dict]:
+    urls, _ = resolve_shards(str(folder), None, "train_path")
+    return list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+
+
+def test_written_shards_read_back_to_the_same_images_and_labels(tmp_path):
+    expected = image_folder(tmp_path / "pics")
+    classes, samples = folder_samples(tmp_path / "pics")
+    report = write_shards(classes, samples, tmp_path / "shards", shard_size=5, source="pics", workers=2)
+
+    index = read_index(tmp_path / "shards")
+    assert index["classes"] == CLASSES and index["counts"] == [4, 4, 4] and index["num_samples"] == 12
+    assert [s["samples"] for s in index["shards"]] == [5, 5, 2]
+    assert sorted(Path(s["file"]).name for s in index["skipped"]) == ["garbage.jpg", "truncated.jpg"]
+    assert report.num_samples == 12
+
+    by_key = {s.name: Path(s.name).name for s in samples}
+    keys = {f"{i:09d}": by_key[s.name] for i, s in enumerate(samples)}
+    seen = set()
+    for raw in read_raw(tmp_path / "shards"):
+        name = keys[raw["__key__"]]
+        label, want = expected[name]
+        assert int(raw["cls"]) == label
+        if "png" in raw:
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(raw["png"]))), want)
+        else:  # JPEG is stored byte for byte, never re-encoded
+            assert raw["jpg"] == (tmp_path / "pics" / CLASSES[label] / name).read_bytes()
+        seen.add(name)
+    assert seen == set(expected)
+
+
+def test_demo_writes_as_shards_that_match_demo_arrays(tmp_path):
+    from mixer_cli.data import demo_arrays
+
+    classes, samples = demo_samples("test")
+    write_shards(classes, samples[:30], tmp_path / "demo", shard_size=7)
+    x, y = demo_arrays("test")
+    for raw in read_raw(tmp_path / "demo"):
+        i = int(raw["__key__"])
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(raw["png"]))), x[i]) and int(raw["cls"]) == y[i]
+
+
+def test_writer_refuses_a_non_empty_output_and_writes_nothing_from_an_unreadable_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="already exists and is not an empty folder"):
+        write_shards(CLASSES, [], tmp_path / "out")
+    (tmp_path / "bad" / "cat").mkdir(parents=True)
+    (tmp_path / "bad" / "cat" / "x.png").write_bytes(b"nope")
+    classes, samples = folder_samples(tmp_path / "bad")
+    with pytest.raises(UserError, match="no readable images"):
+        write_shards(classes, samples, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+# --- reading shards ------------------------------------------------------------------------------
+
+DATA = OmegaConf.create(
+    {"img_size": 16, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "num_classes": 3}
+)
+PLAIN = OmegaConf.create({"inception_crop": False, "hflip": False, "randaug_magnitude": 0, "eval_crop": "none"})
+
+
+def label_of(x: torch.Tensor) -> np.ndarray:
+    """Back from the normalised tensor to uint8 pixels (the plain transform is exact at 16x16)."""
+    return np.round((x.permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255).astype(np.uint8)
+
+
+def write_index_shards(folder: Path, n: int, shard_size: int) -> None:
+    """n PNG samples whose label is their index, so every sample can be told apart after batching."""
+    folder.mkdir(parents=True)
+    shards = []
+    for k, start in enumerate(range(0, n, shard_size)):
+        name = f"shard-{k:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as sink:
+            for i in range(start, min(start + shard_size, n)):
+                buf = io.BytesIO()
+                Image.fromarray(pixels(i)).save(buf, format="PNG")
+                sink.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "cls": i})
+        shards.append({"file": name, "samples": min(shard_size, n - start)})
+    (folder / "index.json").write_text(json.dumps({"num_samples": n, "shards": shards}))
+
+
+def eval_labels(folder: Path, batch_size=4, workers=0) -> list[int]:
+    urls, size = resolve_shards(str(folder), None, "eval_path")
+    ds = EvalShards(urls, size, eval_transform(DATA, PLAIN), channels=3)
+    ds.batch_size = batch_size
+    return [int(v) for _, y in DataLoader(ds, batch_size=None, num_workers=workers) for v in y]
+
+
+def test_eval_reads_every_sample_exactly_once_and_decodes_the_pixels(tmp_path):
+    write_index_shards(tmp_path / "s", n=11, shard_size=3)
+    urls, size = resolve_shards(str(tmp_path / "s"), None, "eval_path")
+    ds = EvalShards(urls, size, eval_transform(DATA, PLAIN), channels=3)
+    ds.batch_size = 4
+    for x, y in DataLoader(ds, batch_size=None):
+        for img, i in zip(x, y):
+            assert np.abs(label_of(img).astype(int) - pixels(int(i))).max() <= 1
+    assert sorted(eval_labels(tmp_path / "s", workers=2)) == list(range(11))
+
+
+def test_training_stream_gives_exactly_the_epoch_length_with_workers_and_keeps_going(tmp_path):
+    write_index_shards(tmp_path / "s", n=24, shard_size=4)
+    urls, _ = resolve_shards(str(tmp_path / "s"), None, "train_path")
+    ds = TrainShards(urls, 24, eval_transform(DATA, PLAIN), channels=3, shuffle_buffer=8, seed=0)
+    ds.set_epoch_length(batch_size=5, batches_per_epoch=7)  # more than one pass: resampled, never runs dry
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    assert len(loader) == 7
+    for _ in range(2):
+        batches = [y for _, y in loader]
+        assert len(batches) == 7 and all(len(y) == 5 for y in batches)
+    # Worker w reads shards w, w+2, ...: its samples come from those shards only (split by worker).
+    # With a single process, one pass over all shards in a shuffled order covers every sample.
+    ds1 = TrainShards(urls, 24, eval_transform(DATA, PLAIN), channels=3, shuffle_buffer=1, seed=3)
+    ds1.set_epoch_length(batch_size=24, batches_per_epoch=1)
+    (_, y), = list(DataLoader(ds1, batch_size=None))
+    assert sorted(y.tolist()) == list(range(24)) and y.tolist() != list(range(24))
+
+
+def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(tmp_path):
+    write_index_shards(tmp_path / "s", n=6, shard_size=3)
+    urls, _ = resolve_shards(str(tmp_path / "s"), None, "train_path")
+    ds = TrainShards(urls, 6, eval_transform(DATA, PLAIN), channels=3, shuffle_buffer=1, seed=0)
+    ds.check_split(world_size=2, num_workers=1)
+    with pytest.raises(UserError, match=r"2 training shard\(s\) cannot feed 2 rank\(s\) x 2 loader worker\(s\) = 4"):
+        ds.check_split(world_size=2, num_workers=2)
+
+
+def test_bad_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path, caplog):
+    write_index_shards(tmp_path / "s", n=12, shard_size=4)  # shards of samples 0-3, 4-7, 8-11
+    with wds.TarWriter(str(tmp_path / "s" / "shard-000000.tar")) as sink:  # sample 2 becomes a bad JPEG
+        for i in range(4):
+            buf = io.BytesIO()
+            Image.fromarray(pixels(i)).save(buf, format="PNG")
+            sink.write({"__key__": f"{i:09d}", "jpg": b"\xff\xd8\xffnot a jpeg", "cls": i} if i == 2 else
+                       {"__key__": f"{i:09d}", "png": buf.getvalue(), "cls": i})
+    last = tmp_path / "s" / "shard-000002.tar"
+    with tarfile.open(last) as t:  # cut inside the third member: samples 8 (complete) survives
+        cut = t.getmembers()[2].offset_data + 10
+    last.write_bytes(last.read_bytes()[:cut])
+
+    got = eval_labels(tmp_path / "s")
+    assert got == [0, 1, 3, 4, 5, 6, 7, 8]
+    assert "skipped corrupt sample #1" in caplog.text and "skipped corrupt sample #2" in caplog.text
+
+    urls, _ = resolve_shards(str(tmp_path / "s"), None, "train_path")
+    ds = TrainShards(urls, 12, eval_transform(DATA, PLAIN), channels=3, shuffle_buffer=4, seed=0)
+    ds.set_epoch_length(batch_size=4, batches_per_epoch=6)  # three passes over the damaged shards
+    labels = [int(v) for _, y in DataLoader(ds, batch_size=None) for v in y]
+    assert len(labels) == 24 and set(labels) == {0, 1, 3, 4, 5, 6, 7, 8} and ds.corrupt.count >= 6
+
+
+def test_all_corrupt_shards_stop_training_instead_of_spinning(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "shard-000000.tar").write_bytes(b"not a tar file at all" * 10)
+    ds = TrainShards([str(tmp_path / "s" / "shard-000000.tar")], 4, eval_transform(DATA, PLAIN), 3, 1, 0)
+    ds.set_epoch_length(1, 1)
+    with pytest.raises(UserError, match="no readable sample"):
+        next(iter(ds))
+
+
+def test_missing_shards_name_the_config_key(tmp_path):
+    with pytest.raises(UserError, match=r"no shards at data.train_path=.*set data.train_path="):
+        resolve_shards(str(tmp_path / "nowhere" / "train-{000..003}.tar"), 100, "train_path")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"data.eval_path=.* has no index.json"):
+        resolve_shards(str(tmp_path / "empty"), None, "eval_path")
+
+
+# --- transforms ----------------------------------------------------------------------------------
+
+BIG = OmegaConf.create(
+    {"img_size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+)
+
+
+def test_eval_crops_follow_the_paper():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    aug = OmegaConf.create({"eval_crop": "resize-crop", "eval_resize": 256})
+    ref = img.resize((256, 256), Image.BICUBIC).crop((16, 16, 240, 240))  # resize to 256x256, centre 224
+    ref_t = (torch.from_numpy(np.array(ref)).permute(2, 0, 1) / 255 - 0.5) / 0.5
+    assert torch.allclose(eval_transform(BIG, aug)(img), ref_t, atol=1e-5)
+    aug.eval_crop = "resmall-crop"  # shorter side (300) to 256: 500 -> 426, then centre 224
+    small = img.resize((426, 256), Image.BICUBIC).crop((101, 16, 325, 240))
+    out = eval_transform(BIG, aug)(img)
+    assert out.shape == (3, 224, 224)
+    assert (out - (torch.from_numpy(np.array(small)).permute(2, 0, 1) / 255 - 0.5) / 0.5).abs().mean() < 0.02
+    aug.eval_crop = "center"
+    with pytest.raises(UserError, match="unknown aug.eval_crop 'center'; choose one of: resize-crop, resmall-crop"):
+        eval_transform(BIG, aug)
+
+
+def test_train_transform_is_inception_crop_flip_and_randaugment_as_configured():
+    aug = OmegaConf.create(
+        {"inception_crop": True, "crop_area_min": 0.05, "hflip": True, "randaug_layers": 2, "randaug_magnitude": 0}
+    )
+    names = [type(t).__name__ for t in train_transform(BIG, aug).transforms]
+    assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    assert "RandAugment" not in names and "ColorJitter" not in names  # timm's default jitter is off
+    crop = train_transform(BIG, aug).transforms[0]
+    assert crop.scale == (0.05, 1.0) and crop.size == (224, 224)
+    aug.randaug_magnitude = 10
+    tf = train_transform(BIG, aug)
+    ra = next(t for t in tf.transforms if type(t).__name__ == "RandAugment")
+    assert ra.num_layers == 2 and all(op.magnitude == 10 for op in ra.ops)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 140, 3), dtype=np.uint8))
+    assert tf(img).shape == (3, 224, 224)
+
+
+def test_mixup_mixes_images_and_targets_with_the_same_weight():
+    from mixer_cli.train.module import mixup_from_config
+
+    assert mixup_from_config(OmegaConf.create({"mixup": 0.0}), 10) is None
+    mix = mixup_from_config(OmegaConf.create({"mixup": 0.5}), 10)
+    x, y = torch.randn(6, 3, 4, 4), torch.arange(6)
+    mixed, soft = mix(x.clone(), y)
+    lam = soft[0, 0].item()  # sample 0 keeps weight lam on its own class, 1 - lam on sample 5's
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
+    assert torch.allclose(soft.sum(1), torch.ones(6)) and soft[0, 5].item() == pytest.approx(1 - lam)
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+def test_image_folder_is_a_source_and_a_wrong_class_count_is_a_user_error(tmp_path):
+    image_folder(tmp_path / "train", bad=False)
+    image_folder(tmp_path / "val", per_class=2, bad=False)
+    paths = {"train_path": str(tmp_path / "train"), "eval_path": str(tmp_path / "val")}
+    data = OmegaConf.merge(DATA, {"source": "folder", **paths})
+    aug = OmegaConf.merge(PLAIN, {"eval_resize": 16})
+    train, test = build_dataset(data, aug, "train"), build_dataset(data, aug, "test")
+    assert len(train) == 12 and len(test) == 6 and train.classes == CLASSES
+    x, y = test[0]
+    assert x.shape == (3, 16, 16) and y == 0
+    data.num_classes = 5
+    with pytest.raises(UserError, match="has 3 classes, data.num_classes=5; set data.num_classes=3"):
+        build_dataset(data, aug, "train")
+    data.train_path = str(tmp_path / "missing")
+    with pytest.raises(UserError, match=r"no image folder at data.train_path=.*missing; set data.train_path="):
+        build_dataset(data, aug, "train")
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def test_data_write_reports_skipped_files_and_refuses_to_overwrite(tmp_path):
+    from typer.testing import CliRunner
+
+    from mixer_cli.cli import app
+
+    image_folder(tmp_path / "pics")
+    runner = CliRunner()
+    args = ["data", "write", "--from", str(tmp_path / "pics"), "--to", str(tmp_path / "out"), "--shard-size", "5"]
+    r = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    assert "wrote 12 images of 3 classes in 3 shard(s)" in r.output and "(2 skipped)" in r.output
+    assert "skipped" in r.output and "garbage.jpg" in r.output
+    r = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "already exists and is not an empty folder" in r.output
+    r = runner.invoke(app, ["data", "write", "--from", str(tmp_path / "nope"), "--to", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "no such folder" in r.output and not (tmp_path / "o2").exists()
+
+
+def test_data_bench_reports_each_pipeline_against_decoding(tmp_path):
+    from mixer_cli.data.bench import run_bench, write_bench
+
+    rows = run_bench(images=2, seconds=0.05)
+    assert [r["pipeline"] for r in rows][0] == "decode only" and rows[0]["vs_decode_only"] == 1.0
+    assert all(r["img_per_s_per_core"] > 0 for r in rows) and len(rows) == 4
+    csv_path, png = write_bench(rows, tmp_path / "b.csv")
+    assert csv_path.read_text().splitlines()[0] == "pipeline,img_per_s_per_core,vs_decode_only"
+    assert png.stat().st_size > 0
+
+
+def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path):
+    from mixer_cli.config import compose
+    from mixer_cli.train.pretrain import pretrain
+
+    image_folder(tmp_path / "train", per_class=8, bad=False)
+    image_folder(tmp_path / "val", per_class=3, bad=False)
+    cfg = compose([
+        "data=folder", f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'val'}",
+        "data.num_classes=3", "data.img_size=16", "data.global_batch=8", "data.num_workers=0",
+        "aug=randaug_mixup", "aug.randaug_magnitude=10", "aug.mixup=0.2", "aug.eval_resize=18",
+        "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.epochs=1", f"run_root={tmp_path / 'runs'}",
+    ])
+    results = pretrain(cfg, progress=False)
+    assert results["steps"] == 24 // 8 and results["test_samples"] == 9
+    ckpt = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=False)
+    pre = ckpt["mixer"]["preprocess"]  # recorded from the config, so the checkpoint's user needs no guessing
+    assert {k: pre[k] for k in ("img_size", "mean", "std", "interpolation", "eval_crop", "eval_resize")} == {
+        "img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+        "eval_crop": "resize-crop", "eval_resize": 18}

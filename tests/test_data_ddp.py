@@ -1,0 +1,81 @@
+"""Shards under DDP: 2 CPU processes (gloo) through the real DataModule, module and Trainer."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from test_data import write_index_shards
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from mixer_cli.config import compose
+    from mixer_cli.train.datamodule import MixerDataModule
+    from mixer_cli.train.module import MixerClassifier
+    from mixer_cli.train.pretrain import total_steps
+    from mixer_cli.train.trainer import build_trainer
+
+
+    class Record(L.Callback):
+        train, val = [], []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.train += batch[1].tolist()
+
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+            if not trainer.sanity_checking:
+                self.val += batch[1].tolist()
+
+        def on_fit_end(self, trainer, module):
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            out = Path(sys.argv[1]) / f"rank{trainer.global_rank}.json"
+            out.write_text(json.dumps({"train": self.train, "val": self.val, "steps": trainer.global_step,
+                                       "planned": module.total_steps, "metrics": metrics}))
+
+
+    cfg = compose(sys.argv[2:])
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = MixerDataModule(cfg, device_batch=1)
+    trainer, plan = build_trainer(cfg, Path(sys.argv[1]) / "run", progress=False)
+    dm.device_batch = plan.device_batch
+    dm.check_world(trainer.world_size)
+    trainer.callbacks.append(Record())
+    module = MixerClassifier(OmegaConf.to_container(cfg, resolve=True), total_steps(cfg, dm.train_size))
+    trainer.fit(module, datamodule=dm)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_ranks_see_disjoint_training_data_right_steps_and_exact_evaluation(tmp_path):
+    write_index_shards(tmp_path / "train", n=40, shard_size=10)  # 4 shards: 1 per (rank, loader worker)
+    write_index_shards(tmp_path / "eval", n=21, shard_size=21)  # 1 shard: rank 1 evaluates nothing
+    (tmp_path / "run.py").write_text(SCRIPT)
+    overrides = [
+        "data.source=shards", f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'eval'}",
+        "data.num_classes=40", "data.img_size=16", "data.channels=3", "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.5,0.5,0.5]", "data.global_batch=8", "data.num_workers=2", "data.shuffle_buffer=5",
+        "aug.pad_crop=0", "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8",
+        "model.channels_mlp_dim=16", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+        "trainer.epochs=2", f"run_root={tmp_path}",
+    ]
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), *overrides],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+
+    assert r0["steps"] == r1["steps"] == r0["planned"] == 2 * (40 // 8)  # 2 epochs of 40 samples / batch 8
+    assert len(r0["train"]) == len(r1["train"]) == 2 * 5 * 4  # steps x device batch 4
+    assert not set(r0["train"]) & set(r1["train"])  # disjoint shards per rank
+    assert set(r0["train"]) | set(r1["train"]) == set(range(40))
+
+    # Exact, unpadded evaluation: 21 samples once each over both ranks, twice (one per epoch).
+    assert sorted(r0["val"] + r1["val"]) == sorted(list(range(21)) * 2)
+    assert r0["metrics"]["val/samples"] == r1["metrics"]["val/samples"] == 21

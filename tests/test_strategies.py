@@ -1,0 +1,114 @@
+"""Strategies: trainer configs for every launcher, one run directory per run, DDP = single device."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mixer_cli.config import compose, make_run_dir
+from mixer_cli.models import build_mixer
+from mixer_cli.train.trainer import build_strategy
+
+# Full-batch steps over the 4,000 demo images with no augmentation: every step sees the same samples
+# however they are shuffled or split over ranks, so two ranks x 2,000 must equal one process x 4,000.
+FULL_BATCH = [
+    "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=32",
+    "data.global_batch=4000", "aug.pad_crop=0", "optim=sgd", "optim.lr=0.5", "sched=warmup_cosine",
+    "sched.warmup_steps=1", "trainer.steps=3", "trainer.precision=32-true", "trainer.accelerator=cpu",
+]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process_with_same_global_batch(tmp_path):
+    from mixer_cli.train.pretrain import pretrain
+
+    pretrain(compose([*FULL_BATCH, "trainer.devices=1", f"run_root={tmp_path / 'single'}"]), progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("MIXER_RUN_SESSION", "LOCAL_RANK", "RANK")}
+    r = subprocess.run([sys.executable, "-m", "mixer_cli.cli", "pretrain", *FULL_BATCH, "trainer=ddp",
+                        "trainer.devices=2", f"run_root={tmp_path / 'ddp'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (single,) = (tmp_path / "single" / "pretrain").iterdir()
+    (ddp,) = (tmp_path / "ddp" / "pretrain").iterdir()  # one directory per run, not per rank
+    assert "global batch 4000 = 2 device(s) x 2000" in (ddp / "results.json").read_text()
+    a = torch.load(single / "last.ckpt", weights_only=True)
+    b = torch.load(ddp / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] > 0
+    init = build_mixer(None, num_classes=10, img_size=28, in_chans=1, patch_size=4, hidden_dim=16, num_blocks=1,
+                       tokens_mlp_dim=8, channels_mlp_dim=32).state_dict()
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, atol=2e-5, rtol=1e-4, msg=name)
+    moved = a["state_dict"]["model.head.weight"] - init["head.weight"]  # zero at init: training did move it
+    assert moved.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["default", "ddp", "fsdp", "xla", "slurm", "torchrun"])
+def test_trainer_configs_keep_the_default_keys(name):
+    keys = set(compose(["trainer=default"]).trainer)
+    assert set(compose([f"trainer={name}"]).trainer) == keys
+
+
+def test_launcher_sizes_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SLURM_NNODES", "4")
+    assert compose(["trainer=slurm"]).trainer.num_nodes == 4
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    t = compose(["trainer=torchrun"]).trainer
+    assert (t.num_nodes, t.devices, t.strategy) == (3, 8, "ddp")
+
+
+def test_fsdp_wraps_each_mixer_block():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from mixer_cli.models.mixer import MixerBlock
+
+    strategy = build_strategy("fsdp")
+    assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["auto_wrap_policy"]._module_classes == {MixerBlock}
+    assert build_strategy("ddp") == "ddp"
+
+
+def _clear_launcher_env(monkeypatch):
+    for v in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_ID",
+              "TORCHELASTIC_RUN_ID", "MIXER_RUN_SESSION"):
+        monkeypatch.delenv(v, raising=False)
+
+
+def test_torchrun_ranks_agree_on_one_run_directory(tmp_path, monkeypatch):
+    import mixer_cli.config as config
+
+    cfg = compose([f"run_root={tmp_path}"])
+    _clear_launcher_env(monkeypatch)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "5e1f0c2a-job")
+    dirs = []
+    for rank in ("0", "1"):  # rank 1 finds the directory rank 0 made
+        monkeypatch.setattr(config, "_runs_made", 0)
+        monkeypatch.setenv("RANK", rank)
+        dirs.append(make_run_dir(cfg, "pretrain"))
+    assert dirs[0] == dirs[1] == tmp_path / "pretrain" / "torchrun-5e1f0c2a-demo"
+
+
+def test_slurm_ranks_agree_on_one_run_directory(tmp_path, monkeypatch):
+    import mixer_cli.config as config
+
+    cfg = compose([f"run_root={tmp_path}"])
+    _clear_launcher_env(monkeypatch)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    dirs = []
+    for rank in ("0", "9"):
+        monkeypatch.setattr(config, "_runs_made", 0)
+        monkeypatch.setenv("SLURM_PROCID", rank)
+        dirs.append(make_run_dir(cfg, "pretrain"))
+    assert dirs[0] == dirs[1] == tmp_path / "pretrain" / "slurm4242.0-demo"
+
+
+def test_ranks_without_a_shared_id_are_a_clear_error(tmp_path, monkeypatch):
+    cfg = compose([f"run_root={tmp_path}"])
+    _clear_launcher_env(monkeypatch)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with pytest.raises(ValueError, match=r"^the ranks of this run cannot agree on a run directory: start them with "
+                                         r"torchrun --rdzv-id=ID"):
+        make_run_dir(cfg, "pretrain")
+    assert not (tmp_path / "pretrain").exists()
