@@ -112,7 +112,8 @@ def test_export_round_trip_records_spec_and_preprocessing(tmp_path):
     out = export_safetensors(model, tmp_path / "m.safetensors")
     with safe_open(out, framework="pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["spec"])["drop_path"] == 0.1 and json.loads(meta["preprocess"])["interpolation"] == "bilinear"
+    assert json.loads(meta["spec"])["drop_path"] == 0.1
+    assert json.loads(meta["preprocess"])["interpolation"] == "bilinear"
     back = load_mixer(out)
     assert back.spec == model.spec and back.preprocess == model.preprocess
     torch.testing.assert_close(_logits(back, X), _logits(ref, X), atol=1e-5, rtol=1e-5)
@@ -197,6 +198,7 @@ def test_export_command_writes_safetensors_from_an_npz(tmp_path):
     src = _save_npz(tmp_path, ref)
     r = CliRunner().invoke(app, ["export", "--from", str(src), "--to", str(tmp_path / "m.safetensors")])
     assert r.exit_code == 0, r.output
-    torch.testing.assert_close(_logits(load_mixer(tmp_path / "m.safetensors"), X), _logits(ref, X), atol=1e-5, rtol=1e-5)
+    exported = load_mixer(tmp_path / "m.safetensors")
+    torch.testing.assert_close(_logits(exported, X), _logits(ref, X), atol=1e-5, rtol=1e-5)
     r = CliRunner().invoke(app, ["export", "--from", str(src), "--to", str(tmp_path / "m.pt")])
     assert r.exit_code == 2 and r.output.startswith("error: --to ") and "m.safetensors" in r.output

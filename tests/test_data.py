@@ -338,3 +338,14 @@ def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path):
     assert {k: pre[k] for k in ("img_size", "mean", "std", "interpolation", "eval_crop", "eval_resize")} == {
         "img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
         "eval_crop": "resize-crop", "eval_resize": 18}
+
+
+def test_shards_of_undecodable_images_stop_training_instead_of_spinning(tmp_path):
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "shard-000000.tar")) as sink:  # a sound tar of bad JPEGs
+        for i in range(4):
+            sink.write({"__key__": f"{i:09d}", "jpg": b"\xff\xd8\xffnot a jpeg", "cls": i})
+    ds = TrainShards([str(tmp_path / "s" / "shard-000000.tar")], 4, eval_transform(DATA, PLAIN), 3, 2, 0)
+    ds.set_epoch_length(1, 1)
+    with pytest.raises(UserError, match="1000 corrupt samples in a row"):
+        next(iter(ds))

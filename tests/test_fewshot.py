@@ -16,8 +16,18 @@ from typer.testing import CliRunner
 from mixer_cli.cli import app
 from mixer_cli.data.tensor import TensorImages
 from mixer_cli.evaluate.fewshot import (
-    L2_GRID, FewShotCallback, RidgeProblem, class_ranks, extract_features, extract_class_prefix,
-    extract_train_pool, fewshot_accuracies, fit_ridge, make_loader, ridge_fewshot_accuracy, sample_shots,
+    L2_GRID,
+    FewShotCallback,
+    RidgeProblem,
+    class_ranks,
+    extract_class_prefix,
+    extract_features,
+    extract_train_pool,
+    fewshot_accuracies,
+    fit_ridge,
+    make_loader,
+    ridge_fewshot_accuracy,
+    sample_shots,
 )
 from mixer_cli.models import build_mixer
 
@@ -121,7 +131,8 @@ def test_features_are_the_pre_logits_and_the_mode_is_restored():
 def test_a_stream_gives_the_first_examples_of_each_class_and_stops_early():
     model, data = _tiny_mixer(), _images(6)
     order = [0, 1, 2, 6, 3, 7, 12, 13, 8, 4, 5, 9, 10, 11, 14, 15, 16, 17]  # classes 0-5, 6-11, 12-17
-    batches = [(torch.stack([data[i][0] for i in order[s:s + 4]]), data.labels[order[s:s + 4]]) for s in range(0, 18, 4)]
+    batches = [(torch.stack([data[i][0] for i in order[s:s + 4]]), data.labels[order[s:s + 4]])
+               for s in range(0, 18, 4)]
     read = []
     x, y = extract_class_prefix(model, (read.append(b) or b for b in batches), per_class=2, num_classes=3)
     first_two = [0, 1, 6, 7, 12, 13]  # in stream order: 0, 1, 6, 7, 12, 13 all lie in the first 8
@@ -134,7 +145,7 @@ def test_a_stream_gives_the_first_examples_of_each_class_and_stops_early():
 
 def test_one_feature_pass_serves_every_shot_count_and_seed():
     model, data = _tiny_mixer(), _images(20)
-    pool = extract_train_pool(model, data, needed=5, seeds=[0, 1], num_classes=3, batch_size=16)
+    pool = extract_train_pool(model, data, shots=5, seeds=[0, 1], num_classes=3, batch_size=16)
     assert len(pool.y) <= 2 * 5 * 3  # only the examples some sample needs
     test_x, test_y = extract_features(model, make_loader(_images(10, seed=1), batch_size=16))
     rows = fewshot_accuracies(pool, test_x, test_y, 3, shots=[1, 5], l2=2.0**10)
@@ -177,7 +188,7 @@ def test_callback_logs_fewshot_accuracy_every_n_steps(tmp_path):
     callback = FewShotCallback(train, test, shots=[1, 5], every_n_steps=2, batch_size=32)
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="", version="")
     trainer = L.Trainer(max_steps=5, logger=logger, callbacks=[callback], enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+                        log_every_n_steps=1, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
     trainer.fit(_Classifier(), torch.utils.data.DataLoader(train, batch_size=6, shuffle=True))
     with open(tmp_path / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["fewshot/5shot"]]
@@ -209,6 +220,8 @@ def _checkpoint(path):
 @pytest.mark.parametrize("args,message", [
     (["--shots", "100"], "error: class 8 has only 87 training example(s), fewer than the 100 shots asked for; "
                          "ask for at most 87 (e.g. --shots 87)"),
+    (["--shots", "85", "fewshot.l2=select"], "error: class 8 has only 87 training example(s), fewer than the 85 shots "
+                                             "plus 10 held out for choosing l2 asked for; ask for at most 77 (e.g. --shots 77)"),
     (["--shots", "5,x"], "error: --shots takes whole numbers separated by commas, e.g. --shots 1,5,10,25; got '5,x'"),
     (["fewshot.l2=-1"], "error: fewshot.l2 must be positive (default 1024) or 'select', not -1"),
 ])

@@ -92,11 +92,14 @@ def test_sweep_expansion_is_hydras_cartesian_product():
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--res", "42", "--from", "CKPT"], "error: cannot grow a Mixer trained at 28px to 42px: Appendix C needs K^2 x "
-                                            "its 49 tokens, i.e. a resolution of K x 28; allowed: 28, 56, 84, 112, ..."),
+        (["--res", "42", "--from", "CKPT"],
+         "error: cannot grow a Mixer trained at 28px to 42px: Appendix C needs K^2 x "
+         "its 49 tokens, i.e. a resolution of K x 28; allowed: 28, 56, 84, 112, ..."),
         ([], "error: fine-tuning needs a pre-trained model: --from CKPT"),
-        (["--from", "CKPT", "optim.lr=0.01,0.03"], "error: these overrides list several values (a sweep): add --multirun"),
-        (["--from", "CKPT", "recipe=i21k_b16"], "error: i21k_b16 is not a fine-tuning recipe; choose one of: ft_cifar10,"),
+        (["--from", "CKPT", "optim.lr=0.01,0.03"],
+         "error: these overrides list several values (a sweep): add --multirun"),
+        (["--from", "CKPT", "recipe=i21k_b16"],
+         "error: i21k_b16 is not a fine-tuning recipe; choose one of: ft_cifar10,"),
     ],
 )
 def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, args, message):
@@ -123,8 +126,8 @@ def test_lr_sweep_from_an_official_npz_ends_with_one_table(tmp_path):
     env = {**os.environ, "COLUMNS": "200"}
     env.pop("MIXER_RUN_SESSION", None)
     r = subprocess.run([sys.executable, "-m", "mixer_cli.cli", "finetune", "--from", "Mixer-tiny.npz",
-                        "recipe=ft_demo", "optim.lr=0.01,0.03", "--multirun", "trainer.steps=3", "data.global_batch=1000",
-                        "sched.warmup_steps=1", f"run_root={tmp_path}"],
+                        "recipe=ft_demo", "optim.lr=0.01,0.03", "--multirun", "trainer.steps=3",
+                        "data.global_batch=1000", "sched.warmup_steps=1", f"run_root={tmp_path}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Sweep: 2 runs" in r.stdout
@@ -144,3 +147,10 @@ def test_lr_sweep_from_an_official_npz_ends_with_one_table(tmp_path):
         # the body moved from the pre-trained weights, but started there
         moved = (tuned.blocks[0].mlp_channels.fc1.weight - pre.blocks[0].mlp_channels.fc1.weight).abs().max()
         assert 0 < moved < 0.5
+
+    # --resume continues a fine-tune where it stopped, with the recorded head and spec
+    from mixer_cli.train.finetune import resume_finetune
+
+    run = tmp_path / "finetune" / os.path.basename(rows[0]["run_dir"])
+    assert resume_finetune(run, ["trainer.steps=5"], progress=False)["steps"] == 5
+    assert load_mixer(run / "last.ckpt").spec.num_classes == 10

@@ -68,7 +68,8 @@ def test_448_rows_fine_tune_at_448(name):
     cfg = load_recipe(name)
     variant, top1, real, avg5, vtab, ips = ROWS_448[name]
     assert (cfg.model.variant, cfg.data.img_size, cfg.aug.eval_resize, cfg.trainer.steps) == (variant, 448, 512, 20000)
-    assert (cfg.paper.imagenet_top1, cfg.paper.real_top1, cfg.paper.avg5, cfg.paper.throughput) == (top1, real, avg5, ips)
+    paper = cfg.paper
+    assert (paper.imagenet_top1, paper.real_top1, paper.avg5, paper.throughput) == (top1, real, avg5, ips)
     assert cfg.paper.get("vtab1k") == vtab
 
 
@@ -99,7 +100,7 @@ def test_recipes_command_lists_the_paper_numbers():
     r = CliRunner().invoke(app, ["recipes"], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     row = next(line for line in r.output.splitlines() if "jft_h14 " in line)
-    assert "H/14" in row and "jft300m" in row and "224" in row and "14 epochs" in row and "86.32" in row and "194" in row
+    assert all(cell in row for cell in ("H/14", "jft300m", "224", "14 epochs", "86.32", "194"))
     row = next(line for line in r.output.splitlines() if "ft_jft_h14_448_table2" in line)
     assert "448" in row and "87.94 (T2)" in row and " 40 " in row
 

@@ -10,12 +10,13 @@ from typer.testing import CliRunner
 
 from mixer_cli.cli import app
 from mixer_cli.config import compose
+from mixer_cli.data import demo_arrays
+from mixer_cli.evaluate.transfer import fewshot_callback
 from mixer_cli.experiments.shuffle import (
     ShufflePixels,
     draw_permutations,
     patch_pixel_permutation,
     relative_drops,
-    shuffled_fewshot_sets,
     verdict,
     with_shuffle,
 )
@@ -145,22 +146,25 @@ def test_cnn_is_not_rescued_by_the_same_weight_permutation():
 
 TINY = [
     "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=32",
-    "resnet.channels=[8,16,16,16]", "resnet.stem_width=8", "data.global_batch=1000", "sched.warmup_steps=1",
-    "fewshot.every_n_steps=2", "trainer.epochs=1", "shuffle.progress=false",
+    "resnet.channels=[8,16,16,16]", "resnet.stem_width=8", "data.global_batch=2000", "sched.warmup_steps=1",
+    "fewshot.every_n_steps=1", "trainer.epochs=1", "shuffle.progress=false",  # 2 steps of 2,000 images
 ]
 
 
 def test_every_split_is_shuffled_after_its_own_preprocessing():
     cfg = compose(TINY, config_name="shuffle")
-    perm = draw_permutations(28, 4, seed=0)["patch_pixel"]
+    shuffle = ShufflePixels(draw_permutations(28, 4, seed=0)["patch_pixel"])
     plain, shuffled = MixerDataModule(cfg, 1), MixerDataModule(cfg, 1)
-    shuffle = ShufflePixels(perm)
+    with_shuffle(shuffled.train_set, shuffle)
     with_shuffle(shuffled.eval_set, shuffle)
     x, y = shuffled.eval_set[7]
     assert torch.equal(x, shuffle(plain.eval_set[7][0])) and y == plain.eval_set[7][1]
-    train, test = shuffled_fewshot_sets(cfg, shuffle)
-    torch.testing.assert_close(shuffle.inverse()(train[3][0]).view(28, 28)[0], torch.full((28,), -0.1307 / 0.3081))
-    assert torch.equal(test[7][0], x)  # the probe's test split is the same shuffled split
+    assert shuffled.train_set.transform.transforms[-1] is shuffle  # after the random shift, not before
+    probe = fewshot_callback(cfg)
+    with_shuffle(probe.train_dataset, shuffle)
+    digits, _ = demo_arrays("train")
+    expected = (torch.from_numpy(digits[3]).float() / 255 - 0.1307) / 0.3081  # not augmented, then shuffled
+    torch.testing.assert_close(shuffle.inverse()(probe.train_dataset[3][0])[0], expected)
 
 
 def test_relative_drops_and_the_verdict():
@@ -211,6 +215,6 @@ def test_command_writes_curves_table_and_permutations(tmp_path):
     assert saved.keys() == drawn.keys() and all(torch.equal(saved[k], drawn[k]) for k in drawn)
     rows = list(csv.DictReader(open(run / "fewshot_curves.csv")))
     steps = sorted({int(r["step"]) for r in rows if r["model"] == "mixer" and r["pipeline"] == "original"})
-    assert steps == [0, 2, 4]  # at the start, every 2 steps, at the end (4 steps of 1,000 images)
+    assert steps == [0, 1, 2]  # at the start and after every step
     assert "Sec. 3.4 finding" in r.output and "patch + pixel shuffling" in r.output
     assert OmegaConf.load(run / "config.yaml").shuffle.pipelines == ["original", "patch_pixel"]

@@ -13,15 +13,14 @@ import datetime as _dt
 import json
 import platform
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich import box
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 from torch.nn import functional as F
@@ -29,8 +28,7 @@ from torch.nn import functional as F
 from mixer_cli.config import make_run_dir, write_atomic
 from mixer_cli.errors import UserError
 from mixer_cli.models.mixer import VARIANTS, build_mixer, spec_for
-
-console = Console()
+from mixer_cli.report import console
 
 
 @dataclass(frozen=True)
@@ -145,7 +143,9 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     for r in res:
         for c in contenders:
             if r <= 0 or (c.patch and r % c.patch):
-                raise UserError(f"resolution {r} does not suit {c.label} (patch {c.patch}); use a multiple of {c.patch}")
+                raise UserError(
+                    f"resolution {r} does not suit {c.label} (patch {c.patch}); use a multiple of {c.patch}"
+                )
     device = _device(str(cfg.device))
     batches = [int(b) for b in cfg.batch_sizes] if cfg.batch_sizes else _default_batches(device)
     memory_batches = tuple(int(b) for b in cfg.memory_batches)
@@ -295,7 +295,7 @@ def flops_per_image(contender: Contender, res: int, mode: str) -> float:
 def matmul_peak(device: torch.device, precision: str, repeats: int = 3) -> float:
     """The device's achievable FLOP/s: the best of a few large square matmuls in the benchmark's
     precision (the ceiling that "% of peak" compares against)."""
-    n = 2048 if device.type == "cpu" else 8192
+    n = 1024 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=PRECISIONS[precision])
     b = torch.randn(n, n, device=device, dtype=PRECISIONS[precision])
     a @ b  # warm-up
@@ -425,7 +425,8 @@ def print_tables(report: dict) -> None:
         rows = [r for r in report["results"] if r["mode"] == mode]
         if not rows:
             continue
-        table = Table(title=f"{mode} on {report['device']['name']} ({setting})", title_style="bold", box=box.SIMPLE_HEAD)
+        title = f"{mode} on {report['device']['name']} ({setting})"
+        table = Table(title=title, title_style="bold", box=box.SIMPLE_HEAD)
         columns = ["model", "res", "batch", "img/s", per, "GFLOP", "TFLOP/s", "%peak"]
         columns += ["MiB/img"] if mode == "train" else ["paper"]
         for col in columns:
@@ -435,15 +436,16 @@ def print_tables(report: dict) -> None:
                 table.add_row(r["label"], str(r["res"]), "-", r["error"], *["-"] * (len(columns) - 4))
                 continue
             last = _fmt(r["memory"]["mib_per_image"], ".1f") if mode == "train" else _fmt(r["paper_img_s_core"], ",.0f")
-            table.add_row(r["label"], str(r["res"]), str(r["batch"]), f"{r['img_s']:.1f}", f"{r['img_s_per_device']:.1f}",
-                          f"{r['gflop_per_image']:.1f}", f"{r['achieved_tflop_s']:.3f}",
-                          f"{100 * r['fraction_of_matmul_peak']:.0f}%", last)
+            table.add_row(r["label"], str(r["res"]), str(r["batch"]), f"{r['img_s']:.1f}",
+                          f"{r['img_s_per_device']:.1f}", f"{r['gflop_per_image']:.1f}",
+                          f"{r['achieved_tflop_s']:.3f}", f"{100 * r['fraction_of_matmul_peak']:.0f}%", last)
         console.print(table)
     console.print("GFLOP per image (forward; forward + backward for training); %peak against the matmul peak "
                   f"measured here, {report['matmul_peak_tflop_s']:.3f} TFLOP/s; paper: img/s/core on TPUv3 "
                   "(Tables 2-3); MiB/img: training memory per extra image.", highlight=False)
     if report["claims"]:
-        table = Table(title="The paper's claims, as ratios measured in this run", title_style="bold", box=box.SIMPLE_HEAD)
+        title = "The paper's claims, as ratios measured in this run"
+        table = Table(title=title, title_style="bold", box=box.SIMPLE_HEAD)
         for col in ("claim", "measured", "paper", "expected"):
             table.add_column(col, justify="left" if col == "claim" else "right")
         for c in report["claims"]:

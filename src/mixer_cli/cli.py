@@ -145,6 +145,8 @@ def data_write(
 ):
     """Write an image folder or the bundled demo as webdataset shards plus index.json (classes,
     counts, shards). Unreadable or corrupt images are reported and skipped."""
+    from rich.progress import MofNCompleteColumn, Progress
+
     from mixer_cli.data.writer import check_output, demo_samples, folder_samples, write_shards
     from mixer_cli.report import console
 
@@ -163,7 +165,10 @@ def data_write(
     for target, *_ in jobs:
         check_output(target)
     for target, classes, samples, name in jobs:
-        report = write_shards(classes, samples, target, shard_size, seed, source=name, on_skip=skipped, workers=workers)
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(f"writing {name}", total=len(samples))
+            report = write_shards(classes, samples, target, shard_size, seed, source=name, on_skip=skipped,
+                                  workers=workers, on_shard=lambda n, task=task: bar.advance(task, n))
         console.print(
             f"wrote {report.num_samples} images of {len(classes)} classes in {len(report.shards)} shard(s) to "
             f"{target} ({len(report.skipped)} skipped)"
@@ -177,7 +182,7 @@ def data_write(
 @user_errors
 def data_bench(
     images: int = typer.Option(64, "--images", help="Distinct synthetic 224x224 JPEGs to cycle through."),
-    seconds: float = typer.Option(5.0, "--seconds", help="Time per pipeline (spread over 5 rounds; best round counts)."),
+    seconds: float = typer.Option(5.0, "--seconds", help="Time per pipeline, over 5 rounds (the best counts)."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Also write the table as CSV (and a PNG bar chart beside it).", dir_okay=False
     ),
@@ -213,7 +218,9 @@ def data_bench(
 def fewshot(
     checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
                                     dir_okay=False),
-    shots: Optional[str] = typer.Option(None, "--shots", help="Shots per class, e.g. 5 or 1,5,10,25 [default: fewshot.shots]."),
+    shots: Optional[str] = typer.Option(
+        None, "--shots", help="Shots per class, e.g. 5 or 1,5,10,25 (default: fewshot.shots = 1,5,10,25)."
+    ),
     overrides: Optional[list[str]] = OVERRIDES,
 ):
     """Linear few-shot accuracy on frozen pre-logits (Figures 2 and 4): a closed-form ridge probe to
@@ -264,21 +271,30 @@ def benchmark(
 def finetune(
     overrides: Optional[list[str]] = OVERRIDES,
     checkpoint: Optional[Path] = typer.Option(
-        None, "--from", help="Pre-trained model: our .ckpt or .safetensors, the paper's .npz, a timm .pth/.safetensors.",
+        None, "--from", help="Pre-trained model: our .ckpt/.safetensors, the paper's .npz, timm .pth/.safetensors.",
         dir_okay=False, show_default=False,
     ),
     res: Optional[int] = typer.Option(
         None, "--res", help="Fine-tune at this resolution, K x the model's (Appendix C grows the token-mixing MLPs).",
         show_default=False,
     ),
-    multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep: one run per value of a=1,2,3 overrides, one table at the end."),
+    multirun: bool = typer.Option(
+        False, "--multirun", "-m", help="Sweep: one run per value of a=1,2,3 overrides, one table at the end."
+    ),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the fine-tune in this directory from its last.ckpt.", file_okay=False,
+    ),
 ):
     """Fine-tune a pre-trained Mixer on a target as a recipe says (no recipe: ft_demo, the bundled
     demo's checkpoint): momentum SGD, warmup + cosine, no weight decay, clip 1, a new zero head."""
     from mixer_cli.config import compose, expand_sweep
     from mixer_cli.train.finetune import command_overrides, sweep
     from mixer_cli.train.finetune import finetune as run_finetune
+    from mixer_cli.train.finetune import resume_finetune
 
+    if resume is not None:
+        resume_finetune(resume, overrides or [])
+        return
     overrides = command_overrides(overrides or [], checkpoint, res)
     if multirun:
         sweep(overrides)
@@ -303,7 +319,7 @@ def recipes(name: Optional[str] = typer.Argument(None, help="Show this recipe's 
 
 
 @app.command(
-    epilog="Examples: [bold]mixer export --from runs/finetune/20261125-101500-ft_demo/best.ckpt --to demo.safetensors[/] · "
+    epilog="Examples: [bold]mixer export --from runs/finetune/20261125-101500-ft_demo/best.ckpt --to ft.safetensors[/] · "
     "[bold]mixer export --from Mixer-B_16.npz --to b16.safetensors[/]"
 )
 @user_errors
@@ -318,7 +334,7 @@ def export(
     from mixer_cli.models.checkpoints import export_safetensors
 
     if out.suffix != ".safetensors":
-        raise UserError(f"--to {out}: the export is a .safetensors file; name it e.g. {out.with_suffix('.safetensors')}")
+        raise UserError(f"--to {out}: the export is a .safetensors file, e.g. {out.with_suffix('.safetensors')}")
     if not out.parent.is_dir():
         raise UserError(f"--to {out}: folder {out.parent} does not exist")
     model = load_mixer(checkpoint)

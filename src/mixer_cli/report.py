@@ -48,10 +48,12 @@ def plot_curves(metrics_csv: Path, out: Path, title: str) -> None:
         return
     series = read_metrics(metrics_csv)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, ax in (("train/loss", ax_loss), ("val/loss", ax_loss), ("val/acc1", ax_acc), ("val/acc5", ax_acc)):
+    fewshot = [(key, ax_acc) for key in sorted(series, key=lambda k: (len(k), k)) if key.startswith("fewshot/")]
+    panels = [("train/loss", ax_loss), ("val/loss", ax_loss), ("val/acc1", ax_acc), ("val/acc5", ax_acc), *fewshot]
+    for key, ax in panels:
         if key in series:
             steps, values = zip(*series[key])
-            ax.plot(steps, values, label=key, marker="o" if key.startswith("val") else None, markersize=3)
+            ax.plot(steps, values, label=key, marker="o" if key != "train/loss" else None, markersize=3)
     ax_loss.set(xlabel="step", ylabel="loss", yscale="log")
     ax_acc.set(xlabel="step", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):

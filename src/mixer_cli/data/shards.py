@@ -66,15 +66,29 @@ def resolve_shards(path: str, size: int | None, key: str) -> tuple[list[str], in
 
 
 class SkipCorrupt:
-    """Webdataset error handler: skip the sample (or the rest of a truncated shard), count, log."""
+    """Webdataset error handler: skip the sample (or the rest of a truncated shard), count, log.
+    So many failures in a row with no good sample between means the data is broken, not a few
+    samples: stop then, rather than let an endless training stream spin without yielding."""
+
+    MAX_IN_A_ROW = 1000
 
     def __init__(self):
         self.count = 0
+        self.in_a_row = 0
 
     def __call__(self, exn: Exception) -> bool:
         self.count += 1
+        self.in_a_row += 1
         log.warning("data: skipped corrupt sample #%d in this loader worker: %s", self.count, str(exn)[:200])
+        if self.in_a_row >= self.MAX_IN_A_ROW:
+            raise UserError(f"{self.in_a_row} corrupt samples in a row, the last: {str(exn)[:200]}; check the shards")
         return True
+
+    def good(self, samples):
+        """Pipeline stage after decoding: each sample that got through ends a run of failures."""
+        for sample in samples:
+            self.in_a_row = 0
+            yield sample
 
 
 def decoded_samples(transform, channels: int, handler: SkipCorrupt):
@@ -84,6 +98,7 @@ def decoded_samples(transform, channels: int, handler: SkipCorrupt):
         wds.decode("pil" if channels == 3 else "pill", handler=handler),
         wds.to_tuple(IMAGE_KEYS, "cls", handler=handler),
         wds.map_tuple(transform, int, handler=handler),
+        handler.good,
     ]
 
 

@@ -116,9 +116,10 @@ def write_shards(
     source: str = "",
     on_skip=None,
     workers: int = 1,
+    on_shard=None,
 ) -> WriteReport:
     """Write `samples` in a seeded random order (so each shard mixes the classes) into `out`;
-    `on_skip(name, reason)` hears of each unreadable file."""
+    `on_skip(name, reason)` hears of each unreadable file, `on_shard(samples)` of each shard written."""
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     check_output(out)
@@ -131,6 +132,8 @@ def write_shards(
         name = f"shard-{number:06d}.tar"
         _write_tar(out / name, chunk)
         report.shards.append({"file": name, "samples": len(chunk)})
+        if on_shard:
+            on_shard(len(chunk))
     if not report.shards:
         out.rmdir()  # nothing half-written: no shards, no folder
         raise UserError(f"no readable images in {source or 'the input'}; nothing written")

@@ -10,9 +10,9 @@ unregularised (as scikit-learn's Ridge(fit_intercept=True)).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Sequence
 
 import lightning as L
 import numpy as np
@@ -28,20 +28,36 @@ L2_GRID = tuple(2.0**i for i in range(-10, 20))  # big_vision's grid for choosin
 STD_EPS = 1e-5
 
 
-@torch.no_grad()
+@contextmanager
+def frozen(model: nn.Module):
+    """Eval mode without gradients inside (yields the model's device); the mode is restored after,
+    so a callback can probe a model in the middle of training."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The representation the probe reads: our Mixer's `forward_features` (already pooled); for timm
+    models (e.g. the ResNet of the shuffle experiment) their pooled pre-logits."""
+    features = model.forward_features(x)
+    if hasattr(model, "forward_head"):
+        features = model.forward_head(features, pre_logits=True)
+    return features
+
+
 def extract_features(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-logits (`model.forward_features`, see `pre_logits`) and labels of every batch, on the
     model's device. The model runs in eval mode and is left in the mode it was in."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     features, labels = [], []
-    try:
+    with frozen(model) as device:
         for x, y in loader:
             features.append(pre_logits(model, x.to(device, non_blocking=True)).float())
             labels.append(torch.as_tensor(y).to(device))
-    finally:
-        model.train(was_training)
     if not features:
         raise UserError("the few-shot data set is empty; check the data config (data=...)")
     return torch.cat(features), torch.cat(labels).long()
@@ -59,16 +75,15 @@ def class_ranks(labels: np.ndarray, seed: int) -> np.ndarray:
     return ranks
 
 
-def check_counts(labels: np.ndarray, needed: int, num_classes: int | None = None, what: str = "shots") -> None:
-    """Every class must have `needed` examples; a clear error names the class that has fewer."""
+def check_counts(labels: np.ndarray, shots: int, num_classes: int | None = None, held_out: int = 0) -> None:
+    """Every class must have `shots` (+ `held_out`) examples; a clear error names the class that has fewer."""
     labels = np.asarray(labels)
     counts = np.bincount(labels, minlength=num_classes or 0)
-    if len(counts) and counts.min() < needed:
-        c = int(counts.argmin())
-        raise UserError(
-            f"class {c} has only {counts[c]} training example(s), fewer than the {needed} {what} asked for; "
-            f"ask for at most {counts.min()} (e.g. --shots {max(int(counts.min()), 1)})"
-        )
+    if len(counts) and counts.min() < shots + held_out:
+        c, most = int(counts.argmin()), max(int(counts.min()) - held_out, 1)
+        asked = f"{shots} shots" + (f" plus {held_out} held out for choosing l2" if held_out else "")
+        raise UserError(f"class {c} has only {counts[c]} training example(s), fewer than the {asked} asked for; "
+                        f"ask for at most {most} (e.g. --shots {most})")
 
 
 def sample_shots(labels, shots: int, seed: int, num_classes: int | None = None) -> np.ndarray:
@@ -113,24 +128,30 @@ class RidgeProblem:
         y = torch.as_tensor(y, device=x.device).long()
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise UserError(f"labels must lie in 0..{num_classes - 1}; got {int(y.min())}..{int(y.max())}")
-        var, self.mean = torch.var_mean(x, dim=0, correction=0)
-        self.std = var.sqrt() + STD_EPS
-        xs = torch.addcmul(-self.mean / self.std, x, 1 / self.std)  # (x - mean) / std in one pass
-        n, d = xs.shape
+        n, d = x.shape
+        self.mean = x.mean(dim=0)
+        xc = x - self.mean
         # Targets 2 * onehot - 1, centred: their mean is the exactly unregularised bias.
-        self.bias = 2 * torch.bincount(y, minlength=num_classes).to(xs.dtype) / n - 1
+        self.bias = 2 * torch.bincount(y, minlength=num_classes).to(x.dtype) / n - 1
         self.primal = n >= d
         # The products in the features' precision (the cost: N D^2 or N^2 D); the small
         # D x D or N x N factorisation in float64, so a tiny l2 from the grid stays accurate.
         if self.primal:
+            # Standardising X = Xc / std scales the Gram matrix and the class sums of Xc by 1 / std:
+            # D x D and C x D work instead of another pass over the N x D features; and the variance
+            # is the Gram matrix's diagonal / N.
+            gram = (xc.T @ xc).double()
+            std = (gram.diagonal() / n).sqrt() + STD_EPS
+            self.std = std.to(x.dtype)
+            self.gram = gram / std[:, None] / std[None, :]
             # X is centred, so X^T Y = X^T (2 onehot - 1) = 2 * (per-class sums of X): no N x C matrix.
-            class_sums = torch.zeros(num_classes, d, dtype=xs.dtype, device=xs.device).index_add_(0, y, xs)
-            self.gram = (xs.T @ xs).double()
-            self.rhs = 2 * class_sums.T.double()
+            class_sums = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device).index_add_(0, y, xc)
+            self.rhs = 2 * class_sums.T.double() / std[:, None]
         else:
-            self.gram = (xs @ xs.T).double()
-            self.rhs = (2 * F.one_hot(y, num_classes).to(xs.dtype) - 1 - self.bias).double()
-            self.xs = xs
+            self.std = xc.std(dim=0, correction=0) + STD_EPS
+            self.xs = xc / self.std
+            self.gram = (self.xs @ self.xs.T).double()
+            self.rhs = (2 * F.one_hot(y, num_classes).to(x.dtype) - 1 - self.bias).double()
 
     def solve(self, l2: float = DEFAULT_L2) -> RidgeProbe:
         if l2 <= 0:
@@ -157,15 +178,6 @@ def fit_ridge(train_x, train_y, num_classes: int, l2: float = DEFAULT_L2) -> Rid
 def ridge_fewshot_accuracy(train_x, train_y, test_x, test_y, num_classes: int, l2: float = DEFAULT_L2) -> float:
     """Top-1 accuracy on (test_x, test_y) of the ridge probe fitted to (train_x, train_y)."""
     return fit_ridge(train_x, train_y, num_classes, l2).accuracy(test_x, test_y)
-
-
-def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The representation the probe reads: our Mixer's `forward_features` (already pooled); for timm
-    models (e.g. the ResNet of the shuffle experiment) their pooled pre-logits."""
-    features = model.forward_features(x)
-    if hasattr(model, "forward_head"):
-        features = model.forward_head(features, pre_logits=True)
-    return features
 
 
 def labels_of(dataset) -> np.ndarray | None:
@@ -195,21 +207,24 @@ class TrainPool:
 
 
 def extract_train_pool(
-    model: nn.Module, dataset, needed: int, seeds: Sequence[int], num_classes: int,
-    batch_size: int = 256, num_workers: int = 0,
+    model: nn.Module, dataset, shots: int, seeds: Sequence[int], num_classes: int,
+    batch_size: int = 256, num_workers: int = 0, *, held_out: int = 0,
 ) -> TrainPool:
-    """One feature pass over just the examples any seed's first `needed` per class takes.
+    """One feature pass over just the examples that some seed's first `shots` (+ `held_out`, for
+    choosing l2) of every class takes.
 
     A dataset that knows its labels is sampled from the whole split; a stream (shards) from its
-    first `needed * len(seeds)` examples of every class, as big_vision reads a split's prefix."""
+    first `(shots + held_out) * len(seeds)` examples of every class, as big_vision reads a split's prefix."""
+    needed = shots + held_out
     labels = labels_of(dataset)
     if labels is None:
-        x, y = extract_class_prefix(model, make_loader(dataset, batch_size, num_workers), needed * len(seeds), num_classes)
+        loader = make_loader(dataset, batch_size, num_workers)
+        x, y = extract_class_prefix(model, loader, needed * len(seeds), num_classes)
         labels = y.cpu().numpy()
-        check_counts(labels, needed, num_classes)
+        check_counts(labels, shots, num_classes, held_out)
         ranks = {s: class_ranks(labels, s) for s in seeds}
     else:
-        check_counts(labels, needed, num_classes)
+        check_counts(labels, shots, num_classes, held_out)
         full = {s: class_ranks(labels, s) for s in seeds}
         keep = np.flatnonzero(np.any([r < needed for r in full.values()], axis=0))
         x, y = extract_features(model, make_loader(Subset(dataset, keep.tolist()), batch_size, num_workers))
@@ -217,16 +232,12 @@ def extract_train_pool(
     return TrainPool(x, y, {s: torch.from_numpy(r).to(x.device) for s, r in ranks.items()})
 
 
-@torch.no_grad()
 def extract_class_prefix(model: nn.Module, loader: DataLoader, per_class: int, num_classes: int):
     """Features and labels of the first `per_class` examples of every class in a stream; stops
     reading as soon as every class has them."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     counts = torch.zeros(num_classes, dtype=torch.long)
     features, labels = [], []
-    try:
+    with frozen(model) as device:
         for x, y in loader:
             y = torch.as_tensor(y).long()
             # position of each example among the examples of its class seen so far
@@ -238,8 +249,6 @@ def extract_class_prefix(model: nn.Module, loader: DataLoader, per_class: int, n
                 labels.append(y[take].to(device))
             if bool((counts >= per_class).all()):
                 break
-    finally:
-        model.train(was_training)
     if not features:
         raise UserError("the few-shot train split is empty; check the data config (data=...)")
     return torch.cat(features), torch.cat(labels)
@@ -251,6 +260,8 @@ def fewshot_accuracies(
 ) -> list[dict]:
     """Test accuracy of the probe for every (shots, seed). With l2=None each probe picks its l2 from
     L2_GRID on `held_out` examples per class that none of that seed's samples contain."""
+    if l2 is None and held_out < 1:
+        raise UserError("choosing l2 needs held-out examples: held_out >= 1 per class (fewshot.held_out)")
     rows = []
     top = max(shots)
     for seed, ranks in pool.ranks.items():

@@ -20,7 +20,13 @@ from rich.table import Table
 from mixer_cli.config import make_run_dir, save_config, write_atomic
 from mixer_cli.errors import UserError
 from mixer_cli.evaluate.fewshot import (
-    DEFAULT_L2, check_counts, extract_features, extract_train_pool, fewshot_accuracies, labels_of, make_loader,
+    DEFAULT_L2,
+    check_counts,
+    extract_features,
+    extract_train_pool,
+    fewshot_accuracies,
+    labels_of,
+    make_loader,
 )
 from mixer_cli.report import console
 
@@ -33,7 +39,8 @@ def parse_shots(text: str) -> list[int]:
     try:
         shots = sorted({int(s) for s in text.split(",") if s.strip()})
     except ValueError:
-        raise UserError(f"--shots takes whole numbers separated by commas, e.g. --shots 1,5,10,25; got {text!r}") from None
+        raise UserError(f"--shots takes whole numbers separated by commas, e.g. --shots 1,5,10,25; got {text!r}") \
+            from None
     if not shots or shots[0] < 1:
         raise UserError(f"--shots must be at least 1, e.g. --shots 1,5,10,25; got {text!r}")
     return shots
@@ -85,7 +92,8 @@ def resolve_l2(value) -> float | None:
     try:
         l2 = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"fewshot.l2 must be a positive number (default {DEFAULT_L2:g}) or 'select', not {value!r}") from None
+        raise UserError(f"fewshot.l2 must be a positive number (default {DEFAULT_L2:g}) or 'select', not {value!r}") \
+            from None
     if l2 <= 0:
         raise UserError(f"fewshot.l2 must be positive (default {DEFAULT_L2:g}) or 'select', not {value!r}")
     return l2
@@ -127,15 +135,14 @@ def fewshot(cfg: DictConfig, checkpoint: Path, shots: list[int]) -> dict:
     test_set = eval_dataset(cfg.data, cfg.aug, "test")
     labels = labels_of(train_set)
     if labels is not None:  # a mistake is reported before anything is written or computed
-        check_counts(labels, max(shots) + held_out, cfg.data.num_classes,
-                     what="shots" if not held_out else f"shots plus {held_out} held out for l2=select")
+        check_counts(labels, max(shots), cfg.data.num_classes, held_out)
     model.to(pick_device(f.device))
     run_dir = make_run_dir(cfg, "fewshot")
     try:  # a stream (shards) shows a class with too few examples only now: leave no half-written run
         save_config(cfg, run_dir)
         seeds = list(range(f.seeds))
-        pool = extract_train_pool(model, train_set, max(shots) + held_out, seeds, cfg.data.num_classes,
-                                  f.batch_size, f.num_workers)
+        pool = extract_train_pool(model, train_set, max(shots), seeds, cfg.data.num_classes,
+                                  f.batch_size, f.num_workers, held_out=held_out)
         test_x, test_y = extract_features(model, make_loader(test_set, f.batch_size, f.num_workers))
         rows = fewshot_accuracies(pool, test_x, test_y, cfg.data.num_classes, shots, l2, held_out)
         results = {

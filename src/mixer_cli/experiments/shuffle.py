@@ -31,14 +31,12 @@ from mixer_cli.config import make_run_dir, save_config, write_atomic
 from mixer_cli.errors import UserError
 from mixer_cli.evaluate.fewshot import (
     FewShotCallback,
-    check_counts,
     extract_features,
     extract_train_pool,
     fewshot_accuracies,
-    labels_of,
     make_loader,
 )
-from mixer_cli.evaluate.transfer import eval_dataset
+from mixer_cli.evaluate.transfer import fewshot_callback
 from mixer_cli.report import console, read_metrics
 from mixer_cli.train.datamodule import MixerDataModule
 from mixer_cli.train.module import MixerClassifier, model_from_config
@@ -119,14 +117,9 @@ def with_shuffle(dataset, shuffle: ShufflePixels):
     return dataset
 
 
-def shuffled_fewshot_sets(cfg: DictConfig, shuffle: ShufflePixels):
-    """The probe's train split (evaluation preprocessing: the shots are not augmented) and test split."""
-    return tuple(with_shuffle(eval_dataset(cfg.data, cfg.aug, split), shuffle) for split in ("train", "test"))
-
-
-def fewshot_mean(model: nn.Module, train_set, test_set, cfg: DictConfig) -> float:
-    """The final linear k-shot accuracy, the mean over `fewshot.seeds` random samples of the shots."""
-    f, n = cfg.fewshot, cfg.data.num_classes
+def fewshot_mean(model: nn.Module, probe: FewShotCallback, fewshot: DictConfig) -> float:
+    """The final linear k-shot accuracy on the probe's data, the mean over `fewshot.seeds` random samples."""
+    f, n, train_set, test_set = fewshot, probe.num_classes, probe.train_dataset, probe.test_dataset
     pool = extract_train_pool(model, train_set, f.shots, range(f.seeds), n, f.batch_size)
     test_x, test_y = extract_features(model, make_loader(test_set, f.batch_size))
     return float(np.mean([r["accuracy"] for r in fewshot_accuracies(pool, test_x, test_y, n, [f.shots], f.l2)]))
@@ -140,6 +133,8 @@ def check_config(cfg: DictConfig) -> None:
             raise UserError(f"shuffle.{key} must list some of {', '.join(allowed)}, got {list(s[key])}")
     if "original" not in s.pipelines:
         raise UserError("shuffle.pipelines must include original: the drops are measured against it")
+    if not cfg.fewshot.every_n_steps or cfg.fewshot.every_n_steps < 1:
+        raise UserError(f"fewshot.every_n_steps must be at least 1 (the curves), got {cfg.fewshot.every_n_steps}")
 
 
 def train_one(cfg: DictConfig, kind: str, pipeline: str, perm: torch.Tensor, run_dir: Path) -> dict:
@@ -150,24 +145,24 @@ def train_one(cfg: DictConfig, kind: str, pipeline: str, perm: torch.Tensor, run
     datamodule = MixerDataModule(cfg, device_batch=1)
     with_shuffle(datamodule.train_set, shuffle)
     with_shuffle(datamodule.eval_set, shuffle)
-    fewshot_train, fewshot_test = shuffled_fewshot_sets(cfg, shuffle)
     steps = total_steps(cfg, datamodule.train_size)
     run_dir.mkdir()
-    trainer, plan = build_trainer(cfg, run_dir, progress=cfg.shuffle.progress)
+    trainer, plan = build_trainer(cfg, run_dir, progress=cfg.shuffle.progress)  # with a FewShotCallback (fewshot.*)
     datamodule.device_batch = plan.device_batch
-    trainer.callbacks.append(FewShotCallback(
-        fewshot_train, fewshot_test, shots=f.shots, every_n_steps=f.every_n_steps, l2=f.l2, seed=0,
-        batch_size=f.batch_size, num_workers=cfg.data.num_workers, num_classes=cfg.data.num_classes,
-    ))
+    (probe,) = (c for c in trainer.callbacks if isinstance(c, FewShotCallback))
+    with_shuffle(probe.train_dataset, shuffle)  # the probe sees the pipeline's images too
+    with_shuffle(probe.test_dataset, shuffle)
     module = MixerClassifier(OmegaConf.to_container(cfg, resolve=True), steps, model=model)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
+    # The final model's test accuracy, also when the run stops between two epoch-end validations.
+    (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     return {
         "model": kind,
         "pipeline": pipeline,
-        "fewshot": fewshot_mean(model, fewshot_train, fewshot_test, cfg),
-        "test_top1": float(trainer.callback_metrics["val/acc1"]),
+        "fewshot": fewshot_mean(model, probe, f),
+        "test_top1": final["val/acc1"],
         "steps": trainer.global_step,
         "train_seconds": round(seconds, 1),
         "curve": read_metrics(run_dir / "metrics.csv")[f"fewshot/{f.shots}shot"],
@@ -206,7 +201,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     patch_size = model_from_config(cfg).spec.patch_size  # validates the Mixer before anything is written
     if "resnet" in s.models:
         build_resnet(cfg)
-    check_counts(labels_of(eval_dataset(cfg.data, cfg.aug, "train")), cfg.fewshot.shots, cfg.data.num_classes)
+    fewshot_callback(cfg)  # validates the probe's data and shots before anything is written
     perms = draw_permutations(cfg.data.img_size, patch_size, s.seed)
     run_dir = make_run_dir(cfg, "shuffle-experiment")
     save_config(cfg, run_dir)

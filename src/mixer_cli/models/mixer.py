@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from timm.layers import DropPath, lecun_normal_
 from torch import nn
-from torch.nn import functional as F
 
 from mixer_cli.errors import UserError
 
@@ -93,7 +92,8 @@ def validate(spec: MixerSpec) -> None:
 
 
 class PatchStem(nn.Module):
-    """Per-patch linear embedding as a strided convolution; output (B, S, C)."""
+    """Per-patch linear embedding as a strided convolution; output (B, S, C), tokens in row-major
+    patch order."""
 
     def __init__(self, spec: MixerSpec):
         super().__init__()
@@ -101,6 +101,10 @@ class PatchStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
+
+    def token_major(self, x: torch.Tensor) -> torch.Tensor:
+        """The same tokens as a contiguous (S, B, C) tensor, the layout the blocks run in."""
+        return self.proj(x).flatten(2).permute(2, 0, 1).contiguous()
 
 
 class Mlp(nn.Module):
@@ -116,13 +120,14 @@ class Mlp(nn.Module):
 
 
 class TokenMixingMlp(Mlp):
-    """The token-mixing MLP applied to (B, S, C) directly: W @ X mixes rows (tokens), so no
-    transpose of the activations is needed; the weights keep nn.Linear's (out, in) layout."""
+    """The token-mixing MLP on token-major activations (S, B, C): seen as an (S, B*C) matrix, mixing
+    tokens is one product W @ X with the bias fused (addmm), for the whole batch, no transpose.
+    Measured faster than timm's transpose + Linear and than a batched W @ X on (B, S, C)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.matmul(self.fc1.weight, x) + self.fc1.bias[:, None]
-        h = self.drop(self.act(h))
-        return self.drop(torch.matmul(self.fc2.weight, h) + self.fc2.bias[:, None])
+        rows = x.reshape(x.shape[0], -1)
+        h = self.drop(self.act(torch.addmm(self.fc1.bias[:, None], self.fc1.weight, rows)))
+        return self.drop(torch.addmm(self.fc2.bias[:, None], self.fc2.weight, h)).view(x.shape)
 
 
 class MixerBlock(nn.Module):
@@ -137,8 +142,17 @@ class MixerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.mlp_tokens(self.norm1(x)))
-        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
+        """(B, S, C) -> (B, S, C), like timm's block; the Mixer itself calls forward_token_major."""
+        return self.forward_token_major(x.transpose(0, 1)).transpose(0, 1)
+
+    def forward_token_major(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, B, C) -> (S, B, C): both MLPs are then single 2-D matrix products over the batch."""
+        x = x + self._drop_path(self.mlp_tokens(self.norm1(x)))
+        return x + self._drop_path(self.mlp_channels(self.norm2(x)))
+
+    def _drop_path(self, x: torch.Tensor) -> torch.Tensor:
+        # timm's DropPath drops whole samples along dim 0; here the samples are along dim 1.
+        return self.drop_path(x.transpose(0, 1)).transpose(0, 1)
 
 
 class Mixer(nn.Module):
@@ -181,17 +195,22 @@ class Mixer(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, S, C) after the last block, before the pre-head LayerNorm."""
+        return self._token_major(x).transpose(0, 1)
+
+    def _token_major(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (S, B, C) after the last block: the blocks run token-major."""
         self._check_input(x)
-        x = self.stem(x)
-        if self.grad_checkpointing and self.training:
-            for block in self.blocks:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        x = self.stem.token_major(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block.forward_token_major, x, use_reentrant=False)
+            else:
+                x = block.forward_token_major(x)
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-logits: pre-head LayerNorm, then the mean over tokens."""
-        return self.norm(self.forward_tokens(x)).mean(dim=1)
+        return self.norm(self._token_major(x)).mean(dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))

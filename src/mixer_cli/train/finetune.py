@@ -17,12 +17,12 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from mixer_cli.config import compose, expand_sweep, make_run_dir, write_atomic
+from mixer_cli.config import compose, expand_sweep, is_global_zero_process, make_run_dir, write_atomic
 from mixer_cli.errors import UserError
 from mixer_cli.models import load_mixer
 from mixer_cli.models.mixer import VARIANTS, Mixer, with_spec
 from mixer_cli.models.resize import grow_resolution
-from mixer_cli.train.pretrain import pretrain
+from mixer_cli.train.pretrain import pretrain, resume_config
 
 
 def new_head(model: Mixer, num_classes: int) -> Mixer:
@@ -70,6 +70,17 @@ def finetune(cfg: DictConfig, progress: bool = True, model: Mixer | None = None)
     return pretrain(cfg, progress=progress, model=model, command="finetune")
 
 
+def resume_finetune(run_dir: Path, overrides: list[str], progress: bool = True) -> dict:
+    """Continue a fine-tune from its last.ckpt: the model is rebuilt from the spec recorded there
+    (head and resolution included), then Lightning restores weights, optimiser and schedule."""
+    if not (run_dir / "last.ckpt").is_file():
+        raise UserError(f"nothing to resume in {run_dir}: no last.ckpt there")
+    cfg = resume_config(run_dir, overrides)
+    model = load_mixer(run_dir / "last.ckpt", dropout=cfg.model.dropout, drop_path=cfg.model.drop_path)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return pretrain(cfg, resume=run_dir, progress=progress, model=model, command="finetune")
+
+
 def checkpoint_path(cfg: DictConfig) -> Path:
     if not cfg.checkpoint:
         raise UserError("fine-tuning needs a pre-trained model: --from CKPT (.ckpt, .npz, .pth or .safetensors)")
@@ -97,13 +108,17 @@ def sweep(overrides: list[str], progress: bool = True) -> list[dict]:
     base = compose(points[0][0], config_name="finetune")
     base.name = f"{base.name}-sweep"
     sweep_dir = make_run_dir(base, "finetune")
+    grid = [p for p, _ in points]
+    swept = list(varying(grid[0], grid))
     rows = []
     for i, (point, cfg) in enumerate(points):
         results = finetune(cfg, progress=progress, model=first if i == 0 else None)
-        rows.append({**varying(point, [p for p, _ in points]), **results})
-        write_atomic(sweep_dir / "sweep.json", json.dumps(rows, indent=2))
-    write_atomic(sweep_dir / "sweep.csv", _csv(rows))
-    print_sweep(rows, sweep_dir)
+        rows.append({**varying(point, grid), **results})
+        if is_global_zero_process():
+            write_atomic(sweep_dir / "sweep.json", json.dumps(rows, indent=2))
+    if is_global_zero_process():
+        write_atomic(sweep_dir / "sweep.csv", _csv(rows))
+        print_sweep(rows, swept, sweep_dir)
     return rows
 
 
@@ -125,8 +140,8 @@ def _csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def print_sweep(rows: list[dict], sweep_dir: Path) -> None:
-    keys = [k for k in rows[0] if k not in _RESULT_KEYS]
+def print_sweep(rows: list[dict], keys: list[str], sweep_dir: Path) -> None:
+    """One row per run: the swept values, then its results; the best test top-1 in green."""
     best = max(range(len(rows)), key=lambda i: rows[i].get("test_top1") or 0.0)
     table = Table(title=f"Sweep: {len(rows)} runs ({sweep_dir})", title_style="bold")
     for k in keys:
@@ -139,10 +154,6 @@ def print_sweep(rows: list[dict], sweep_dir: Path) -> None:
         cells = [*(r[k] for k in keys), *pct, loss, f"{r['steps']:,}", r["run_dir"]]
         table.add_row(*cells, style="bold green" if i == best else None)
     Console().print(table)
-
-
-_RESULT_KEYS = ("recipe", "model", "parameters", "data", "batch", "epochs", "steps", "planned_steps",
-                "train_seconds", "train_loss", "test_top1", "test_top5", "run_dir")
 
 
 def command_overrides(overrides: list[str], checkpoint: Path | None, res: int | None) -> list[str]:

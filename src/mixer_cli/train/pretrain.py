@@ -72,6 +72,8 @@ def _results(cfg, trainer, module, plan, steps, seconds, run_dir) -> dict:
         "test_top1": metrics.get("val/acc1"),
         "test_top5": metrics.get("val/acc5"),
         "test_samples": int(metrics["val/samples"]) if "val/samples" in metrics else None,  # = the split: exact
+        # the last linear few-shot accuracies, when `fewshot.every_n_steps` logged them (Figure 4)
+        **{f"fewshot_{k.removeprefix('fewshot/')}_top1": v for k, v in metrics.items() if k.startswith("fewshot/")},
         "run_dir": str(run_dir),
     }
 

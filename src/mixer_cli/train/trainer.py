@@ -66,7 +66,10 @@ def build_trainer(
     if resume:
         keep_metrics_on_resume(logger)
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/acc1", mode="max", save_last=True),
+        ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/acc1", mode="max"),
+        # Not save_last=True: Lightning 2.6 refreshes that copy only when val/acc1 improves, so last.ckpt
+        # (what --resume continues from) could be epochs old. An unmonitored checkpoint is always the latest.
+        ModelCheckpoint(dirpath=run_dir, filename="last", enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
     ]
     if progress:
