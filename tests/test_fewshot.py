@@ -60,6 +60,8 @@ def test_probe_equals_sklearn_ridge(n_per_class, dim, l2):
     reference = _sklearn_scores(train_x, train_y, test_x, 20, l2)
     np.testing.assert_allclose(probe.scores(test_x).numpy(), reference, rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(probe.predict(test_x).numpy(), reference.argmax(1))
+    (from_eigh,) = RidgeProblem(train_x, train_y, 20).solve_many([l2])  # the path l2=select takes
+    np.testing.assert_allclose(from_eigh.scores(test_x).numpy(), reference, rtol=1e-3, atol=1e-4)
     accuracy = ridge_fewshot_accuracy(train_x, train_y, test_x, test_y, 20, l2=l2)
     assert accuracy == pytest.approx((reference.argmax(1) == test_y.numpy()).mean())
     assert 0.1 < accuracy < 1.0  # a problem where the probe can be right and wrong
@@ -220,8 +222,9 @@ def _checkpoint(path):
 @pytest.mark.parametrize("args,message", [
     (["--shots", "100"], "error: class 8 has only 87 training example(s), fewer than the 100 shots asked for; "
                          "ask for at most 87 (e.g. --shots 87)"),
-    (["--shots", "85", "fewshot.l2=select"], "error: class 8 has only 87 training example(s), fewer than the 85 shots "
-                                             "plus 10 held out for choosing l2 asked for; ask for at most 77 (e.g. --shots 77)"),
+    (["--shots", "85", "fewshot.l2=select"],
+     "error: class 8 has only 87 training example(s), fewer than the 85 shots plus 10 held out for choosing l2 "
+     "asked for; ask for at most 77 (e.g. --shots 77)"),
     (["--shots", "5,x"], "error: --shots takes whole numbers separated by commas, e.g. --shots 1,5,10,25; got '5,x'"),
     (["fewshot.l2=-1"], "error: fewshot.l2 must be positive (default 1024) or 'select', not -1"),
 ])
@@ -248,3 +251,40 @@ def test_cli_transfers_a_checkpoint_to_the_digits(tmp_path):
     assert results["summary"][1]["mean"] == pytest.approx(np.mean(five))
     assert results["summary"][1]["mean"] > 0.3  # random features of a tiny Mixer still beat chance (10%) on digits
     assert "Linear few-shot top-1" in r.stdout
+
+
+def _write_folder(root, per_class, seed):
+    """Three classes of 28x28 grey PNGs (a bright band at a class-specific row) in ImageFolder layout."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 100, size=(28, 28), dtype=np.uint8)
+            pixels[8 * c: 8 * c + 4] = 255
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_image_folders_and_shards_give_the_same_probe(tmp_path):
+    """With exactly `shots` train images per class both sources hold the same sample: the folder is
+    sampled by its labels, the shards by streaming, and the test split must be read exactly once."""
+    from mixer_cli.data.writer import folder_samples, write_shards
+
+    ckpt = _checkpoint(tmp_path / "a.ckpt")
+    folders = {"train": _write_folder(tmp_path / "train", 3, 0), "val": _write_folder(tmp_path / "val", 5, 1)}
+    for split, folder in folders.items():
+        write_shards(*folder_samples(folder), tmp_path / "shards" / split, shard_size=4)
+    runs = {}
+    for source, root in (("folder", tmp_path), ("shards", tmp_path / "shards")):
+        r = CliRunner().invoke(app, ["fewshot", "--from", str(ckpt), "--shots", "1,3", "data=folder",
+                                     f"data.source={source}", f"data.train_path={root / 'train'}",
+                                     f"data.eval_path={root / 'val'}", "data.num_classes=3", "data.num_workers=0",
+                                     "fewshot.seeds=1", f"run_root={tmp_path / source}"])
+        assert r.exit_code == 0, r.output
+        (run_dir,) = (tmp_path / source / "fewshot").iterdir()
+        runs[source] = json.loads((run_dir / "results.json").read_text())
+    assert runs["folder"]["test_examples"] == runs["shards"]["test_examples"] == 15
+    three = [[row["accuracy"] for row in runs[s]["runs"] if row["shots"] == 3] for s in runs]
+    assert three[0] == pytest.approx(three[1])

@@ -126,7 +126,7 @@ def test_lr_sweep_from_an_official_npz_ends_with_one_table(tmp_path):
     env = {**os.environ, "COLUMNS": "200"}
     env.pop("MIXER_RUN_SESSION", None)
     r = subprocess.run([sys.executable, "-m", "mixer_cli.cli", "finetune", "--from", "Mixer-tiny.npz",
-                        "recipe=ft_demo", "optim.lr=0.01,0.03", "--multirun", "trainer.steps=3",
+                        "recipe=ft_demo", "optim.lr=0.01,0.03", "--multirun", "trainer.steps=4",
                         "data.global_batch=1000", "sched.warmup_steps=1", f"run_root={tmp_path}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -139,7 +139,7 @@ def test_lr_sweep_from_an_official_npz_ends_with_one_table(tmp_path):
     assert [row["optim.lr"] for row in rows] == ["0.01", "0.03"]
     for row in rows:
         run = tmp_path / "finetune" / os.path.basename(row["run_dir"])
-        assert json.loads((run / "results.json").read_text())["steps"] == 3
+        assert json.loads((run / "results.json").read_text())["steps"] == 4  # one epoch
         assert f"lr: {row['optim.lr']}" in (run / "config.yaml").read_text()
         tuned = load_mixer(run / "last.ckpt")
         assert tuned.spec.num_classes == 10 and tuned.spec.gelu == "tanh"  # the demo's classes; the npz's GELU
@@ -152,5 +152,5 @@ def test_lr_sweep_from_an_official_npz_ends_with_one_table(tmp_path):
     from mixer_cli.train.finetune import resume_finetune
 
     run = tmp_path / "finetune" / os.path.basename(rows[0]["run_dir"])
-    assert resume_finetune(run, ["trainer.steps=5"], progress=False)["steps"] == 5
+    assert resume_finetune(run, ["trainer.steps=8"], progress=False)["steps"] == 8
     assert load_mixer(run / "last.ckpt").spec.num_classes == 10

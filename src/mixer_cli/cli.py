@@ -90,7 +90,7 @@ def pretrain(
 @app.command(
     "shuffle-experiment",
     epilog="Examples: [bold]mixer shuffle-experiment[/] (the bundled demo, minutes on a CPU) · "
-    "[bold]mixer shuffle-experiment shuffle.models=[mixer] trainer.epochs=3[/] · "
+    "[bold]mixer shuffle-experiment shuffle.models=\\[mixer] trainer.epochs=10[/] · "
     "[bold]mixer shuffle-experiment recipe=shuffle_b16_r50[/] (the paper's setting)",
 )
 @user_errors
@@ -112,8 +112,8 @@ def visualize(
     checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
                                     dir_okay=False),
     blocks: int = typer.Option(3, "--blocks", help="How many of the first blocks' token-mixing MLPs to draw."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNGs and CSV [default: CKPT's folder/<name>-units].",
-                                       file_okay=False),
+    out: Optional[Path] = typer.Option(None, "--out", file_okay=False,
+                                       help="Folder for the PNGs and CSV \\[default: <CKPT's folder>/<CKPT name>-units]"),
 ):
     """Figure 5: the hidden units of the first token-mixing MLPs as grid-shaped images, each paired
     with its closest opposite-phase unit and sorted by frequency, and the stem's filters."""
@@ -242,9 +242,9 @@ def fewshot(
 @user_errors
 def benchmark(
     overrides: Optional[list[str]] = OVERRIDES,
-    res: Optional[str] = typer.Option(None, "--res", help="Resolutions, comma-separated, e.g. 224,448 [default: 224]."),
+    res: Optional[str] = typer.Option(None, "--res", help="Resolutions, comma-separated, e.g. 224,448 (default 224)."),
     train: bool = typer.Option(False, "--train", help="Also time a training step (forward, backward, AdamW) and its memory."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast) [default: fp32]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast); default fp32."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile every model (compiled in the untimed warm-up)."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward (L, H)."),
 ):

@@ -36,6 +36,8 @@ def pair_opposite_phase(units: np.ndarray) -> list[tuple[int, int, float]]:
     np.fill_diagonal(cos, np.inf)
     left, pairs = set(range(len(units))), []
     for flat_index in np.argsort(cos, axis=None):
+        if len(left) < 2:
+            break
         i, j = divmod(int(flat_index), len(units))
         if i < j and i in left and j in left:
             pairs.append((i, j, float(cos[i, j])))

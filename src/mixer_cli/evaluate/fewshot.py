@@ -154,20 +154,36 @@ class RidgeProblem:
             self.rhs = (2 * F.one_hot(y, num_classes).to(x.dtype) - 1 - self.bias).double()
 
     def solve(self, l2: float = DEFAULT_L2) -> RidgeProbe:
-        if l2 <= 0:
-            raise UserError(f"l2 must be positive, got {l2}")
+        """The probe for one l2, by a Cholesky factorisation."""
+        check_l2(l2)
         eye = torch.eye(len(self.gram), dtype=self.gram.dtype, device=self.gram.device)
         chol = torch.linalg.cholesky(self.gram + l2 * eye)
-        a = torch.cholesky_solve(self.rhs, chol)
-        weight = a if self.primal else self.xs.T.double() @ a
+        return self._probe(torch.cholesky_solve(self.rhs, chol), l2)
+
+    def solve_many(self, l2s: Sequence[float]) -> list[RidgeProbe]:
+        """The probes for many l2 from one eigendecomposition G = Q diag(e) Q^T, as big_vision does:
+        (G + l2 I)^-1 rhs = Q diag(1 / (e + l2)) Q^T rhs costs a matrix product per l2."""
+        for l2 in l2s:
+            check_l2(l2)
+        eigenvalues, q = torch.linalg.eigh(self.gram)
+        rotated = q.T @ self.rhs
+        return [self._probe(q @ (rotated / (eigenvalues + l2)[:, None]), l2) for l2 in l2s]
+
+    def _probe(self, solution: torch.Tensor, l2: float) -> RidgeProbe:
+        weight = solution if self.primal else self.xs.T.double() @ solution
         return RidgeProbe(self.mean, self.std, weight.to(self.mean.dtype), self.bias, float(l2))
 
     def select(self, val_x, val_y, l2s: Sequence[float] = L2_GRID) -> RidgeProbe:
         """The probe whose l2 (from `l2s`) scores best on held-out examples; ties go to the larger l2."""
-        probes = [self.solve(l2) for l2 in sorted(l2s)]
+        probes = self.solve_many(sorted(l2s))
         accuracies = [p.accuracy(val_x, val_y) for p in probes]
         best = max(range(len(probes)), key=lambda i: (accuracies[i], i))
         return probes[best]
+
+
+def check_l2(l2: float) -> None:
+    if not l2 > 0:
+        raise UserError(f"l2 must be positive, got {l2}")
 
 
 def fit_ridge(train_x, train_y, num_classes: int, l2: float = DEFAULT_L2) -> RidgeProbe:
