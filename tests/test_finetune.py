@@ -99,7 +99,7 @@ def test_sweep_expansion_is_hydras_cartesian_product():
         (["--from", "CKPT", "optim.lr=0.01,0.03"],
          "error: these overrides list several values (a sweep): add --multirun"),
         (["--from", "CKPT", "recipe=i21k_b16"],
-         "error: i21k_b16 is not a fine-tuning recipe; choose one of: ft_cifar10,"),
+         "error: i21k_b16 is a recipe for `mixer pretrain recipe=i21k_b16`; recipes of this command: ft_cifar10,"),
     ],
 )
 def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, args, message):
@@ -112,9 +112,15 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, args, message):
 
 
 def test_pretrain_refuses_a_fine_tuning_recipe():
-    with pytest.raises(ValueError, match=r"^ft_cifar10 is a fine-tuning recipe: run `mixer finetune --from CKPT "
-                                         r"recipe=ft_cifar10`$"):
+    with pytest.raises(ValueError, match=r"^ft_cifar10 is a recipe for `mixer finetune --from CKPT "
+                                         r"recipe=ft_cifar10`; recipes of this command: demo, i1k_b16,"):
         compose(["recipe=ft_cifar10"])
+
+
+def test_pretrain_refuses_a_shuffle_experiment_recipe():
+    with pytest.raises(ValueError, match=r"^shuffle_b16_r50 is a recipe for `mixer shuffle-experiment "
+                                         r"recipe=shuffle_b16_r50`; recipes of this command: demo, "):
+        compose(["recipe=shuffle_b16_r50"])
 
 
 @pytest.mark.slow

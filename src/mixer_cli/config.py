@@ -83,18 +83,27 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*choices)]
 
 
+# A recipe's name says which command runs it: ft_* fine-tune a checkpoint, shuffle_* are Figure 4
+# experiments, the others pre-train from scratch.
+RECIPE_COMMANDS = {"ft_": ("finetune", "mixer finetune --from CKPT"), "shuffle_": ("shuffle", "mixer shuffle-experiment")}
+PRETRAIN = ("config", "mixer pretrain")
+
+
+def recipe_command(name: str) -> tuple[str, str]:
+    """(primary config, command line) of the command that runs recipe `name`."""
+    return next((cmd for prefix, cmd in RECIPE_COMMANDS.items() if name.startswith(prefix)), PRETRAIN)
+
+
 def _check_recipe(overrides, config_name: str) -> None:
     for o in overrides:
         if o.startswith("recipe="):
             name = o.split("=", 1)[1]
             if name not in recipe_names():
                 raise UserError(f"unknown recipe {name!r}; recipes: {', '.join(recipe_names())} (see `mixer recipes`)")
-            # ft_* recipes fine-tune a checkpoint; the others train from scratch (`mixer pretrain`, ...).
-            if name.startswith("ft_") and config_name != "finetune":
-                raise UserError(f"{name} is a fine-tuning recipe: run `mixer finetune --from CKPT recipe={name}`")
-            if config_name == "finetune" and not name.startswith("ft_"):
-                fts = ", ".join(n for n in recipe_names() if n.startswith("ft_"))
-                raise UserError(f"{name} is not a fine-tuning recipe; choose one of: {fts}")
+            wanted, command = recipe_command(name)
+            if wanted != config_name:
+                fits = ", ".join(n for n in recipe_names() if recipe_command(n)[0] == config_name)
+                raise UserError(f"{name} is a recipe for `{command} recipe={name}`; recipes of this command: {fits}")
 
 
 def _missing_option_message(msg: str) -> str:
