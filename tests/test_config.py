@@ -26,7 +26,8 @@ def test_unknown_key_lists_the_keys_that_exist():
     with pytest.raises(ValueError) as e:
         compose(["optim.lrr=3"])
     assert str(e.value) == (
-        "unknown config key 'optim.lrr'; keys under 'optim': name, lr, betas, weight_decay (or add one with +optim.lrr=...)"
+        "unknown config key 'optim.lrr'; keys under 'optim': name, lr, betas, weight_decay "
+        "(or add one with +optim.lrr=...)"
     )
 
 

@@ -60,7 +60,8 @@ def _eq1_block(x, blk, approximate):
 
     t, c = blk.mlp_tokens, blk.mlp_channels
     xt = ln(x, blk.norm1).transpose(1, 2)  # (B, C, S): rows are channels, mixed along tokens
-    u = x + (F.gelu(xt @ t.fc1.weight.T + t.fc1.bias, approximate=approximate) @ t.fc2.weight.T + t.fc2.bias).transpose(1, 2)
+    mixed = F.gelu(xt @ t.fc1.weight.T + t.fc1.bias, approximate=approximate) @ t.fc2.weight.T + t.fc2.bias
+    u = x + mixed.transpose(1, 2)
     h = F.gelu(ln(u, blk.norm2) @ c.fc1.weight.T + c.fc1.bias, approximate=approximate)
     return u + h @ c.fc2.weight.T + c.fc2.bias
 
@@ -72,7 +73,8 @@ def test_block_matches_equation_1(gelu, approximate):
     _randomise(model)
     x = torch.randn(2, 36, 16)
     with torch.no_grad():
-        torch.testing.assert_close(model.blocks[0](x), _eq1_block(x, model.blocks[0], approximate), atol=1e-5, rtol=1e-5)
+        expected = _eq1_block(x, model.blocks[0], approximate)
+        torch.testing.assert_close(model.blocks[0](x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_gelu_defaults_to_tanh_approximation():
@@ -103,7 +105,8 @@ def test_custom_sizes_for_small_images():
 
 
 def test_image_size_not_divisible_by_patch_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"^image size 30 is not divisible by patch size 4; use a multiple of 4 such as 28 or 32$"):
+    message = r"^image size 30 is not divisible by patch size 4; use a multiple of 4 such as 28 or 32$"
+    with pytest.raises(ValueError, match=message):
         build_mixer("S/32", img_size=30, patch_size=4)
 
 
@@ -114,7 +117,8 @@ def test_wrong_input_resolution_is_a_clear_error():
 
 
 def test_unknown_variant_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown Mixer variant 'B/8'; choose one of S/32, S/16, B/32, B/16, L/32, L/16, H/14"):
+    message = "unknown Mixer variant 'B/8'; choose one of S/32, S/16, B/32, B/16, L/32, L/16, H/14"
+    with pytest.raises(ValueError, match=message):
         build_mixer("B/8")
 
 

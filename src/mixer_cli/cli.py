@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -22,7 +21,9 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
-OVERRIDES = typer.Argument(None, metavar="[OVERRIDES]...", help="Hydra overrides: recipe=NAME key=value ...", show_default=False)
+OVERRIDES = typer.Argument(
+    None, metavar="[OVERRIDES]...", help="Hydra overrides: recipe=NAME key=value ...", show_default=False
+)
 
 
 def _version(value: bool) -> None:
@@ -66,8 +67,8 @@ def user_errors(fn):
 )
 @user_errors
 def pretrain(
-    overrides: Optional[list[str]] = OVERRIDES,
-    resume: Optional[Path] = typer.Option(
+    overrides: list[str] | None = OVERRIDES,
+    resume: Path | None = typer.Option(
         None, "--resume", help="Continue the run in this directory from its last.ckpt (overrides apply on top).",
         file_okay=False,
     ),
@@ -94,7 +95,7 @@ def pretrain(
     "[bold]mixer shuffle-experiment recipe=shuffle_b16_r50[/] (the paper's setting)",
 )
 @user_errors
-def shuffle_experiment(overrides: Optional[list[str]] = OVERRIDES):
+def shuffle_experiment(overrides: list[str] | None = OVERRIDES):
     """Figure 4: train a Mixer and a ResNet on original, patch + pixel shuffled and globally
     shuffled inputs; plot linear 5-shot accuracy over training and tabulate each model's drop."""
     from mixer_cli.config import compose
@@ -112,8 +113,9 @@ def visualize(
     checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
                                     dir_okay=False),
     blocks: int = typer.Option(3, "--blocks", help="How many of the first blocks' token-mixing MLPs to draw."),
-    out: Optional[Path] = typer.Option(None, "--out", file_okay=False,
-                                       help="Folder for the PNGs and CSV \\[default: <CKPT's folder>/<CKPT name>-units]"),
+    out: Path | None = typer.Option(None, "--out", file_okay=False,
+                                       help="Folder for the PNGs and CSV "
+                                       "\\[default: <CKPT's folder>/<CKPT name>-units]"),
 ):
     """Figure 5: the hidden units of the first token-mixing MLPs as grid-shaped images, each paired
     with its closest opposite-phase unit and sorted by frequency, and the stem's filters."""
@@ -183,7 +185,7 @@ def data_write(
 def data_bench(
     images: int = typer.Option(64, "--images", help="Distinct synthetic 224x224 JPEGs to cycle through."),
     seconds: float = typer.Option(5.0, "--seconds", help="Time per pipeline, over 5 rounds (the best counts)."),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", help="Also write the table as CSV (and a PNG bar chart beside it).", dir_okay=False
     ),
 ):
@@ -218,10 +220,10 @@ def data_bench(
 def fewshot(
     checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
                                     dir_okay=False),
-    shots: Optional[str] = typer.Option(
+    shots: str | None = typer.Option(
         None, "--shots", help="Shots per class, e.g. 5 or 1,5,10,25 (default: fewshot.shots = 1,5,10,25)."
     ),
-    overrides: Optional[list[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
 ):
     """Linear few-shot accuracy on frozen pre-logits (Figures 2 and 4): a closed-form ridge probe to
     {-1, 1} targets (l2 = 2^10) per shot count and seed, one feature pass; a table and results.json."""
@@ -241,12 +243,18 @@ def fewshot(
 )
 @user_errors
 def benchmark(
-    overrides: Optional[list[str]] = OVERRIDES,
-    res: Optional[str] = typer.Option(None, "--res", help="Resolutions, comma-separated, e.g. 224,448 (default 224)."),
-    train: bool = typer.Option(False, "--train", help="Also time a training step (forward, backward, AdamW) and its memory."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast); default fp32."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile every model (compiled in the untimed warm-up)."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward (L, H)."),
+    overrides: list[str] | None = OVERRIDES,
+    res: str | None = typer.Option(None, "--res", help="Resolutions, comma-separated, e.g. 224,448 (default 224)."),
+    train: bool = typer.Option(
+        False, "--train", help="Also time a training step (forward, backward, AdamW) and its memory."
+    ),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 or bf16 (autocast); default fp32."),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile every model (compiled in the untimed warm-up)."
+    ),
+    grad_checkpointing: bool = typer.Option(
+        False, "--grad-checkpointing", help="Recompute activations in backward (L, H)."
+    ),
 ):
     """Throughput as in Tables 2-3: img/s and img/s per device (per core on a CPU), best over a
     batch sweep, our Mixers against timm's MlpMixer, ViT and BiT; FLOP/s against the measured
@@ -269,28 +277,27 @@ def benchmark(
 )
 @user_errors
 def finetune(
-    overrides: Optional[list[str]] = OVERRIDES,
-    checkpoint: Optional[Path] = typer.Option(
+    overrides: list[str] | None = OVERRIDES,
+    checkpoint: Path | None = typer.Option(
         None, "--from", help="Pre-trained model: our .ckpt/.safetensors, the paper's .npz, timm .pth/.safetensors.",
         dir_okay=False, show_default=False,
     ),
-    res: Optional[int] = typer.Option(
+    res: int | None = typer.Option(
         None, "--res", help="Fine-tune at this resolution, K x the model's (Appendix C grows the token-mixing MLPs).",
         show_default=False,
     ),
     multirun: bool = typer.Option(
         False, "--multirun", "-m", help="Sweep: one run per value of a=1,2,3 overrides, one table at the end."
     ),
-    resume: Optional[Path] = typer.Option(
+    resume: Path | None = typer.Option(
         None, "--resume", help="Continue the fine-tune in this directory from its last.ckpt.", file_okay=False,
     ),
 ):
     """Fine-tune a pre-trained Mixer on a target as a recipe says (no recipe: ft_demo, the bundled
     demo's checkpoint): momentum SGD, warmup + cosine, no weight decay, clip 1, a new zero head."""
     from mixer_cli.config import compose, expand_sweep
-    from mixer_cli.train.finetune import command_overrides, sweep
+    from mixer_cli.train.finetune import command_overrides, resume_finetune, sweep
     from mixer_cli.train.finetune import finetune as run_finetune
-    from mixer_cli.train.finetune import resume_finetune
 
     if resume is not None:
         resume_finetune(resume, overrides or [])
@@ -308,7 +315,7 @@ def finetune(
     epilog="Examples: [bold]mixer recipes[/] · [bold]mixer recipes i21k_b16[/] · [bold]mixer recipes ft_cifar10[/]"
 )
 @user_errors
-def recipes(name: Optional[str] = typer.Argument(None, help="Show this recipe's whole config, resolved.")):
+def recipes(name: str | None = typer.Argument(None, help="Show this recipe's whole config, resolved.")):
     """List every recipe beside the paper's numbers (Tables 2-3), or show one resolved."""
     from mixer_cli.recipes import print_recipe, print_recipes
 
@@ -319,7 +326,8 @@ def recipes(name: Optional[str] = typer.Argument(None, help="Show this recipe's 
 
 
 @app.command(
-    epilog="Examples: [bold]mixer export --from runs/finetune/20261125-101500-ft_demo/best.ckpt --to ft.safetensors[/] · "
+    epilog="Examples: [bold]mixer export --from runs/finetune/20261125-101500-ft_demo/best.ckpt "
+    "--to ft.safetensors[/] · "
     "[bold]mixer export --from Mixer-B_16.npz --to b16.safetensors[/]"
 )
 @user_errors

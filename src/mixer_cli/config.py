@@ -85,7 +85,10 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 # A recipe's name says which command runs it: ft_* fine-tune a checkpoint, shuffle_* are Figure 4
 # experiments, the others pre-train from scratch.
-RECIPE_COMMANDS = {"ft_": ("finetune", "mixer finetune --from CKPT"), "shuffle_": ("shuffle", "mixer shuffle-experiment")}
+RECIPE_COMMANDS = {
+    "ft_": ("finetune", "mixer finetune --from CKPT"),
+    "shuffle_": ("shuffle", "mixer shuffle-experiment"),
+}
 PRETRAIN = ("config", "mixer pretrain")
 
 

@@ -60,7 +60,8 @@ def _results(cfg, trainer, module, plan, steps, seconds, run_dir) -> dict:
     spec = module.model.spec
     return {
         "recipe": cfg.name,
-        "model": cfg.model.variant or f"custom (patch {spec.patch_size}, C {spec.hidden_dim}, {spec.num_blocks} blocks)",
+        "model": cfg.model.variant
+        or f"custom (patch {spec.patch_size}, C {spec.hidden_dim}, {spec.num_blocks} blocks)",
         "parameters": sum(p.numel() for p in module.model.parameters()),
         "data": cfg.data.source,
         "batch": plan.describe(),
