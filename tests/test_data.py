@@ -349,3 +349,22 @@ def test_shards_of_undecodable_images_stop_training_instead_of_spinning(tmp_path
     ds.set_epoch_length(1, 1)
     with pytest.raises(UserError, match="1000 corrupt samples in a row"):
         next(iter(ds))
+
+
+def test_digits_is_a_source_split_half_and_half():
+    from mixer_cli.config import compose
+
+    cfg = compose(["data=digits"])
+    train, test = build_dataset(cfg.data, cfg.aug, "train"), build_dataset(cfg.data, cfg.aug, "test")
+    assert (len(train), len(test)) == (896, 901)  # 1,797 images, each class halved (odd ones round down)
+    assert train[0][0].shape == (1, 28, 28)
+
+
+def test_unaugmented_train_split_is_deterministic():
+    from mixer_cli.config import compose
+
+    cfg = compose([])  # the demo: random 2-pixel shifts on train
+    augmented = build_dataset(cfg.data, cfg.aug, "train")
+    plain = build_dataset(cfg.data, cfg.aug, "train", augment=False)
+    assert any(not torch.equal(augmented[0][0], augmented[0][0]) for _ in range(10))
+    assert torch.equal(plain[0][0], plain[0][0])

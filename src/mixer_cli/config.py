@@ -221,8 +221,8 @@ def load_run_config(run_dir: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, content: str | bytes) -> None:
     """Write a file so that readers see the old content or the new, never half of it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks may write the same file
-    tmp.write_text(text)
+    tmp.write_bytes(content) if isinstance(content, bytes) else tmp.write_text(content)
     os.replace(tmp, path)

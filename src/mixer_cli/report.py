@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from rich.console import Console
@@ -25,6 +26,35 @@ def print_summary(results: dict, title: str = "Run summary") -> None:
     console.print(table)
 
 
+def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
+    """Rows as CSV text with a header (columns: `fieldnames`, or the first row's keys)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fieldnames or list(rows[0]), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on servers and CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """The figure as a PNG, written atomically, then closed."""
+    from mixer_cli.config import write_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    pyplot().close(fig)
+    write_atomic(path, buffer.getvalue())
+
+
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     """metrics.csv (Lightning's CSVLogger) as {metric: [(step, value), ...]}."""
     series: dict[str, list[tuple[int, float]]] = {}
@@ -39,15 +69,10 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 def plot_curves(metrics_csv: Path, out: Path, title: str) -> None:
     """Training loss and held-out accuracy against steps, next to the CSV."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not metrics_csv.is_file():
         return
     series = read_metrics(metrics_csv)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
     fewshot = [(key, ax_acc) for key in sorted(series, key=lambda k: (len(k), k)) if key.startswith("fewshot/")]
     panels = [("train/loss", ax_loss), ("val/loss", ax_loss), ("val/acc1", ax_acc), ("val/acc5", ax_acc), *fewshot]
     for key, ax in panels:
@@ -61,5 +86,4 @@ def plot_curves(metrics_csv: Path, out: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)

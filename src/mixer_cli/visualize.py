@@ -7,9 +7,6 @@ frequency; the stem's filters are drawn as P x P images (RGB for colour inputs).
 """
 from __future__ import annotations
 
-import csv
-import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ from mixer_cli.config import write_atomic
 from mixer_cli.errors import UserError
 from mixer_cli.models import load_mixer
 from mixer_cli.models.mixer import Mixer
+from mixer_cli.report import csv_text, pyplot, save_figure
 
 
 def token_mixing_units(model: Mixer, block: int) -> np.ndarray:
@@ -99,11 +97,7 @@ def stem_tiles(model: Mixer) -> tuple[np.ndarray, str | None]:
 def save_image(image: np.ndarray, path: Path, title: str, cmap: str | None) -> None:
     """One mosaic as a PNG (blank = NaN shows white), at least 8 inches wide and 4 screen pixels a
     weight, written under a temporary name then renamed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     h, w = image.shape[:2]
     inches = max(0.04, 8 / w)  # per mosaic pixel, at 100 dpi
     title_inches = 0.4
@@ -116,12 +110,7 @@ def save_image(image: np.ndarray, path: Path, title: str, cmap: str | None) -> N
         ax.imshow(np.nan_to_num(image, nan=1.0), interpolation="nearest")
     ax.set_axis_off()
     fig.text(0.5, 1 - 0.5 * title_inches / (h * inches + title_inches), title, ha="center", va="center", fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
 
 
 def squarish_columns(count: int, tile_h: int, tile_w: int) -> int:
@@ -162,11 +151,6 @@ def visualize(checkpoint: Path, out_dir: Path | None = None, blocks: int = 3) ->
 
 
 def _write_pairs_csv(path: Path, per_block: list[list[dict]]) -> Path:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["block", "rank", "unit", "partner", "cosine", "frequency"])
-    writer.writeheader()
-    for b, pairs in enumerate(per_block):
-        for rank, p in enumerate(pairs):
-            writer.writerow({"block": b, "rank": rank, **p})
-    write_atomic(path, text.getvalue())
+    rows = [{"block": b, "rank": rank, **p} for b, pairs in enumerate(per_block) for rank, p in enumerate(pairs)]
+    write_atomic(path, csv_text(rows, ["block", "rank", "unit", "partner", "cosine", "frequency"]))
     return path

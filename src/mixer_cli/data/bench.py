@@ -94,21 +94,14 @@ def run_bench(images: int = 64, seconds: float = 3.0, rounds: int = 5) -> list[d
 
 def write_bench(rows: list[dict], csv_path: Path) -> list[Path]:
     """The rows as CSV, and a bar chart of images/s per core as PNG beside it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mixer_cli.report import csv_text, pyplot, save_figure
 
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["pipeline,img_per_s_per_core,vs_decode_only"] + [
-        f"{r['pipeline']},{r['img_per_s_per_core']},{r['vs_decode_only']}" for r in rows
-    ]
-    write_atomic(csv_path, "\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 2.8))
+    write_atomic(csv_path, csv_text(rows, ["pipeline", "img_per_s_per_core", "vs_decode_only"]))
+    fig, ax = pyplot().subplots(figsize=(7, 2.8))
     ax.barh([r["pipeline"] for r in rows][::-1], [r["img_per_s_per_core"] for r in rows][::-1])
     ax.set_xlabel("images/s per CPU core (224x224 JPEG)")
     fig.tight_layout()
     png = csv_path.with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
     return [csv_path, png]

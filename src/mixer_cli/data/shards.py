@@ -206,6 +206,7 @@ def train_shards(data: DictConfig, transform, seed: int) -> TrainShards:
     return TrainShards(urls, size, transform, data.channels, data.get("shuffle_buffer", 10_000), seed)
 
 
-def eval_shards(data: DictConfig, transform) -> EvalShards:
-    urls, size = resolve_shards(data.eval_path, data.get("eval_size"), "eval_path")
+def eval_shards(data: DictConfig, transform, key: str = "eval_path") -> EvalShards:
+    """One exact pass over the shards of `key` (eval_path, or train_path for frozen-feature probes)."""
+    urls, size = resolve_shards(data[key], data.get(key.replace("_path", "_size")), key)
     return EvalShards(urls, size, transform, data.channels)

@@ -6,8 +6,6 @@ data, with evaluation transforms on both splits (no augmentation of the few-shot
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +26,7 @@ from mixer_cli.evaluate.fewshot import (
     labels_of,
     make_loader,
 )
-from mixer_cli.report import console
+from mixer_cli.report import console, csv_text, pyplot, save_figure
 
 PREPROCESS_KEYS = {"img_size": "data", "channels": "data", "mean": "data", "std": "data",
                    "interpolation": "data", "eval_crop": "aug", "eval_resize": "aug"}
@@ -58,31 +56,8 @@ def with_checkpoint_preprocessing(cfg: DictConfig, preprocess: dict) -> DictConf
 def eval_dataset(data: DictConfig, aug: DictConfig, split: str):
     """The split with evaluation preprocessing (the few-shot train sample is not augmented)."""
     from mixer_cli.data import build_dataset
-    from mixer_cli.data.tensor import TensorImages
 
-    if data.source == "digits":
-        from mixer_cli.data.digits import digits_arrays, digits_transform
-
-        return TensorImages(*digits_arrays(split), digits_transform(data))
-    if split == "test":
-        return build_dataset(data, aug, "test")
-    if data.source == "demo":
-        from mixer_cli.data.demo import demo_arrays
-        from mixer_cli.data.transforms import demo_transform
-
-        return TensorImages(*demo_arrays("train"), demo_transform(data, aug, train=False))
-    from mixer_cli.data.transforms import eval_transform
-
-    if data.source == "folder":
-        from mixer_cli.data.folder import image_folder
-
-        return image_folder(data, "train_path", eval_transform(data, aug))
-    if data.source == "shards":
-        from mixer_cli.data.shards import EvalShards, resolve_shards
-
-        urls, size = resolve_shards(data.train_path, data.get("train_size"), "train_path")
-        return EvalShards(urls, size, eval_transform(data, aug), data.channels)
-    return build_dataset(data, aug, "train")  # raises the data module's error for an unknown source
+    return build_dataset(data, aug, split, augment=False)
 
 
 def resolve_l2(value) -> float | None:
@@ -150,7 +125,7 @@ def fewshot(cfg: DictConfig, checkpoint: Path, shots: list[int]) -> dict:
             "feature_dim": int(test_x.shape[1]), "test_examples": len(test_y),
             "l2": "select" if l2 is None else l2, "summary": summarise(rows), "runs": rows, "run_dir": str(run_dir),
         }
-        write_atomic(run_dir / "fewshot.csv", rows_csv(rows))
+        write_atomic(run_dir / "fewshot.csv", csv_text(rows, ["shots", "seed", "l2", "accuracy"]))
         plot_fewshot(results["summary"], run_dir / "fewshot.png", title=f"linear few-shot, {cfg.data.source}")
         write_atomic(run_dir / "results.json", json.dumps(results, indent=2))  # last: its presence means complete
     except BaseException:
@@ -158,14 +133,6 @@ def fewshot(cfg: DictConfig, checkpoint: Path, shots: list[int]) -> dict:
         raise
     print_fewshot(results)
     return results
-
-
-def rows_csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["shots", "seed", "l2", "accuracy"])
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def print_fewshot(results: dict) -> None:
@@ -182,24 +149,16 @@ def print_fewshot(results: dict) -> None:
 
 def plot_fewshot(summary: list[dict], out: Path, title: str) -> None:
     """Accuracy against shots (log scale), mean and min-max over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shots = [s["shots"] for s in summary]
     mean = np.array([s["mean"] for s in summary])
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = pyplot().subplots(figsize=(5, 4))
     ax.errorbar(shots, mean, yerr=[mean - [s["min"] for s in summary], [s["max"] for s in summary] - mean],
                 marker="o", capsize=3)
     ax.set(xscale="log", xlabel="shots per class", ylabel="top-1 accuracy", title=title)
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
+    save_figure(fig, out)
 
 
 def fewshot_callback(cfg: DictConfig):

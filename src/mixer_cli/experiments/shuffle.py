@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from mixer_cli.evaluate.fewshot import (
     make_loader,
 )
 from mixer_cli.evaluate.transfer import fewshot_callback
-from mixer_cli.report import console, read_metrics
+from mixer_cli.report import console, csv_text, pyplot, read_metrics, save_figure
 from mixer_cli.train.datamodule import MixerDataModule
 from mixer_cli.train.module import MixerClassifier, model_from_config
 from mixer_cli.train.pretrain import total_steps
@@ -228,12 +227,8 @@ def write_outputs(results: list[dict], run_dir: Path, cfg: DictConfig) -> None:
     for r in results:
         writer.writerows([r["model"], r["pipeline"], step, f"{acc:.4f}"] for step, acc in r["curve"])
     write_atomic(run_dir / "fewshot_curves.csv", curves.getvalue())
-    table = io.StringIO()
     keys = ["model", "pipeline", "fewshot", "fewshot_drop", "test_top1", "test_drop", "paper", "steps", "train_seconds"]
-    writer = csv.DictWriter(table, fieldnames=keys, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(results)
-    write_atomic(run_dir / "results.csv", table.getvalue())
+    write_atomic(run_dir / "results.csv", csv_text(results, keys))
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     plot_curves(results, run_dir / "fewshot_curves.png", shots, title=f"mixer shuffle-experiment {cfg.name}")
 
@@ -243,13 +238,8 @@ PIPELINE_LABEL = {"original": "original", "patch_pixel": "patch + pixel shufflin
 
 def plot_curves(results: list[dict], out: Path, shots: int, title: str) -> None:
     """Figure 4's layout: one panel per model, linear k-shot accuracy against steps per pipeline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(r["model"] for r in results))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), sharey=True, squeeze=False)
+    fig, axes = pyplot().subplots(1, len(models), figsize=(5 * len(models), 4), sharey=True, squeeze=False)
     for ax, kind in zip(axes[0], models):
         for r in (r for r in results if r["model"] == kind):
             steps, accs = zip(*r["curve"])
@@ -260,10 +250,7 @@ def plot_curves(results: list[dict], out: Path, shots: int, title: str) -> None:
     axes[0][0].set_ylabel(f"linear {shots}-shot accuracy")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
+    save_figure(fig, out)
 
 
 def print_table(results: list[dict], shots: int, title: str) -> None:

@@ -8,8 +8,6 @@ the grid and ends with one table, as the paper picks the lr from {0.003, 0.01, 0
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from mixer_cli.errors import UserError
 from mixer_cli.models import load_mixer
 from mixer_cli.models.mixer import VARIANTS, Mixer, with_spec
 from mixer_cli.models.resize import grow_resolution
+from mixer_cli.report import csv_text
 from mixer_cli.train.pretrain import pretrain, resume_config
 
 
@@ -117,7 +116,7 @@ def sweep(overrides: list[str], progress: bool = True) -> list[dict]:
         if is_global_zero_process():
             write_atomic(sweep_dir / "sweep.json", json.dumps(rows, indent=2))
     if is_global_zero_process():
-        write_atomic(sweep_dir / "sweep.csv", _csv(rows))
+        write_atomic(sweep_dir / "sweep.csv", csv_text(rows))
         print_sweep(rows, swept, sweep_dir)
     return rows
 
@@ -130,14 +129,6 @@ def varying(point: list[str], points: list[list[str]]) -> dict[str, str]:
             key, _, value = override.partition("=")
             keys[key] = value
     return keys
-
-
-def _csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def print_sweep(rows: list[dict], keys: list[str], sweep_dir: Path) -> None:
