@@ -106,7 +106,9 @@ def test_writer_refuses_a_non_empty_output_and_writes_nothing_from_an_unreadable
 DATA = OmegaConf.create(
     {"img_size": 16, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "num_classes": 3}
 )
-PLAIN = OmegaConf.create({"inception_crop": False, "hflip": False, "randaug_magnitude": 0, "eval_crop": "none"})
+PLAIN = OmegaConf.create(
+    {"inception_crop": False, "hflip": False, "randaug_magnitude": 0, "eval_crop_mode": "squash", "eval_crop_pct": 1.0}
+)
 
 
 def label_of(x: torch.Tensor) -> np.ndarray:
@@ -222,49 +224,78 @@ BIG = OmegaConf.create(
 )
 
 
-def test_eval_crops_follow_the_paper():
+def tensor_of(img: Image.Image) -> torch.Tensor:
+    return (torch.from_numpy(np.array(img)).permute(2, 0, 1) / 255 - 0.5) / 0.5
+
+
+def test_eval_crop_modes_squash_and_center():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8))
-    aug = OmegaConf.create({"eval_crop": "resize-crop", "eval_resize": 256})
-    ref = img.resize((256, 256), Image.BICUBIC).crop((16, 16, 240, 240))  # resize to 256x256, centre 224
-    ref_t = (torch.from_numpy(np.array(ref)).permute(2, 0, 1) / 255 - 0.5) / 0.5
-    assert torch.allclose(eval_transform(BIG, aug)(img), ref_t, atol=1e-5)
-    aug.eval_crop = "resmall-crop"  # shorter side (300) to 256: 500 -> 426, then centre 224
-    small = img.resize((426, 256), Image.BICUBIC).crop((101, 16, 325, 240))
-    out = eval_transform(BIG, aug)(img)
-    assert out.shape == (3, 224, 224)
-    assert (out - (torch.from_numpy(np.array(small)).permute(2, 0, 1) / 255 - 0.5) / 0.5).abs().mean() < 0.02
-    aug.eval_crop = "center"
-    with pytest.raises(UserError, match="unknown aug.eval_crop 'center'; choose one of: resize-crop, resmall-crop"):
-        eval_transform(BIG, aug)
+    squash = OmegaConf.create({"eval_crop_mode": "squash", "eval_crop_pct": 1.0})  # straight to 224x224
+    assert torch.allclose(eval_transform(BIG, squash)(img), tensor_of(img.resize((224, 224), Image.BICUBIC)), atol=1e-5)
+    center = OmegaConf.create({"eval_crop_mode": "center", "eval_crop_pct": 0.875})
+    # shorter side (300) to 224 / 0.875 = 256, so 500 -> 426; then the centre 224x224
+    ref = img.resize((426, 256), Image.BICUBIC).crop((101, 16, 325, 240))
+    assert torch.allclose(eval_transform(BIG, center)(img), tensor_of(ref), atol=1e-5)
+    at_448 = eval_transform(OmegaConf.merge(BIG, {"img_size": 448}), center)
+    assert at_448.transforms[0].size == 512 and at_448(img).shape == (3, 448, 448)
 
 
-def test_train_transform_is_inception_crop_flip_and_randaugment_as_configured():
+def test_a_bad_eval_crop_is_a_one_line_user_error():
+    with pytest.raises(UserError, match=r"^unknown aug.eval_crop_mode 'resize-crop'; choose one of: squash, center$"):
+        eval_transform(BIG, OmegaConf.create({"eval_crop_mode": "resize-crop", "eval_crop_pct": 1.0}))
+    with pytest.raises(UserError, match=r"^aug.eval_crop_pct=1.14 must be in \(0, 1\]"):
+        eval_transform(BIG, OmegaConf.create({"eval_crop_mode": "center", "eval_crop_pct": 1.14}))
+
+
+@pytest.mark.parametrize("name, mode, pct", [
+    ("inception_flip", "center", 0.875),  # pre-training: big_vision's resize_small(256)|central_crop(224)
+    ("randaug_mixup", "center", 0.875),
+    ("finetune", "squash", 1.0),  # fine-tuning: vit_jax resizes straight to the resolution
+    ("demo", "squash", 1.0),  # 28x28 digits
+])
+def test_aug_configs_evaluate_as_the_papers_code(name, mode, pct):
+    aug = OmegaConf.load(Path(__file__).parents[1] / "conf" / "aug" / f"{name}.yaml")
+    assert (aug.eval_crop_mode, aug.eval_crop_pct) == (mode, pct)
+    assert "eval_crop" not in aug and "eval_resize" not in aug
+
+
+def test_train_transform_is_inception_crop_flip_then_the_papers_randaugment():
+    from mixer_cli.data.randaugment import RandAugment
+
     aug = OmegaConf.create(
         {"inception_crop": True, "crop_area_min": 0.05, "hflip": True, "randaug_layers": 2, "randaug_magnitude": 0}
     )
     names = [type(t).__name__ for t in train_transform(BIG, aug).transforms]
-    assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
-    assert "RandAugment" not in names and "ColorJitter" not in names  # timm's default jitter is off
+    assert names == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "MaybeToTensor", "Normalize"]
     crop = train_transform(BIG, aug).transforms[0]
     assert crop.scale == (0.05, 1.0) and crop.size == (224, 224)
-    aug.randaug_magnitude = 10
+    aug.randaug_magnitude = 15  # big_vision's order: inception_crop|flip_lr|randaug(2,15)|value_range
     tf = train_transform(BIG, aug)
-    ra = next(t for t in tf.transforms if type(t).__name__ == "RandAugment")
-    assert ra.num_layers == 2 and all(op.magnitude == 10 for op in ra.ops)
+    ra = tf.transforms[2]
+    assert isinstance(ra, RandAugment) and (ra.num_layers, ra.magnitude) == (2, 15)  # not clipped to 10
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 140, 3), dtype=np.uint8))
     assert tf(img).shape == (3, 224, 224)
+    aug.inception_crop = False
+    with pytest.raises(UserError, match="RandAugment runs after the Inception crop"):
+        train_transform(BIG, aug)
 
 
-def test_mixup_mixes_images_and_targets_with_the_same_weight():
-    from mixer_cli.train.module import mixup_from_config
+def test_mixup_mixes_images_and_targets_with_one_beta_p_p_weight():
+    from scipy import stats
 
-    assert mixup_from_config(OmegaConf.create({"mixup": 0.0}), 10) is None
-    mix = mixup_from_config(OmegaConf.create({"mixup": 0.5}), 10)
-    x, y = torch.randn(6, 3, 4, 4), torch.arange(6)
-    mixed, soft = mix(x.clone(), y)
-    lam = soft[0, 0].item()  # sample 0 keeps weight lam on its own class, 1 - lam on sample 5's
+    from mixer_cli.train.mixup import BatchMixup
+
+    x, targets = torch.randn(6, 3, 4, 4), torch.eye(10)[:6]  # sample i is class i
+    mixed, soft = BatchMixup(0.5)(x, targets)
+    lam = soft[0, 0].item()  # sample 0 keeps lam on its own class, 1 - lam goes to sample 5's
     assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
-    assert torch.allclose(soft.sum(1), torch.ones(6)) and soft[0, 5].item() == pytest.approx(1 - lam)
+    assert soft[0, 5].item() == pytest.approx(1 - lam, abs=1e-6) and torch.allclose(soft.sum(1), torch.ones(6))
+    for p, other in ((0.2, 0.5), (0.5, 0.2)):
+        mix = BatchMixup(p)
+        torch.manual_seed(1)
+        lams = [mix(x[:2], targets[:2])[1][0, 0].item() for _ in range(800)]
+        assert stats.kstest(lams, "beta", args=(p, p)).pvalue > 1e-3
+        assert stats.kstest(lams, "beta", args=(other, other)).pvalue < 1e-4  # the check tells p's apart
 
 
 # --- sources -------------------------------------------------------------------------------------
@@ -274,17 +305,16 @@ def test_image_folder_is_a_source_and_a_wrong_class_count_is_a_user_error(tmp_pa
     image_folder(tmp_path / "val", per_class=2, bad=False)
     paths = {"train_path": str(tmp_path / "train"), "eval_path": str(tmp_path / "val")}
     data = OmegaConf.merge(DATA, {"source": "folder", **paths})
-    aug = OmegaConf.merge(PLAIN, {"eval_resize": 16})
-    train, test = build_dataset(data, aug, "train"), build_dataset(data, aug, "test")
+    train, test = build_dataset(data, PLAIN, "train"), build_dataset(data, PLAIN, "test")
     assert len(train) == 12 and len(test) == 6 and train.classes == CLASSES
     x, y = test[0]
     assert x.shape == (3, 16, 16) and y == 0
     data.num_classes = 5
     with pytest.raises(UserError, match="has 3 classes, data.num_classes=5; set data.num_classes=3"):
-        build_dataset(data, aug, "train")
+        build_dataset(data, PLAIN, "train")
     data.train_path = str(tmp_path / "missing")
     with pytest.raises(UserError, match=r"no image folder at data.train_path=.*missing; set data.train_path="):
-        build_dataset(data, aug, "train")
+        build_dataset(data, PLAIN, "train")
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -308,13 +338,14 @@ def test_data_write_reports_skipped_files_and_refuses_to_overwrite(tmp_path):
 
 
 def test_data_bench_reports_each_pipeline_against_decoding(tmp_path):
-    from mixer_cli.data.bench import run_bench, write_bench
+    from mixer_cli.data.bench import run_bench, synthetic_jpegs, write_bench
 
-    rows = run_bench(images=2, seconds=0.05)
-    assert [r["pipeline"] for r in rows][0] == "decode only" and rows[0]["vs_decode_only"] == 1.0
-    assert all(r["img_per_s_per_core"] > 0 for r in rows) and len(rows) == 4
+    rows = run_bench(synthetic_jpegs(1, size=(64, 48)), seconds=0.01, rounds=1)
+    assert rows[0]["pipeline"] == "decode only (PIL)" and rows[0]["vs_decode_only"] == 1.0
+    assert all(r["img_per_s_per_core"] > 0 for r in rows)
+    assert any("RandAugment(2, 15)" in r["pipeline"] for r in rows)  # the ImageNet recipe's m, not clipped
     csv_path, png = write_bench(rows, tmp_path / "b.csv")
-    assert csv_path.read_text().splitlines()[0] == "pipeline,img_per_s_per_core,vs_decode_only"
+    assert csv_path.read_text().splitlines()[0] == "pipeline,img_per_s_per_core,vs_decode_only,vs_float_path"
     assert png.stat().st_size > 0
 
 
@@ -327,17 +358,17 @@ def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path):
     cfg = compose([
         "data=folder", f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'val'}",
         "data.num_classes=3", "data.img_size=16", "data.global_batch=8", "data.num_workers=0",
-        "aug=randaug_mixup", "aug.randaug_magnitude=10", "aug.mixup=0.2", "aug.eval_resize=18",
+        "aug=randaug_mixup", "aug.randaug_magnitude=10", "aug.mixup=0.2", "aug.eval_crop_pct=0.8",
         "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.epochs=1", f"run_root={tmp_path / 'runs'}",
     ])
     results = pretrain(cfg, progress=False)
-    assert results["steps"] == 24 // 8 and results["test_samples"] == 9
+    assert results["steps"] == 24 // 8 and results["num_samples"] == 9
     ckpt = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=False)
-    pre = ckpt["mixer"]["preprocess"]  # recorded from the config, so the checkpoint's user needs no guessing
-    assert {k: pre[k] for k in ("img_size", "mean", "std", "interpolation", "eval_crop", "eval_resize")} == {
-        "img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-        "eval_crop": "resize-crop", "eval_resize": 18}
+    pre = ckpt["mixer"]["pretrained_cfg"]  # recorded from the config, so the checkpoint's user needs no guessing
+    assert {k: pre[k] for k in ("mean", "std", "interpolation", "crop_mode", "crop_pct")} == {
+        "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_mode": "center", "crop_pct": 0.8}
+    assert tuple(pre["input_size"]) == (3, 16, 16)
 
 
 def test_shards_of_undecodable_images_stop_training_instead_of_spinning(tmp_path):

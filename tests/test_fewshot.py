@@ -1,9 +1,7 @@
-"""The linear few-shot probe (`mixer fewshot`, FewShotCallback) against scikit-learn and the protocol."""
+"""The linear few-shot probe (evaluate/fewshot.py) against scikit-learn and the protocol; its wrappers,
+`mixer fewshot` (evaluate/fewshot_command.py) and FewShotCallback."""
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import lightning as L
 import numpy as np
@@ -11,25 +9,28 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 from torch.nn import functional as F
-from typer.testing import CliRunner
+from torch.utils.data import DataLoader
 
-from mixer_cli.cli import app
+from mixer_cli.config import compose
 from mixer_cli.data.tensor import TensorImages
+from mixer_cli.errors import UserError
 from mixer_cli.evaluate.fewshot import (
     L2_GRID,
     FewShotCallback,
+    FewShotEvaluator,
     RidgeProblem,
+    TrainPool,
+    check_counts,
+    class_prefix,
     class_ranks,
-    extract_class_prefix,
     extract_features,
-    extract_train_pool,
     fewshot_accuracies,
-    fit_ridge,
-    make_loader,
-    ridge_fewshot_accuracy,
-    sample_shots,
+    fewshot_callback,
+    probe_data,
 )
+from mixer_cli.evaluate.fewshot_command import fewshot_command, parse_shots
 from mixer_cli.models import build_mixer
+from mixer_cli.models.checkpoints import export_safetensors
 
 
 def _clusters(n_per_class, num_classes, dim, seed=0, spread=1.0):
@@ -55,14 +56,15 @@ def _sklearn_scores(train_x, train_y, test_x, num_classes, l2):
 def test_probe_equals_sklearn_ridge(n_per_class, dim, l2):
     train_x, train_y = _clusters(n_per_class, 20, dim, seed=1)
     test_x, test_y = _clusters(30, 20, dim, seed=2)
-    probe = fit_ridge(train_x, train_y, 20, l2=l2)
-    assert RidgeProblem(train_x, train_y, 20).primal == (len(train_y) >= dim)
+    problem = RidgeProblem(train_x, train_y, 20)
+    assert problem.primal == (len(train_y) >= dim)
+    probe = problem.solve(l2)
     reference = _sklearn_scores(train_x, train_y, test_x, 20, l2)
     np.testing.assert_allclose(probe.scores(test_x).numpy(), reference, rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(probe.predict(test_x).numpy(), reference.argmax(1))
-    (from_eigh,) = RidgeProblem(train_x, train_y, 20).solve_many([l2])  # the path l2=select takes
+    (from_eigh,) = problem.solve_many([l2])  # the path l2=select takes
     np.testing.assert_allclose(from_eigh.scores(test_x).numpy(), reference, rtol=1e-3, atol=1e-4)
-    accuracy = ridge_fewshot_accuracy(train_x, train_y, test_x, test_y, 20, l2=l2)
+    accuracy = probe.accuracy(test_x, test_y)
     assert accuracy == pytest.approx((reference.argmax(1) == test_y.numpy()).mean())
     assert 0.1 < accuracy < 1.0  # a problem where the probe can be right and wrong
 
@@ -70,40 +72,48 @@ def test_probe_equals_sklearn_ridge(n_per_class, dim, l2):
 def test_probe_is_invariant_to_feature_scale_and_shift():
     train_x, train_y = _clusters(5, 10, 32)
     test_x, _ = _clusters(10, 10, 32, seed=3)
-    a = fit_ridge(train_x, train_y, 10).scores(test_x)
+    a = RidgeProblem(train_x, train_y, 10).solve().scores(test_x)
     scale, shift = torch.rand(32) * 10 + 0.1, torch.randn(32) * 100  # standardisation removes both
-    b = fit_ridge(train_x * scale + shift, train_y, 10).scores(test_x * scale + shift)
+    b = RidgeProblem(train_x * scale + shift, train_y, 10).solve().scores(test_x * scale + shift)
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_default_l2_is_the_papers_two_to_the_ten():
+    train_x, train_y = _clusters(5, 4, 64)
+    probe = RidgeProblem(train_x, train_y, 4).solve()
+    assert probe.l2 == 1024
+    reference = _sklearn_scores(train_x, train_y, train_x, 4, 1024.0)
+    np.testing.assert_allclose(probe.scores(train_x).numpy(), reference, rtol=1e-3, atol=1e-4)
 
 
 def test_huge_l2_leaves_only_the_unregularised_bias():
     """With every weight shrunk to zero, scores are the mean targets 2 n_c / n - 1, for all inputs."""
     train_x, train_y = _clusters(3, 4, 8)
     train_x, train_y = train_x[:10], train_y[:10]  # class counts 3, 3, 3, 1
-    probe = fit_ridge(train_x, train_y, 4, l2=1e12)
+    probe = RidgeProblem(train_x, train_y, 4).solve(1e12)
     expected = torch.tensor([2 * 3 / 10 - 1] * 3 + [2 * 1 / 10 - 1]).expand(5, 4)
     torch.testing.assert_close(probe.scores(torch.randn(5, 8) * 100), expected, rtol=0, atol=1e-6)
 
 
-def test_shots_are_class_balanced_nested_and_reproducible():
+def test_shots_are_class_balanced_reproducible_and_differ_by_seed():
     labels = np.random.default_rng(0).integers(0, 7, size=500)
-    five = sample_shots(labels, 5, seed=3)
-    assert np.bincount(labels[five], minlength=7).tolist() == [5] * 7
-    assert set(sample_shots(labels, 1, seed=3)) < set(five) < set(sample_shots(labels, 10, seed=3))
-    np.testing.assert_array_equal(five, sample_shots(labels, 5, seed=3))
-    assert not np.array_equal(five, sample_shots(labels, 5, seed=4))
-    ranks = class_ranks(labels, seed=3)  # each class's ranks are a permutation of 0..count-1
-    for c in range(7):
+    ranks = class_ranks(labels, seed=3)
+    assert np.bincount(labels[ranks < 5], minlength=7).tolist() == [5] * 7
+    np.testing.assert_array_equal(ranks, class_ranks(labels, seed=3))
+    assert not np.array_equal(ranks < 5, class_ranks(labels, seed=4) < 5)
+    for c in range(7):  # each class's ranks are a permutation of 0..count-1
         assert sorted(ranks[labels == c]) == list(range((labels == c).sum()))
 
 
 def test_more_shots_than_a_class_has_is_a_clear_error():
     labels = np.array([0] * 30 + [1] * 4 + [2] * 30)
-    with pytest.raises(ValueError, match=r"^class 1 has only 4 training example\(s\), fewer than the 5 shots asked "
-                                         r"for; ask for at most 4 \(e\.g\. --shots 4\)$"):
-        sample_shots(labels, 5, seed=0)
-    with pytest.raises(ValueError, match=r"^class 3 has only 0 training example"):
-        sample_shots(labels, 1, seed=0, num_classes=4)
+    with pytest.raises(UserError, match=r"^class 1 has only 4 training example\(s\), fewer than the 5 shots asked "
+                                        r"for; ask for at most 4 \(e\.g\. --shots 4\)$"):
+        check_counts(labels, 5)
+    with pytest.raises(UserError, match=r"^class 3 has only 0 training example"):
+        check_counts(labels, 1, num_classes=4)
+    with pytest.raises(UserError, match=r"^class 0 has only 3 training example\(s\), fewer than the 5 shots"):
+        FewShotEvaluator(_images(3), _images(3), 3, [1, 5])  # before any feature is computed
 
 
 def _tiny_mixer(num_classes=3, img=8):
@@ -121,50 +131,81 @@ def _images(n_per_class, num_classes=3, img=8, seed=0):
     return TensorImages(x.astype(np.uint8), y, transform=lambda t: t.float() / 255)
 
 
-def test_features_are_the_pre_logits_and_the_mode_is_restored():
+def _stack(data, indices):
+    return torch.stack([data[i][0] for i in indices])
+
+
+def test_features_are_the_pooled_tokens_and_the_mode_is_restored():
     model, data = _tiny_mixer().train(), _images(4)
-    x, y = extract_features(model, make_loader(data, batch_size=5))
+    x, y = extract_features(model, DataLoader(data, batch_size=5))
     assert model.training
     with torch.no_grad():
-        torch.testing.assert_close(x, model.eval().forward_features(torch.stack([data[i][0] for i in range(12)])))
+        tokens = model.eval().forward_features(_stack(data, range(12)))  # (B, S, C) after the last LayerNorm
+    torch.testing.assert_close(x, tokens.mean(dim=1))
     torch.testing.assert_close(y, data.labels)
 
 
 def test_a_stream_gives_the_first_examples_of_each_class_and_stops_early():
-    model, data = _tiny_mixer(), _images(6)
+    data = _images(6)
     order = [0, 1, 2, 6, 3, 7, 12, 13, 8, 4, 5, 9, 10, 11, 14, 15, 16, 17]  # classes 0-5, 6-11, 12-17
-    batches = [(torch.stack([data[i][0] for i in order[s:s + 4]]), data.labels[order[s:s + 4]])
-               for s in range(0, 18, 4)]
+    batches = [(_stack(data, order[s:s + 4]), data.labels[order[s:s + 4]]) for s in range(0, 18, 4)]
     read = []
-    x, y = extract_class_prefix(model, (read.append(b) or b for b in batches), per_class=2, num_classes=3)
-    first_two = [0, 1, 6, 7, 12, 13]  # in stream order: 0, 1, 6, 7, 12, 13 all lie in the first 8
-    assert len(read) == 2  # stopped after the second batch of 4
-    assert torch.bincount(y).tolist() == [2, 2, 2]
-    with torch.no_grad():
-        reference = model.forward_features(torch.stack([data[i][0] for i in first_two]))
-    torch.testing.assert_close(x[torch.argsort(y, stable=True)], reference)
+    taken = list(class_prefix((read.append(b) or b for b in batches), per_class=2, num_classes=3))
+    assert len(read) == 2  # 0, 1, 6, 7, 12, 13 all lie in the first 8: stopped after the second batch of 4
+    x, y = torch.cat([x for x, _ in taken]), torch.cat([y for _, y in taken])
+    torch.testing.assert_close(x, _stack(data, [0, 1, 6, 7, 12, 13]))
+    assert y.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+class _CountImages(torch.nn.Module):
+    """Counts the images the model is run on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, 0
+
+    def forward_features(self, x):
+        self.seen += len(x)
+        return self.model.forward_features(x)
+
+    def forward_head(self, x, pre_logits=False):
+        return self.model.forward_head(x, pre_logits=pre_logits)
 
 
 def test_one_feature_pass_serves_every_shot_count_and_seed():
-    model, data = _tiny_mixer(), _images(20)
-    pool = extract_train_pool(model, data, shots=5, seeds=[0, 1], num_classes=3, batch_size=16)
-    assert len(pool.y) <= 2 * 5 * 3  # only the examples some sample needs
-    test_x, test_y = extract_features(model, make_loader(_images(10, seed=1), batch_size=16))
-    rows = fewshot_accuracies(pool, test_x, test_y, 3, shots=[1, 5], l2=2.0**10)
-    assert [(r["shots"], r["seed"]) for r in rows] == [(1, 0), (5, 0), (1, 1), (5, 1)]
-    # each row equals the probe on exactly sample_shots' sample, computed on its own
-    full_x, full_y = extract_features(model, make_loader(data, batch_size=16))
-    for r in rows:
-        idx = sample_shots(data.labels.numpy(), r["shots"], r["seed"])
-        assert r["accuracy"] == pytest.approx(ridge_fewshot_accuracy(full_x[idx], full_y[idx], test_x, test_y, 3))
+    model, train, test = _tiny_mixer(), _images(20), _images(10, seed=1)
+    counted = _CountImages(model)
+    result = FewShotEvaluator(train, test, 3, [5, 1], seeds=[0, 1], batch_size=16).run(counted)
+    labels = train.labels.numpy()
+    needed = (class_ranks(labels, 0) < 5) | (class_ranks(labels, 1) < 5)
+    assert counted.seen == needed.sum() + len(test.labels) < len(labels) + len(test.labels)
+    assert [(r["shots"], r["seed"]) for r in result["runs"]] == [(1, 0), (5, 0), (1, 1), (5, 1)]
+    # each row equals the probe on exactly that seed's sample, computed on its own
+    full_x, full_y = extract_features(model, DataLoader(train, batch_size=16))
+    test_x, test_y = extract_features(model, DataLoader(test, batch_size=16))
+    for r in result["runs"]:
+        take = torch.from_numpy(class_ranks(labels, r["seed"]) < r["shots"])
+        expected = RidgeProblem(full_x[take], full_y[take], 3).solve(1024).accuracy(test_x, test_y)
+        assert r["accuracy"] == pytest.approx(expected)
+    for k in (1, 5):
+        per_seed = [r["accuracy"] for r in result["runs"] if r["shots"] == k]
+        assert result["accuracy"][k] == pytest.approx(np.mean(per_seed))
+    assert (result["feature_dim"], result["num_samples"]) == (16, 30)
+
+
+def test_the_transform_reaches_every_image_before_the_model():
+    """A transform that blanks the images leaves every feature equal: the probe scores chance."""
+    model, train, test = _tiny_mixer(), _images(10), _images(10, seed=1)
+    blank = FewShotEvaluator(train, test, 3, [5], transform=torch.zeros_like).run(model)["accuracy"][5]
+    plain = FewShotEvaluator(train, test, 3, [5]).run(model)["accuracy"][5]
+    assert blank == pytest.approx(1 / 3) and plain > 0.5
 
 
 def test_selected_l2_is_the_best_on_held_out_examples_none_of_the_samples_contain():
     train_x, train_y = _clusters(30, 5, 40, spread=3.0)
     ranks = torch.from_numpy(class_ranks(train_y.numpy(), seed=0))
-    pool = type("Pool", (), {"x": train_x, "y": train_y, "ranks": {0: ranks}})
     test_x, test_y = _clusters(20, 5, 40, seed=5, spread=3.0)
-    (row,) = fewshot_accuracies(pool, test_x, test_y, 5, shots=[5], l2=None, held_out=10)
+    (row,) = fewshot_accuracies(TrainPool(train_x, train_y, {0: ranks}), test_x, test_y, 5, [5], l2=None, held_out=10)
     held = (ranks >= 5) & (ranks < 15)
     problem = RidgeProblem(train_x[ranks < 5], train_y[ranks < 5], 5)
     val = [problem.solve(l2).accuracy(train_x[held], train_y[held]) for l2 in L2_GRID]
@@ -185,72 +226,104 @@ class _Classifier(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def test_callback_logs_fewshot_accuracy_every_n_steps(tmp_path):
+def test_callback_logs_the_evaluators_accuracy_every_n_steps(tmp_path):
     train, test = _images(10), _images(5, seed=1)
-    callback = FewShotCallback(train, test, shots=[1, 5], every_n_steps=2, batch_size=32)
+    evaluator = FewShotEvaluator(train, test, 3, [1, 5], batch_size=32)
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="", version="")
-    trainer = L.Trainer(max_steps=5, logger=logger, callbacks=[callback], enable_progress_bar=False,
-                        log_every_n_steps=1, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
-    trainer.fit(_Classifier(), torch.utils.data.DataLoader(train, batch_size=6, shuffle=True))
+    trainer = L.Trainer(max_steps=5, logger=logger, callbacks=[FewShotCallback(evaluator, every_n_steps=2)],
+                        enable_progress_bar=False, log_every_n_steps=1, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(_Classifier(), DataLoader(train, batch_size=6, shuffle=True))
     with open(tmp_path / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["fewshot/5shot"]]
     assert [int(r["step"]) for r in rows] == [0, 2, 4, 5]  # start, every 2 steps, end
-    # the last value is the probe of the trained model, recomputed independently
-    model = trainer.lightning_module.model
-    idx = sample_shots(train.labels.numpy(), 5, seed=0)
-    x, y = extract_features(model, make_loader(torch.utils.data.Subset(train, idx.tolist()), 32))
-    tx, ty = extract_features(model, make_loader(test, 32))
-    assert float(rows[-1]["fewshot/5shot"]) == pytest.approx(ridge_fewshot_accuracy(x, y, tx, ty, 3))
+    assert len({r["fewshot/5shot"] for r in rows}) > 1  # the model under training, not a copy of the first
+    final = evaluator.run(trainer.lightning_module.model)["accuracy"]
+    assert float(rows[-1]["fewshot/5shot"]) == pytest.approx(final[5])
+    assert float(rows[-1]["fewshot/1shot"]) == pytest.approx(final[1])
+    assert trainer.callback_metrics["fewshot/5shot"].item() == pytest.approx(final[5])
 
 
-def test_callback_refuses_more_shots_than_a_class_has():
-    with pytest.raises(ValueError, match=r"^class 0 has only 3 training example\(s\), fewer than the 5 shots"):
-        FewShotCallback(_images(3), _images(3), shots=5, every_n_steps=10)
+def test_callback_is_built_only_when_asked_for():
+    assert fewshot_callback(compose(["fewshot.every_n_steps=0"])) is None
+    with pytest.raises(UserError, match=r"^fewshot.l2=select is for `mixer fewshot`; during training give a number "
+                                        r"\(default 1024\)$"):
+        fewshot_callback(compose(["fewshot.every_n_steps=5", "fewshot.l2=select"]))
 
 
-def _checkpoint(path):
-    """A file as `mixer pretrain` writes it, for a tiny Mixer on 28x28 grey images."""
-    model = build_mixer(None, num_classes=10, img_size=28, in_chans=1, patch_size=7, hidden_dim=16,
+def test_fewshot_data_is_a_data_set_apart_drawn_as_the_training_data():
+    """Pre-training on the MNIST demo at 16 px with other normalisation, probing scikit-learn's digits."""
+    cfg = compose(["fewshot.every_n_steps=5", "fewshot.data=digits", "fewshot.shots=[1,5]", "data.img_size=16",
+                   "data.mean=[0.5]", "data.std=[0.5]"])
+    callback = fewshot_callback(cfg)
+    evaluator = callback.evaluator
+    assert callback.every_n_steps == 5 and evaluator.shots == [1, 5] and evaluator.l2 == 1024
+    assert (len(evaluator.train_dataset), len(evaluator.test_dataset)) == (896, 901)  # the digits, not the demo's
+    image, _ = evaluator.train_dataset[0]
+    assert image.shape == (1, 16, 16)
+    assert image.min().item() == pytest.approx(-1.0)  # black background at mean 0.5, std 0.5 (MNIST's: -0.42)
+    without = compose(["fewshot.every_n_steps=5"])
+    assert len(fewshot_callback(without).evaluator.train_dataset) == 4000  # default: the training data's own
+    # a data config with interpolations resolves as in a composed config
+    imagenet = probe_data(compose(["fewshot.data=imagenet", "data.img_size=64"], config_name="config"))
+    assert imagenet.train_path.endswith("/imagenet/train") and imagenet.img_size == 64
+    with pytest.raises(UserError, match=r"^fewshot.data: unknown data 'nope'; choose one of: .*digits"):
+        probe_data(compose(["fewshot.data=nope"]))
+
+
+def _checkpoint(path, img_size=28):
+    """A tiny Mixer on grey images with MNIST's normalisation, as `mixer export` writes it."""
+    model = build_mixer(None, num_classes=10, img_size=img_size, in_chans=1, patch_size=4, hidden_dim=16,
                         num_blocks=1, tokens_mlp_dim=8, channels_mlp_dim=32)
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    preprocess = {"img_size": 28, "channels": 1, "mean": [0.1307], "std": [0.3081], "interpolation": "bilinear",
-                  "eval_crop": "none"}
-    torch.save({"state_dict": state, "mixer": {"spec": model.spec.to_dict(), "preprocess": preprocess}}, path)
-    return path
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (1, img_size, img_size), "mean": (0.1307,),
+                            "std": (0.3081,), "interpolation": "bilinear", "crop_mode": "squash", "crop_pct": 1.0}
+    return export_safetensors(model, path)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--shots", "100"], "error: class 8 has only 87 training example(s), fewer than the 100 shots asked for; "
-                         "ask for at most 87 (e.g. --shots 87)"),
-    (["--shots", "85", "fewshot.l2=select"],
-     "error: class 8 has only 87 training example(s), fewer than the 85 shots plus 10 held out for choosing l2 "
-     "asked for; ask for at most 77 (e.g. --shots 77)"),
-    (["--shots", "5,x"], "error: --shots takes whole numbers separated by commas, e.g. --shots 1,5,10,25; got '5,x'"),
-    (["fewshot.l2=-1"], "error: fewshot.l2 must be positive (default 1024) or 'select', not -1"),
+def _run_fewshot(tmp_path, checkpoint, shots="1,5", *overrides):
+    cfg = compose([f"run_root={tmp_path / 'runs'}", *overrides], config_name="fewshot")
+    return fewshot_command(cfg, checkpoint, parse_shots(shots))
+
+
+@pytest.mark.parametrize("shots,overrides,message", [
+    ("100", [], "class 8 has only 87 training example(s), fewer than the 100 shots asked for; "
+                "ask for at most 87 (e.g. --shots 87)"),
+    ("85", ["fewshot.l2=select"], "class 8 has only 87 training example(s), fewer than the 85 shots plus 10 held "
+                                  "out for choosing l2 asked for; ask for at most 77 (e.g. --shots 77)"),
+    ("5", ["fewshot.l2=-1"], "fewshot.l2 must be positive (default 1024) or 'select', not -1"),
+    ("5", ["fewshot.seeds=0"], "fewshot.seeds must be at least 1, got 0"),
 ])
-def test_user_mistakes_end_in_one_line_and_write_nothing(tmp_path, args, message):
-    r = CliRunner().invoke(app, ["fewshot", "--from", str(_checkpoint(tmp_path / "a.ckpt")), *args,
-                                 f"run_root={tmp_path / 'runs'}"])
-    assert r.exit_code == 2 and r.output.strip() == message
+def test_user_mistakes_are_one_line_and_write_nothing(tmp_path, shots, overrides, message):
+    with pytest.raises(UserError) as e:
+        _run_fewshot(tmp_path, _checkpoint(tmp_path / "a.safetensors"), shots, *overrides)
+    assert str(e.value) == message
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.slow
-def test_cli_transfers_a_checkpoint_to_the_digits(tmp_path):
-    ckpt = _checkpoint(tmp_path / "last.ckpt")
-    r = subprocess.run([sys.executable, "-m", "mixer_cli.cli", "fewshot", "--from", str(ckpt), "--shots", "1,5",
-                        "fewshot.seeds=2", f"run_root={tmp_path}"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "COLUMNS": "200"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    (run_dir,) = (tmp_path / "fewshot").iterdir()
-    results = json.loads((run_dir / "results.json").read_text())
+def test_shots_are_parsed_or_refused_in_one_line():
+    assert parse_shots("25, 5,1,5") == [1, 5, 25]
+    with pytest.raises(UserError, match=r"^--shots takes whole numbers separated by commas, e\.g\. --shots "
+                                        r"1,5,10,25; got '5,x'$"):
+        parse_shots("5,x")
+    with pytest.raises(UserError, match=r"^--shots must be at least 1, e\.g\. --shots 1,5,10,25; got '0,5'$"):
+        parse_shots("0,5")
+
+
+def test_command_probes_the_digits_with_the_checkpoints_preprocessing(tmp_path):
+    """The checkpoint takes 16 x 16 images; the digits (28 x 28 in their data config) are drawn at 16."""
+    results = _run_fewshot(tmp_path, _checkpoint(tmp_path / "a.safetensors", img_size=16), "1,5", "fewshot.seeds=2")
+    (run_dir,) = (tmp_path / "runs" / "fewshot").iterdir()
     assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "results.json", "fewshot.csv", "fewshot.png"}
+    assert json.loads((run_dir / "results.json").read_text()) == results
+    assert (results["command"], results["feature_dim"], results["num_samples"], results["l2"]) == ("fewshot", 16, 901,
+                                                                                                     1024)
     assert [(s["shots"], s["seeds"]) for s in results["summary"]] == [(1, 2), (5, 2)]
-    assert results["feature_dim"] == 16 and results["test_examples"] == 901 and results["l2"] == 1024
     five = [row["accuracy"] for row in results["runs"] if row["shots"] == 5]
-    assert results["summary"][1]["mean"] == pytest.approx(np.mean(five))
-    assert results["summary"][1]["mean"] > 0.3  # random features of a tiny Mixer still beat chance (10%) on digits
-    assert "Linear few-shot top-1" in r.stdout
+    assert results["summary"][1]["mean"] == pytest.approx(np.mean(five)) == pytest.approx(results["fewshot_5shot"])
+    assert results["fewshot_5shot"] > 0.3  # random features of a tiny Mixer still beat chance (10%) on digits
+    with open(run_dir / "fewshot.csv") as f:
+        assert [(int(r["shots"]), int(r["seed"])) for r in csv.DictReader(f)] == [(1, 0), (5, 0), (1, 1), (5, 1)]
+    assert "img_size: 16" in (run_dir / "config.yaml").read_text()
 
 
 def _write_folder(root, per_class, seed):
@@ -272,19 +345,15 @@ def test_image_folders_and_shards_give_the_same_probe(tmp_path):
     sampled by its labels, the shards by streaming, and the test split must be read exactly once."""
     from mixer_cli.data.writer import folder_samples, write_shards
 
-    ckpt = _checkpoint(tmp_path / "a.ckpt")
+    ckpt = _checkpoint(tmp_path / "a.safetensors")
     folders = {"train": _write_folder(tmp_path / "train", 3, 0), "val": _write_folder(tmp_path / "val", 5, 1)}
     for split, folder in folders.items():
         write_shards(*folder_samples(folder), tmp_path / "shards" / split, shard_size=4)
     runs = {}
     for source, root in (("folder", tmp_path), ("shards", tmp_path / "shards")):
-        r = CliRunner().invoke(app, ["fewshot", "--from", str(ckpt), "--shots", "1,3", "data=folder",
-                                     f"data.source={source}", f"data.train_path={root / 'train'}",
-                                     f"data.eval_path={root / 'val'}", "data.num_classes=3", "data.num_workers=0",
-                                     "fewshot.seeds=1", f"run_root={tmp_path / source}"])
-        assert r.exit_code == 0, r.output
-        (run_dir,) = (tmp_path / source / "fewshot").iterdir()
-        runs[source] = json.loads((run_dir / "results.json").read_text())
-    assert runs["folder"]["test_examples"] == runs["shards"]["test_examples"] == 15
+        runs[source] = _run_fewshot(tmp_path / source, ckpt, "1,3", "data=folder", f"data.source={source}",
+                                    f"data.train_path={root / 'train'}", f"data.eval_path={root / 'val'}",
+                                    "data.num_classes=3", "data.num_workers=0", "fewshot.seeds=1")
+    assert runs["folder"]["num_samples"] == runs["shards"]["num_samples"] == 15
     three = [[row["accuracy"] for row in runs[s]["runs"] if row["shots"] == 3] for s in runs]
     assert three[0] == pytest.approx(three[1])

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mixer_cli.cli import app
 from mixer_cli.config import compose
 from mixer_cli.data import demo_arrays
-from mixer_cli.evaluate.transfer import fewshot_callback
+from mixer_cli.evaluate.fewshot import fewshot_callback
 from mixer_cli.experiments.shuffle import (
     ShufflePixels,
     draw_permutations,
@@ -21,7 +21,7 @@ from mixer_cli.experiments.shuffle import (
     with_shuffle,
 )
 from mixer_cli.models import build_mixer
-from mixer_cli.train.datamodule import MixerDataModule
+from mixer_cli.train.fit import build_datasets
 
 IMG, PATCH = 12, 4  # a 3 x 3 grid of 4 x 4 patches
 
@@ -151,25 +151,47 @@ TINY = [
 ]
 
 
+class PixelFeatures(nn.Module):
+    """timm's feature contract on raw pixels: the probe's features are the images it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # where the probe finds the device
+        self.seen = []
+
+    def forward_features(self, x):
+        self.seen.append(x)
+        return x.flatten(1)[:, None, :]
+
+    def forward_head(self, x, pre_logits=False):
+        return x.mean(1)
+
+
 def test_every_split_is_shuffled_after_its_own_preprocessing():
     cfg = compose(TINY, config_name="shuffle")
     shuffle = ShufflePixels(draw_permutations(28, 4, seed=0)["patch_pixel"])
-    plain, shuffled = MixerDataModule(cfg, 1), MixerDataModule(cfg, 1)
-    with_shuffle(shuffled.train_set, shuffle)
-    with_shuffle(shuffled.eval_set, shuffle)
-    x, y = shuffled.eval_set[7]
-    assert torch.equal(x, shuffle(plain.eval_set[7][0])) and y == plain.eval_set[7][1]
-    assert shuffled.train_set.transform.transforms[-1] is shuffle  # after the random shift, not before
-    probe = fewshot_callback(cfg)
-    with_shuffle(probe.train_dataset, shuffle)
+    (plain_train, plain_eval), (train, eval_set) = build_datasets(cfg), build_datasets(cfg)
+    with_shuffle(train, shuffle)
+    with_shuffle(eval_set, shuffle)
+    x, y = eval_set[7]
+    assert torch.equal(x, shuffle(plain_eval[7][0])) and y == plain_eval[7][1]
+    assert train.transform.transforms[-1] is shuffle  # after the random shift, not before
+    assert len(train) == len(plain_train)
+
+    # The probe reads the training digits unaugmented and sees them through the same permutation.
+    probe = fewshot_callback(cfg, transform=shuffle)
     digits, _ = demo_arrays("train")
-    expected = (torch.from_numpy(digits[3]).float() / 255 - 0.1307) / 0.3081  # not augmented, then shuffled
-    torch.testing.assert_close(shuffle.inverse()(probe.train_dataset[3][0])[0], expected)
+    expected = (torch.from_numpy(digits[3]).float() / 255 - 0.1307) / 0.3081
+    torch.testing.assert_close(probe.evaluator.train_dataset[3][0][0], expected)
+    model = PixelFeatures()
+    probe.evaluator.run(model)
+    test_images = torch.stack([plain_eval[i][0] for i in range(len(plain_eval))])
+    torch.testing.assert_close(torch.cat(model.seen)[-len(plain_eval):], shuffle(test_images))
 
 
 def test_relative_drops_and_the_verdict():
     results = [
-        {"model": m, "pipeline": p, "fewshot": f, "test_top1": t}
+        {"model": m, "pipeline": p, "fewshot": f, "top1": t}
         for m, p, f, t in [("mixer", "original", 0.80, 0.90), ("mixer", "patch_pixel", 0.79, 0.90),
                            ("mixer", "global_pixel", 0.40, 0.45), ("resnet", "original", 0.90, 0.95),
                            ("resnet", "patch_pixel", 0.45, 0.60), ("resnet", "global_pixel", 0.30, 0.40)]
@@ -180,6 +202,7 @@ def test_relative_drops_and_the_verdict():
         ("mixer", "original"): 0, ("mixer", "patch_pixel"): 0.0125, ("mixer", "global_pixel"): 0.5,
         ("resnet", "original"): 0, ("resnet", "patch_pixel"): 0.5, ("resnet", "global_pixel"): 0.6667,
     }
+    assert round(results[2]["top1_drop"], 4) == 0.5 and round(results[4]["top1_drop"], 4) == 0.3684
     assert results[2]["paper"] == "~45%" and results[5]["paper"] == "~75%"
     assert verdict(results, tolerance=0.02, shots=5).startswith(
         "holds: under patch + pixel shuffling the Mixer's 5-shot drop is +1.2%")
@@ -191,8 +214,8 @@ def test_relative_drops_and_the_verdict():
     (["shuffle.models=[mixer,vit]"], "error: shuffle.models must list some of mixer, resnet, got ['mixer', 'vit']"),
     (["shuffle.pipelines=[patch_pixel]"],
      "error: shuffle.pipelines must include original: the drops are measured against it"),
-    (["resnet.timm_name=resnet5000"],
-     "error: unknown timm model 'resnet5000' (resnet.timm_name); e.g. resnetv2_50x1_bit, resnet50"),
+    (["resnet=bit_r50x1", "resnet.model_name=resnet5000"], "error: Unknown model (resnet5000)"),
+    (["fewshot.every_n_steps=0"], "error: fewshot.every_n_steps must be at least 1 (the curves), got 0"),
     (["fewshot.shots=500"], "error: class 0 has only 400 training example(s), fewer than the 500 shots asked for;"),
 ])
 def test_user_errors_are_one_line_and_write_nothing(tmp_path, args, message):

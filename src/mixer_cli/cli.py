@@ -46,12 +46,15 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from hydra.errors import InstantiationException
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         try:
             return fn(*args, **kwargs)
-        except (UserError, MisconfigurationException) as e:
-            err.print(f"[bold red]error:[/] {str(e).strip().splitlines()[0]}", highlight=False, soft_wrap=True)
+        except (UserError, MisconfigurationException, InstantiationException) as e:
+            # A config's _target_ raised: the cause is what the user must read.
+            cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
+            err.print(f"[bold red]error:[/] {str(cause).strip().splitlines()[0]}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: the last complete checkpoint is kept; continue with --resume RUN_DIR")
@@ -60,10 +63,23 @@ def user_errors(fn):
     return wrapper
 
 
+MULTIRUN = typer.Option(
+    False, "--multirun", "-m",
+    help="Sweep with Hydra: one run per value of a=1,2,3 overrides (hydra/launcher=submitit_slurm: as SLURM jobs).",
+)
+
+
+def resume_dir(path: Path) -> Path:
+    if not (path / "last.ckpt").is_file():
+        raise UserError(f"nothing to resume in {path}: no last.ckpt there")
+    return path
+
+
 @app.command(
     epilog="Examples: [bold]mixer pretrain[/] (the bundled demo) · "
     "[bold]mixer pretrain recipe=i21k_b16 trainer.devices=8[/] · "
-    "[bold]mixer pretrain --resume runs/pretrain/20261125-101500-demo[/]"
+    "[bold]mixer pretrain --resume runs/pretrain/20261125-101500-demo[/] · "
+    "[bold]mixer pretrain optim.lr=0.001,0.003 --multirun[/]"
 )
 @user_errors
 def pretrain(
@@ -72,20 +88,21 @@ def pretrain(
         None, "--resume", help="Continue the run in this directory from its last.ckpt (overrides apply on top).",
         file_okay=False,
     ),
+    multirun: bool = MULTIRUN,
 ):
     """Pre-train a Mixer as a recipe says (no recipe: the bundled demo, minutes on a CPU)."""
     from mixer_cli.config import compose
+    from mixer_cli.train.fit import resume as resume_run
     from mixer_cli.train.pretrain import pretrain as run_pretrain
-    from mixer_cli.train.pretrain import resume_config
+    from mixer_cli.train.sweep import multirun as run_sweep
 
     overrides = overrides or []
     if resume is not None:
-        if not (resume / "last.ckpt").is_file():
-            raise UserError(f"nothing to resume in {resume}: no last.ckpt there")
-        cfg = resume_config(resume, overrides)
+        resume_run(resume_dir(resume), overrides, "pretrain")
+    elif multirun:
+        run_sweep("pretrain", "config", overrides)
     else:
-        cfg = compose(overrides)
-    run_pretrain(cfg, resume=resume)
+        run_pretrain(compose(overrides))
 
 
 @app.command(
@@ -228,11 +245,10 @@ def fewshot(
     """Linear few-shot accuracy on frozen pre-logits (Figures 2 and 4): a closed-form ridge probe to
     {-1, 1} targets (l2 = 2^10) per shot count and seed, one feature pass; a table and results.json."""
     from mixer_cli.config import compose
-    from mixer_cli.evaluate.transfer import fewshot as run_fewshot
-    from mixer_cli.evaluate.transfer import parse_shots
+    from mixer_cli.evaluate.fewshot_command import fewshot_command, parse_shots
 
     cfg = compose(overrides or [], config_name="fewshot")
-    run_fewshot(cfg, checkpoint, parse_shots(shots) if shots else parse_shots(",".join(map(str, cfg.fewshot.shots))))
+    fewshot_command(cfg, checkpoint, parse_shots(shots) if shots else list(cfg.fewshot.shots))
 
 
 @app.command(
@@ -273,7 +289,7 @@ def benchmark(
 @app.command(
     epilog="Examples: [bold]mixer finetune --from runs/pretrain/20261125-101500-demo/last.ckpt[/] (the demo) · "
     "[bold]mixer finetune --from Mixer-L_16.npz --res 448 recipe=ft_imagenet[/] · "
-    "[bold]mixer finetune --from CKPT recipe=ft_cifar10 optim.lr=0.003,0.01,0.03,0.06 --multirun[/]"
+    "[bold]mixer finetune --from CKPT recipe=ft_cifar10 --multirun[/] (the target's lr grid)"
 )
 @user_errors
 def finetune(
@@ -287,7 +303,8 @@ def finetune(
         show_default=False,
     ),
     multirun: bool = typer.Option(
-        False, "--multirun", "-m", help="Sweep: one run per value of a=1,2,3 overrides, one table at the end."
+        False, "--multirun", "-m",
+        help="Sweep with Hydra: the target's lr grid, or one run per value of a=1,2,3 overrides.",
     ),
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue the fine-tune in this directory from its last.ckpt.", file_okay=False,
@@ -295,20 +312,27 @@ def finetune(
 ):
     """Fine-tune a pre-trained Mixer on a target as a recipe says (no recipe: ft_demo, the bundled
     demo's checkpoint): momentum SGD, warmup + cosine, no weight decay, clip 1, a new zero head."""
-    from mixer_cli.config import compose, expand_sweep
-    from mixer_cli.train.finetune import command_overrides, resume_finetune, sweep
+    from mixer_cli.config import compose
+    from mixer_cli.models import load_mixer
     from mixer_cli.train.finetune import finetune as run_finetune
+    from mixer_cli.train.finetune import with_lr_grid
+    from mixer_cli.train.fit import resume as resume_run
+    from mixer_cli.train.sweep import multirun as run_sweep
 
+    overrides = overrides or []
     if resume is not None:
-        resume_finetune(resume, overrides or [])
+        resume_run(resume_dir(resume), overrides, "finetune")
         return
-    overrides = command_overrides(overrides or [], checkpoint, res)
+    if checkpoint is not None:
+        overrides.append(f"checkpoint='{checkpoint.resolve()}'")  # quoted: any path is one Hydra value
+    if res is not None:
+        overrides.append(f"data.img_size={res}")
     if multirun:
-        sweep(overrides)
-        return
-    if len(expand_sweep(overrides)) > 1:
-        raise UserError("these overrides list several values (a sweep): add --multirun to run one fine-tune per value")
-    run_finetune(compose(overrides, config_name="finetune"))
+        if checkpoint is not None:
+            load_mixer(checkpoint)  # a bad --from fails before the sweep starts
+        run_sweep("finetune", "finetune", with_lr_grid(overrides))
+    else:
+        run_finetune(compose(overrides, config_name="finetune"))
 
 
 @app.command(

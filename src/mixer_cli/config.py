@@ -6,7 +6,6 @@ groups of conf/ and sets the paper's hyper-parameters; `key=value` overrides fol
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
 import os
 import re
 import time
@@ -39,22 +38,30 @@ def _to_hydra(override: str) -> str:
     return re.sub(r"^recipe=", "recipes=", override)
 
 
+def hydra_overrides(overrides: list[str]) -> list[str]:
+    """The user's overrides in Hydra's terms, with recipes/ on the search path."""
+    return [f"hydra.searchpath=[file://{package_root()}]", *map(_to_hydra, overrides)]
+
+
 def compose(overrides: list[str] = (), config_name: str = "config", resolve: bool = True) -> DictConfig:
-    """The resolved config for `config_name` (conf/<name>.yaml) with the user's overrides.
+    """The resolved, validated config for `config_name` (conf/<name>.yaml) with the user's overrides.
     resolve=False keeps interpolations and ??? values (for listing recipes without their data)."""
     root = package_root()
     _check_recipe(overrides, config_name)
-    hydra_overrides = [f"hydra.searchpath=[file://{root}]", *map(_to_hydra, overrides)]
     try:
         with initialize_config_dir(config_dir=str(root / "conf"), version_base=None):
-            cfg = hydra_compose(config_name=config_name, overrides=hydra_overrides)
-        if not resolve:
-            return cfg
-        OmegaConf.resolve(cfg)
+            cfg = hydra_compose(config_name=config_name, overrides=hydra_overrides(overrides))
     except MissingConfigException as e:
         raise UserError(_missing_option_message(str(e))) from None
     except HydraException as e:
         raise UserError(_override_message(str(e), root, config_name)) from None
+    return validate(cfg) if resolve else cfg
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Resolve interpolations and check that every required value is set and of the right kind."""
+    try:
+        OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise UserError(f"bad config value: {str(e).splitlines()[0]}") from None
     missing = OmegaConf.missing_keys(cfg)
@@ -63,24 +70,12 @@ def compose(overrides: list[str] = (), config_name: str = "config", resolve: boo
     return cfg
 
 
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Hydra's basic sweeper without Hydra's app: the cartesian product of the sweep overrides
-    (`a=1,2`, `range(...)`, `choice(...)`), in order; a plain override goes to every point."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException as e:
-        raise UserError(f"bad override: {str(e).splitlines()[0]}") from None
-    choices = []
-    for o in parsed:
-        if not o.is_sweep_override():
-            choices.append([o.input_line])
-        elif o.is_discrete_sweep():
-            choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
-        else:
-            raise UserError(f"cannot run the sweep {o.input_line!r}: list its values, e.g. optim.lr=0.003,0.01")
-    return [list(point) for point in itertools.product(*choices)]
+def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The saved config of an earlier run, with `key=value` overrides (e.g. more epochs)."""
+    cfg = load_run_config(run_dir)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    return validate(cfg)
 
 
 # A recipe's name says which command runs it: ft_* fine-tune a checkpoint, shuffle_* are Figure 4

@@ -74,7 +74,7 @@ def plot_curves(metrics_csv: Path, out: Path, title: str) -> None:
     series = read_metrics(metrics_csv)
     fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
     fewshot = [(key, ax_acc) for key in sorted(series, key=lambda k: (len(k), k)) if key.startswith("fewshot/")]
-    panels = [("train/loss", ax_loss), ("val/loss", ax_loss), ("val/acc1", ax_acc), ("val/acc5", ax_acc), *fewshot]
+    panels = [("train/loss", ax_loss), ("val/loss", ax_loss), ("val/top1", ax_acc), ("val/top5", ax_acc), *fewshot]
     for key, ax in panels:
         if key in series:
             steps, values = zip(*series[key])

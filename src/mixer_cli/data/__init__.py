@@ -1,9 +1,10 @@
-"""Data sources: the bundled demo, image folders, and webdataset shards at scale (DESIGN.md, Data)."""
+"""Data sources: the bundled demo, image folders, and webdataset shards at scale."""
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
 from mixer_cli.data.demo import demo_arrays
+from mixer_cli.data.subsets import Selection, select
 from mixer_cli.data.tensor import TensorImages
 from mixer_cli.data.transforms import demo_transform, eval_transform, train_transform
 from mixer_cli.errors import UserError
@@ -12,30 +13,45 @@ SOURCES = ("demo", "digits", "folder", "shards")
 __all__ = ["build_dataset", "demo_arrays", "SOURCES"]
 
 
+def selection(data: DictConfig, part: str) -> Selection:
+    """Which samples of the train split a training run ("train") or its dev split ("dev") reads."""
+    return Selection(part, data.get("dev_fraction", 0.0), data.get("train_fraction", 1.0), data.get("subset_seed", 0))
+
+
 def build_dataset(data: DictConfig, aug: DictConfig, split: str, seed: int = 0, augment: bool | None = None):
-    """The dataset of `split` ('train' or 'test').
+    """The dataset of `split`: 'train', 'dev' (held out of the train split, data.dev_fraction) or 'test'.
 
     By default 'train' is augmented (and, for shards, an endless resampled stream whose epoch length
-    the DataModule sets) and 'test' is read once, exactly and unpadded, with evaluation preprocessing.
-    augment=False reads the train split like the test split (the frozen-feature few-shot probes).
+    the DataModule sets) and reads the samples data.dev_fraction and data.train_fraction leave for
+    training; 'dev' and 'test' are read once, exactly and unpadded, with evaluation preprocessing.
+    augment=False reads the whole train split like the test split (the frozen-feature few-shot probes).
     """
     train = split == "train"
     augment = train if augment is None else augment and train
+    part = "train" if augment else "dev" if split == "dev" else None
+    chosen = selection(data, part) if part else None
+    if split == "dev" and not data.get("dev_fraction"):
+        raise UserError("there is no dev split: set data.dev_fraction (e.g. 0.02) to hold one out of the train split")
     if data.source == "demo":
-        x, y = demo_arrays(split)
-        return TensorImages(x, y, demo_transform(data, aug, train=augment))
+        x, y = demo_arrays("test" if split == "test" else "train")
+        return subset(TensorImages(x, y, demo_transform(data, aug, train=augment)), chosen)
     if data.source == "digits":
         from mixer_cli.data.digits import digits_arrays, digits_transform
 
-        return TensorImages(*digits_arrays(split), digits_transform(data))
+        return subset(TensorImages(*digits_arrays("test" if split == "test" else "train"), digits_transform(data)),
+                      chosen)
     if data.source not in SOURCES:
         raise UserError(f"unknown data source {data.source!r}; choose one of: {', '.join(SOURCES)}")
     transform = train_transform(data, aug) if augment else eval_transform(data, aug)
-    key = "train_path" if train else "eval_path"
+    key = "eval_path" if split == "test" else "train_path"
     if data.source == "folder":
         from mixer_cli.data.folder import image_folder
 
-        return image_folder(data, key, transform)
+        return subset(image_folder(data, key, transform), chosen)
     from mixer_cli.data.shards import eval_shards, train_shards
 
-    return train_shards(data, transform, seed) if augment else eval_shards(data, transform, key)
+    return train_shards(data, transform, seed, chosen) if augment else eval_shards(data, transform, key, chosen)
+
+
+def subset(dataset, chosen: Selection | None):
+    return select(dataset, chosen) if chosen is not None else dataset

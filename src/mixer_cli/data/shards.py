@@ -1,4 +1,4 @@
-"""Webdataset shards as training and evaluation sources (DESIGN.md, Data).
+"""Webdataset shards as training and evaluation sources.
 
 Training (`TrainShards`): the shard list is split by node and by worker into disjoint subsets, so
 different ranks see different data; each (rank, worker) streams its subset forever, reshuffled
@@ -21,6 +21,7 @@ import webdataset as wds
 from omegaconf import DictConfig
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mixer_cli.data.subsets import Selection
 from mixer_cli.data.writer import INDEX, read_index
 from mixer_cli.errors import UserError
 
@@ -91,10 +92,13 @@ class SkipCorrupt:
             yield sample
 
 
-def decoded_samples(transform, channels: int, handler: SkipCorrupt):
-    """Pipeline stages: tar streams -> (image tensor, label) pairs."""
+def decoded_samples(transform, channels: int, handler: SkipCorrupt, selection: Selection | None = None):
+    """Pipeline stages: tar streams -> (image tensor, label) pairs, of the samples that `selection`
+    keeps (by key, before anything is decoded)."""
+    keep = [] if selection is None or selection.everything else [wds.select(lambda s: selection.keeps(s["__key__"]))]
     return [
         wds.tarfile_to_samples(handler=handler),
+        *keep,
         wds.decode("pil" if channels == 3 else "pill", handler=handler),
         wds.to_tuple(IMAGE_KEYS, "cls", handler=handler),
         wds.map_tuple(transform, int, handler=handler),
@@ -105,8 +109,10 @@ def decoded_samples(transform, channels: int, handler: SkipCorrupt):
 class TrainShards(IterableDataset):
     """Endless, shuffled (image, label) batches from this rank's and worker's share of the shards."""
 
-    def __init__(self, urls: list[str], num_samples: int, transform, channels: int, shuffle_buffer: int, seed: int):
-        self.urls, self.num_samples = urls, num_samples
+    def __init__(self, urls: list[str], num_samples: int, transform, channels: int, shuffle_buffer: int, seed: int,
+                 selection: Selection | None = None):
+        self.urls, self.selection = urls, selection
+        self.num_samples = round(num_samples * selection.expected_fraction) if selection else num_samples
         self.transform, self.channels = transform, channels
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.batch_size, self.batches_per_epoch = 1, num_samples
@@ -151,7 +157,7 @@ class TrainShards(IterableDataset):
                 read[0] += 1
                 yield sample
 
-        tar_stage, *decode_stages = decoded_samples(self.transform, self.channels, self.corrupt)
+        tar_stage, *decode_stages = decoded_samples(self.transform, self.channels, self.corrupt, self.selection)
         pipeline = wds.DataPipeline(
             shard_passes,
             tar_stage,
@@ -176,8 +182,9 @@ class TrainShards(IterableDataset):
 class EvalShards(IterableDataset):
     """Every sample of the split exactly once over all ranks and workers, in batches."""
 
-    def __init__(self, urls: list[str], num_samples: int | None, transform, channels: int):
-        self.urls, self.num_samples = urls, num_samples
+    def __init__(self, urls: list[str], num_samples: int | None, transform, channels: int,
+                 selection: Selection | None = None):
+        self.urls, self.num_samples, self.selection = urls, num_samples, selection
         self.transform, self.channels = transform, channels
         self.batch_size = 1
         self.corrupt = SkipCorrupt()
@@ -193,20 +200,23 @@ class EvalShards(IterableDataset):
                 wds.SimpleShardList(self.urls),
                 self.my_rank_shards,
                 wds.split_by_worker,
-                *decoded_samples(self.transform, self.channels, self.corrupt),
+                *decoded_samples(self.transform, self.channels, self.corrupt, self.selection),
                 wds.batched(self.batch_size, partial=True),
             )
         )
 
 
-def train_shards(data: DictConfig, transform, seed: int) -> TrainShards:
+def train_shards(data: DictConfig, transform, seed: int, selection: Selection | None = None) -> TrainShards:
     urls, size = resolve_shards(data.train_path, data.get("train_size"), "train_path")
     if not size:
         raise UserError("set data.train_size (samples per epoch) for a shard pattern, e.g. data.train_size=50000")
-    return TrainShards(urls, size, transform, data.channels, data.get("shuffle_buffer", 10_000), seed)
+    return TrainShards(urls, size, transform, data.channels, data.get("shuffle_buffer", 10_000), seed, selection)
 
 
-def eval_shards(data: DictConfig, transform, key: str = "eval_path") -> EvalShards:
-    """One exact pass over the shards of `key` (eval_path, or train_path for frozen-feature probes)."""
+def eval_shards(data: DictConfig, transform, key: str = "eval_path", selection: Selection | None = None) -> EvalShards:
+    """One exact pass over the shards of `key` (eval_path, or train_path for frozen-feature probes and
+    the dev split), of the samples `selection` keeps."""
     urls, size = resolve_shards(data[key], data.get(key.replace("_path", "_size")), key)
-    return EvalShards(urls, size, transform, data.channels)
+    if selection is not None and not selection.everything:
+        size = None  # known only once read
+    return EvalShards(urls, size, transform, data.channels, selection)

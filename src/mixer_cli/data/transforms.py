@@ -1,47 +1,48 @@
-"""Image transforms from the `aug` config group (PAPER.md, Pre-training and Fine-tuning).
+"""Image transforms from the `aug` config group.
 
-Training: the Inception crop (random area and aspect ratio, resized to the model's resolution) and a
-horizontal flip for JFT; ImageNet / ImageNet-21k add RandAugment (2 layers, magnitude m), both from
-timm. Mixup mixes whole batches, so it lives in the training step (train/module.py), not here.
-Evaluation: "resize-crop" (resize to eval_resize x eval_resize, centre crop) or "resmall-crop"
-(shorter side to eval_resize, centre crop), or "none" (resize straight to the model's resolution).
+Training follows the paper's input pipeline as big_vision's ImageNet recipe writes it
+(configs/mlp_mixer_i1k.py: `decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1, 1)`):
+the Inception crop (a random box of crop_area_min-100% of the area, aspect ratio 3/4-4/3, resized to
+the model's resolution) and a horizontal flip, then the paper's RandAugment (data/randaugment.py)
+where the recipe has one. Mixup mixes whole batches, so it lives in the training step.
+
+Evaluation is timm's eval transform, set by `aug.eval_crop_mode` and `aug.eval_crop_pct`:
+"squash" resizes both sides to img_size / crop_pct (at 1.0: straight to the resolution),
+"center" resizes the shorter side to img_size / crop_pct; both then centre-crop img_size.
 """
 from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
 from timm.data import create_transform
-from timm.data.transforms import MaybeToTensor, str_to_interp_mode
+from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, str_to_interp_mode
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
+from mixer_cli.data.randaugment import RandAugment
 from mixer_cli.errors import UserError
 
-EVAL_CROPS = ("resize-crop", "resmall-crop", "none")
+EVAL_CROP_MODES = ("squash", "center")
 
 
-def randaugment_policy(aug: DictConfig) -> str | None:
-    """timm's RandAugment string for `randaug_layers` ops at magnitude `randaug_magnitude` (0 = off)."""
-    if not aug.get("randaug_magnitude"):
-        return None
-    return f"rand-m{aug.randaug_magnitude}-n{aug.randaug_layers}"
+def randaugment(aug: DictConfig) -> RandAugment | None:
+    """The paper's RandAugment with `randaug_layers` ops at magnitude `randaug_magnitude`; None when either is 0."""
+    layers, magnitude = aug.get("randaug_layers", 2), aug.get("randaug_magnitude", 0)
+    if layers < 0 or magnitude < 0:
+        raise UserError(f"aug.randaug_layers={layers} and aug.randaug_magnitude={magnitude} must be >= 0 (0 = off)")
+    return RandAugment(layers, magnitude) if layers and magnitude else None
 
 
-def train_transform(data: DictConfig, aug: DictConfig):
+def train_transform(data: DictConfig, aug: DictConfig) -> T.Compose:
     """PIL image -> normalised float tensor (C, img_size, img_size), randomly augmented."""
+    ra = randaugment(aug)
     if aug.get("inception_crop"):
-        return create_transform(
-            data.img_size,
-            is_training=True,
-            scale=(aug.get("crop_area_min", 0.08), 1.0),
-            hflip=0.5 if aug.get("hflip") else 0.0,
-            color_jitter=None,  # timm's default jitter is no part of the paper's recipes
-            auto_augment=randaugment_policy(aug),
-            interpolation=data.interpolation,
-            mean=tuple(data.mean),
-            std=tuple(data.std),
+        crop = RandomResizedCropAndInterpolation(
+            data.img_size, scale=(aug.get("crop_area_min", 0.08), 1.0), interpolation=data.interpolation
         )
-    if randaugment_policy(aug):
+        steps = [crop, *([T.RandomHorizontalFlip()] if aug.get("hflip") else []), *([ra] if ra else [])]
+        return T.Compose([*steps, MaybeToTensor(), T.Normalize(data.mean, data.std)])
+    if ra:
         raise UserError("RandAugment runs after the Inception crop; set aug.inception_crop=true or randaug_magnitude=0")
     # Without the Inception crop (the demo digits): resize, then the optional pad-and-crop shift.
     steps = [T.Resize((data.img_size, data.img_size), interpolation=str_to_interp_mode(data.interpolation))]
@@ -52,23 +53,21 @@ def train_transform(data: DictConfig, aug: DictConfig):
     return T.Compose([*steps, MaybeToTensor(), T.Normalize(data.mean, data.std)])
 
 
-def eval_transform(data: DictConfig, aug: DictConfig):
+def eval_data_config(data: DictConfig, aug: DictConfig) -> dict:
+    """The evaluation preprocessing in timm's data-config keys, as a model's `pretrained_cfg` holds it.
+    Without the keys: squash at 1.0, i.e. resize straight to the resolution."""
+    mode, pct = aug.get("eval_crop_mode", "squash"), aug.get("eval_crop_pct", 1.0)
+    if mode not in EVAL_CROP_MODES:
+        raise UserError(f"unknown aug.eval_crop_mode {mode!r}; choose one of: {', '.join(EVAL_CROP_MODES)}")
+    if not 0 < pct <= 1:
+        raise UserError(f"aug.eval_crop_pct={pct} must be in (0, 1]: the crop's share of the resized image")
+    return {"input_size": (data.get("channels", 3), data.img_size, data.img_size), "interpolation": data.interpolation,
+            "mean": tuple(data.mean), "std": tuple(data.std), "crop_pct": pct, "crop_mode": mode}
+
+
+def eval_transform(data: DictConfig, aug: DictConfig) -> T.Compose:
     """PIL image -> normalised float tensor (C, img_size, img_size), deterministic."""
-    crop = aug.get("eval_crop", "none")
-    interp = str_to_interp_mode(data.interpolation)
-    if crop == "resize-crop":
-        resize = [T.Resize((aug.eval_resize, aug.eval_resize), interpolation=interp), T.CenterCrop(data.img_size)]
-    elif crop == "resmall-crop":
-        resize = [T.Resize(aug.eval_resize, interpolation=interp), T.CenterCrop(data.img_size)]
-    elif crop == "none":
-        resize = [T.Resize((data.img_size, data.img_size), interpolation=interp)]
-    else:
-        raise UserError(f"unknown aug.eval_crop {crop!r}; choose one of: {', '.join(EVAL_CROPS)}")
-    if crop != "none" and aug.eval_resize < data.img_size:
-        raise UserError(
-            f"aug.eval_resize={aug.eval_resize} is below data.img_size={data.img_size}; use at least the image size"
-        )
-    return T.Compose([*resize, MaybeToTensor(), T.Normalize(data.mean, data.std)])
+    return create_transform(**eval_data_config(data, aug), is_training=False)
 
 
 def demo_transform(data: DictConfig, aug: DictConfig, train: bool) -> v2.Compose:

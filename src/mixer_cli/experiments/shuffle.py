@@ -12,35 +12,23 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-import timm
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from rich.table import Table
 from safetensors.torch import save_file
-from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 from torchvision.transforms import v2
 
 from mixer_cli.config import make_run_dir, save_config, write_atomic
 from mixer_cli.errors import UserError
-from mixer_cli.evaluate.fewshot import (
-    FewShotCallback,
-    extract_features,
-    extract_train_pool,
-    fewshot_accuracies,
-    make_loader,
-)
-from mixer_cli.evaluate.transfer import fewshot_callback
+from mixer_cli.evaluate.fewshot import fewshot_callback, fewshot_evaluator
 from mixer_cli.report import console, csv_text, pyplot, read_metrics, save_figure
-from mixer_cli.train.datamodule import MixerDataModule
-from mixer_cli.train.module import MixerClassifier, model_from_config
-from mixer_cli.train.pretrain import total_steps
-from mixer_cli.train.trainer import build_trainer
+from mixer_cli.train.fit import build_datasets, fit
+from mixer_cli.train.pretrain import build_model
 
 PIPELINES = ("original", "patch_pixel", "global_pixel")
 
@@ -97,16 +85,12 @@ PAPER_FINDING = {
 }
 
 
-def build_resnet(cfg: DictConfig) -> nn.Module:
-    """The convolutional baseline: a timm model by name (the paper's ResNet50x1 is BiT's
-    `resnetv2_50x1_bit`), or a small timm ResNet of basic blocks for the demo's 28 x 28 digits."""
-    r, d = cfg.resnet, cfg.data
-    if r.timm_name:
-        if r.timm_name not in timm.list_models():
-            raise UserError(f"unknown timm model {r.timm_name!r} (resnet.timm_name); e.g. resnetv2_50x1_bit, resnet50")
-        return timm.create_model(r.timm_name, num_classes=d.num_classes, in_chans=d.channels)
-    return ResNet(BasicBlock, layers=tuple(r.layers), channels=tuple(r.channels), stem_width=r.stem_width,
-                  num_classes=d.num_classes, in_chans=d.channels)
+def build_network(cfg: DictConfig, kind: str) -> nn.Module:
+    """The Mixer of cfg.model or the ResNet of cfg.resnet (conf/resnet/), initialised from cfg.seed."""
+    if kind == "mixer":
+        return build_model(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return instantiate(cfg.resnet)
 
 
 def with_shuffle(dataset, shuffle: ShufflePixels):
@@ -114,14 +98,6 @@ def with_shuffle(dataset, shuffle: ShufflePixels):
     (demo tensors, image folders, shards) keeps its per-image transform in `.transform`."""
     dataset.transform = v2.Compose([dataset.transform, shuffle])
     return dataset
-
-
-def fewshot_mean(model: nn.Module, probe: FewShotCallback, fewshot: DictConfig) -> float:
-    """The final linear k-shot accuracy on the probe's data, the mean over `fewshot.seeds` random samples."""
-    f, n, train_set, test_set = fewshot, probe.num_classes, probe.train_dataset, probe.test_dataset
-    pool = extract_train_pool(model, train_set, f.shots, range(f.seeds), n, f.batch_size)
-    test_x, test_y = extract_features(model, make_loader(test_set, f.batch_size))
-    return float(np.mean([r["accuracy"] for r in fewshot_accuracies(pool, test_x, test_y, n, [f.shots], f.l2)]))
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -137,34 +113,23 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def train_one(cfg: DictConfig, kind: str, pipeline: str, perm: torch.Tensor, run_dir: Path) -> dict:
-    """Train one model on one pipeline from the same seed; returns its final numbers and its curve."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    f, shuffle = cfg.fewshot, ShufflePixels(perm)
-    model = model_from_config(cfg) if kind == "mixer" else build_resnet(cfg)
-    datamodule = MixerDataModule(cfg, device_batch=1)
-    with_shuffle(datamodule.train_set, shuffle)
-    with_shuffle(datamodule.eval_set, shuffle)
-    steps = total_steps(cfg, datamodule.train_size)
+    """Train one model on one pipeline from the same seed; returns its final numbers and its curve.
+    The probe sees the pipeline's images too (the permutation applies to its batches)."""
+    shuffle = ShufflePixels(perm)
+    model = build_network(cfg, kind)
+    datasets = tuple(with_shuffle(d, shuffle) for d in build_datasets(cfg))
     run_dir.mkdir()
-    trainer, plan = build_trainer(cfg, run_dir, progress=cfg.shuffle.progress)  # with a FewShotCallback (fewshot.*)
-    datamodule.device_batch = plan.device_batch
-    (probe,) = (c for c in trainer.callbacks if isinstance(c, FewShotCallback))
-    with_shuffle(probe.train_dataset, shuffle)  # the probe sees the pipeline's images too
-    with_shuffle(probe.test_dataset, shuffle)
-    module = MixerClassifier(OmegaConf.to_container(cfg, resolve=True), steps, model=model)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    seconds = time.perf_counter() - start
-    # The final model's test accuracy, also when the run stops between two epoch-end validations.
-    (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    results = fit(cfg, model, "shuffle-experiment", run_dir=run_dir, datasets=datasets,
+                  callbacks=[fewshot_callback(cfg, transform=shuffle)], progress=cfg.shuffle.progress)
+    final = fewshot_evaluator(cfg, seeds=range(cfg.fewshot.seeds), transform=shuffle).run(model)
     return {
         "model": kind,
         "pipeline": pipeline,
-        "fewshot": fewshot_mean(model, probe, f),
-        "test_top1": final["val/acc1"],
-        "steps": trainer.global_step,
-        "train_seconds": round(seconds, 1),
-        "curve": read_metrics(run_dir / "metrics.csv")[f"fewshot/{f.shots}shot"],
+        "fewshot": final["accuracy"][cfg.fewshot.shots],
+        "top1": results["top1"],
+        "steps": results["steps"],
+        "train_seconds": results["train_seconds"],
+        "curve": read_metrics(run_dir / "metrics.csv")[f"fewshot/{cfg.fewshot.shots}shot"],
     }
 
 
@@ -174,7 +139,7 @@ def relative_drops(results: list[dict]) -> list[dict]:
     for r in results:
         base = original[r["model"]]
         r["fewshot_drop"] = 1 - r["fewshot"] / base["fewshot"]
-        r["test_drop"] = 1 - r["test_top1"] / base["test_top1"]
+        r["top1_drop"] = 1 - r["top1"] / base["top1"]
         r["paper"] = PAPER_FINDING.get((r["model"], r["pipeline"]), "")
     return results
 
@@ -197,9 +162,9 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     (results.csv, results.json) and the permutations into a new run directory."""
     check_config(cfg)
     s = cfg.shuffle
-    patch_size = model_from_config(cfg).spec.patch_size  # validates the Mixer before anything is written
+    patch_size = build_network(cfg, "mixer").spec.patch_size  # validates the Mixer before anything is written
     if "resnet" in s.models:
-        build_resnet(cfg)
+        build_network(cfg, "resnet")
     fewshot_callback(cfg)  # validates the probe's data and shots before anything is written
     perms = draw_permutations(cfg.data.img_size, patch_size, s.seed)
     run_dir = make_run_dir(cfg, "shuffle-experiment")
@@ -227,7 +192,7 @@ def write_outputs(results: list[dict], run_dir: Path, cfg: DictConfig) -> None:
     for r in results:
         writer.writerows([r["model"], r["pipeline"], step, f"{acc:.4f}"] for step, acc in r["curve"])
     write_atomic(run_dir / "fewshot_curves.csv", curves.getvalue())
-    keys = ["model", "pipeline", "fewshot", "fewshot_drop", "test_top1", "test_drop", "paper", "steps", "train_seconds"]
+    keys = ["model", "pipeline", "fewshot", "fewshot_drop", "top1", "top1_drop", "paper", "steps", "train_seconds"]
     write_atomic(run_dir / "results.csv", csv_text(results, keys))
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     plot_curves(results, run_dir / "fewshot_curves.png", shots, title=f"mixer shuffle-experiment {cfg.name}")
@@ -260,6 +225,6 @@ def print_table(results: list[dict], shots: int, title: str) -> None:
     for r in results:
         table.add_row(
             r["model"], PIPELINE_LABEL[r["pipeline"]], f"{100 * r['fewshot']:.1f}%", f"{100 * r['fewshot_drop']:+.1f}%",
-            f"{100 * r['test_top1']:.1f}%", f"{100 * r['test_drop']:+.1f}%", r["paper"], f"{r['steps']:,}",
+            f"{100 * r['top1']:.1f}%", f"{100 * r['top1_drop']:+.1f}%", r["paper"], f"{r['steps']:,}",
         )
     console.print(table)

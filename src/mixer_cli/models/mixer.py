@@ -1,8 +1,11 @@
-"""MLP-Mixer (Tolstikhin et al., 2021), Eq. (1) and the Table 1 variants.
+"""MLP-Mixer (Tolstikhin et al., 2021): Eq. (1), the Table 1 variants and timm's model contract.
 
 Parameter names follow timm's ``MlpMixer`` (stem.proj, blocks.N.norm1, blocks.N.mlp_tokens.fc1,
 ..., norm, head) so timm state dicts load strictly; initialisation follows the paper's Flax code
-(lecun-normal kernels, zero biases, zero head, LayerNorm eps 1e-6).
+(lecun-normal kernels, zero biases, zero head, LayerNorm eps 1e-6). Like every timm model, a Mixer
+has `forward_features` (tokens), `forward_head` (pooling and classifier), `reset_classifier` and a
+`pretrained_cfg` that declares its evaluation preprocessing, so `timm.data.resolve_data_config({},
+model=m)` and `timm.data.create_transform(**cfg)` prepare images for it.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class MixerSpec:
     gelu: str = "tanh"  # the released code's approximation; "exact" for erf-GELU (timm)
     dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth at the last block; 0 at the first, linear between
+    drop_path_rescale: bool = False  # False: the paper's code drops branches unscaled; True: timm's DropPath
     head_bias: float = 0.0  # -6.9 = log(1/1000) for sigmoid cross-entropy from scratch
 
     @property
@@ -72,9 +76,7 @@ def spec_for(variant: str | None, **overrides) -> MixerSpec:
     missing = {"patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim"} - set(fields)
     if missing:
         raise UserError(f"a custom Mixer needs {', '.join(sorted(missing))} (or a variant such as 'B/16')")
-    unknown = set(fields) - set(MixerSpec.__dataclass_fields__)
-    if unknown:
-        raise UserError(f"unknown Mixer option(s) {', '.join(sorted(unknown))}")
+    check_known(fields)
     spec = MixerSpec(**fields)
     validate(spec)
     return spec
@@ -91,6 +93,41 @@ def validate(spec: MixerSpec) -> None:
         raise UserError(f"gelu must be 'tanh' or 'exact', not {spec.gelu!r}")
 
 
+def check_known(fields) -> None:
+    unknown = set(fields) - set(MixerSpec.__dataclass_fields__)
+    if unknown:
+        raise UserError(f"unknown Mixer option(s) {', '.join(sorted(unknown))}")
+
+
+def with_spec(spec: MixerSpec, **changes) -> MixerSpec:
+    check_known(changes)
+    new = replace(spec, **changes)
+    validate(new)
+    return new
+
+
+CROP_MODES = ("center", "squash")
+
+
+def make_pretrained_cfg(
+    spec: MixerSpec, *, interpolation: str = "bilinear", crop_pct: float = 0.875, crop_mode: str = "center",
+    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+) -> dict:
+    """The evaluation preprocessing in timm's `pretrained_cfg` keys. The defaults are the paper's
+    code (big_vision's ImageNet configs): pixels mapped to [-1, 1] (mean = std = 0.5), the shorter
+    side resized bilinearly to img_size / 0.875, then a central crop."""
+    channels = spec.in_chans
+    return {
+        "input_size": (channels, spec.img_size, spec.img_size),
+        "mean": tuple(mean) if mean is not None else (0.5,) * channels,
+        "std": tuple(std) if std is not None else (0.5,) * channels,
+        "interpolation": interpolation,
+        "crop_pct": float(crop_pct),
+        "crop_mode": crop_mode,
+        "num_classes": spec.num_classes,
+    }
+
+
 class PatchStem(nn.Module):
     """Per-patch linear embedding as a strided convolution; output (B, S, C), tokens in row-major
     patch order."""
@@ -101,10 +138,6 @@ class PatchStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
-
-    def token_major(self, x: torch.Tensor) -> torch.Tensor:
-        """The same tokens as a contiguous (S, B, C) tensor, the layout the blocks run in."""
-        return self.proj(x).flatten(2).permute(2, 0, 1).contiguous()
 
 
 class Mlp(nn.Module):
@@ -119,40 +152,30 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-class TokenMixingMlp(Mlp):
-    """The token-mixing MLP on token-major activations (S, B, C): seen as an (S, B*C) matrix, mixing
-    tokens is one product W @ X with the bias fused (addmm), for the whole batch, no transpose.
-    Measured faster than timm's transpose + Linear and than a batched W @ X on (B, S, C)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(x.shape[0], -1)
-        h = self.drop(self.act(torch.addmm(self.fc1.bias[:, None], self.fc1.weight, rows)))
-        return self.drop(torch.addmm(self.fc2.bias[:, None], self.fc2.weight, h)).view(x.shape)
+def stochastic_depth(rate: float, rescale: bool) -> nn.Module:
+    """Drops a block's residual branch for whole samples in training; identity at evaluation.
+    Without rescale as the paper's code (big_vision: branch x (1 - bernoulli(rate))), with rescale
+    as timm's DropPath (kept branches x 1 / (1 - rate), so the expected output is unchanged)."""
+    return DropPath(rate, scale_by_keep=rescale) if rate > 0 else nn.Identity()
 
 
 class MixerBlock(nn.Module):
-    """Eq. (1): U = X + W2 gelu(W1 LN(X)^T)^T ; Y = U + W4 gelu(W3 LN(U))."""
+    """One layer of Eq. (1) on tokens X of shape (B, S, C):
+        U = X + W2 gelu(W1 LayerNorm(X)^T)^T    token mixing: an MLP across the S tokens, per channel
+        Y = U + W4 gelu(W3 LayerNorm(U))        channel mixing: an MLP across the C channels, per token
+    """
 
     def __init__(self, spec: MixerSpec, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(spec.hidden_dim, eps=1e-6)
-        self.mlp_tokens = TokenMixingMlp(spec.num_tokens, spec.tokens_mlp_dim, spec.gelu, spec.dropout)
+        self.mlp_tokens = Mlp(spec.num_tokens, spec.tokens_mlp_dim, spec.gelu, spec.dropout)
         self.norm2 = nn.LayerNorm(spec.hidden_dim, eps=1e-6)
         self.mlp_channels = Mlp(spec.hidden_dim, spec.channels_mlp_dim, spec.gelu, spec.dropout)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = stochastic_depth(drop_path, spec.drop_path_rescale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, C) -> (B, S, C), like timm's block; the Mixer itself calls forward_token_major."""
-        return self.forward_token_major(x.transpose(0, 1)).transpose(0, 1)
-
-    def forward_token_major(self, x: torch.Tensor) -> torch.Tensor:
-        """(S, B, C) -> (S, B, C): both MLPs are then single 2-D matrix products over the batch."""
-        x = x + self._drop_path(self.mlp_tokens(self.norm1(x)))
-        return x + self._drop_path(self.mlp_channels(self.norm2(x)))
-
-    def _drop_path(self, x: torch.Tensor) -> torch.Tensor:
-        # timm's DropPath drops whole samples along dim 0; here the samples are along dim 1.
-        return self.drop_path(x.transpose(0, 1)).transpose(0, 1)
+        x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
 
 
 class Mixer(nn.Module):
@@ -160,13 +183,30 @@ class Mixer(nn.Module):
         super().__init__()
         validate(spec)
         self.spec = spec
+        self.pretrained_cfg = make_pretrained_cfg(spec)
         self.stem = PatchStem(spec)
         rates = [spec.drop_path * i / max(spec.num_blocks - 1, 1) for i in range(spec.num_blocks)]
         self.blocks = nn.Sequential(*(MixerBlock(spec, r) for r in rates))
         self.norm = nn.LayerNorm(spec.hidden_dim, eps=1e-6)
-        self.head = nn.Linear(spec.hidden_dim, spec.num_classes) if spec.num_classes else nn.Identity()
+        self.head = self._new_head(spec.num_classes)
         self.grad_checkpointing = False
         self.reset_parameters()
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def num_features(self) -> int:  # the width of forward_head(x, pre_logits=True), as timm names it
+        return self.spec.hidden_dim
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.spec.hidden_dim, num_classes) if num_classes else nn.Identity()
+
+    def _zero_head(self) -> None:
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.constant_(self.head.bias, self.spec.head_bias)
 
     def reset_parameters(self) -> None:
         """Flax defaults as in the paper's code: lecun-normal kernels, zero biases, zero head."""
@@ -177,9 +217,18 @@ class Mixer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.constant_(self.head.bias, self.spec.head_bias)
+        self._zero_head()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new zero-initialised head (weight and bias 0) for `num_classes` (0: no head), as the
+        paper fine-tunes; the spec and pretrained_cfg follow."""
+        self.spec = replace(self.spec, num_classes=num_classes, head_bias=0.0)
+        self.head = self._new_head(num_classes).to(self.norm.weight).train(self.training)
+        self._zero_head()
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass (for L and H at large batch)."""
@@ -193,37 +242,29 @@ class Mixer(nn.Module):
                 "resize the input or grow the model with grow_resolution()"
             )
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, S, C) after the last block, before the pre-head LayerNorm."""
-        return self._token_major(x).transpose(0, 1)
-
-    def _token_major(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> (S, B, C) after the last block: the blocks run token-major."""
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) images -> (B, S, C) tokens after the last block and the pre-head LayerNorm."""
         self._check_input(x)
-        x = self.stem.token_major(x)
+        x = self.stem(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block.forward_token_major, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block.forward_token_major(x)
-        return x
+                x = block(x)
+        return self.norm(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-logits: pre-head LayerNorm, then the mean over tokens."""
-        return self.norm(self._token_major(x)).mean(dim=0)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, S, C) tokens -> the mean over tokens (pre-logits), then the classifier unless pre_logits."""
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 def build_mixer(variant: str | None = None, num_classes: int = 1000, img_size: int = 224, **opts) -> Mixer:
     """A Mixer by the paper's variant name ("S/32" ... "H/14"); keyword arguments named as in the
     paper's code (patch_size, hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim) and the
-    MixerSpec fields (in_chans, gelu, dropout, drop_path, head_bias) override the variant."""
+    MixerSpec fields (in_chans, gelu, dropout, drop_path, drop_path_rescale, head_bias) override the
+    variant. Its `pretrained_cfg` holds the paper's evaluation preprocessing at `img_size`."""
     return Mixer(spec_for(variant, num_classes=num_classes, img_size=img_size, **opts))
-
-
-def with_spec(spec: MixerSpec, **changes) -> MixerSpec:
-    new = replace(spec, **changes)
-    validate(new)
-    return new

@@ -1,8 +1,9 @@
-"""The LightningDataModule over the configured data source.
+"""The LightningDataModule over two built datasets.
 
 Map-style sources (demo, image folder): Lightning's DistributedSampler splits training over ranks;
 evaluation uses an unpadded sampler so no sample is counted twice. Shards: the dataset batches
-itself and the epoch length is set here, samples per epoch / global batch optimiser steps.
+itself and yields `micro_batches_per_epoch` batches per rank and epoch, so every rank takes the
+same number of optimiser steps (no DDP hang).
 """
 from __future__ import annotations
 
@@ -10,34 +11,25 @@ import warnings
 
 import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from omegaconf import DictConfig
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from mixer_cli.data import build_dataset
 from mixer_cli.data.shards import TrainShards
 
 
-class MixerDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DictConfig, device_batch: int):
+def num_samples(dataset: Dataset) -> int:
+    """Samples per epoch of a training set (a shard stream knows its epoch size)."""
+    return dataset.num_samples if isinstance(dataset, TrainShards) else len(dataset)
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(
+        self, train_set: Dataset, eval_set: Dataset, device_batch: int, num_workers: int, micro_batches_per_epoch: int
+    ):
         super().__init__()
-        self.cfg = cfg
+        self.train_set, self.eval_set = train_set, eval_set
         self.device_batch = device_batch
-        self.train_set = build_dataset(cfg.data, cfg.aug, "train", seed=cfg.seed)
-        self.eval_set = build_dataset(cfg.data, cfg.aug, "test")
-
-    @property
-    def train_size(self) -> int:
-        """Samples per training epoch."""
-        return self.train_set.num_samples if isinstance(self.train_set, TrainShards) else len(self.train_set)
-
-    @property
-    def eval_size(self) -> int | None:
-        return len(self.eval_set) if not isinstance(self.eval_set, IterableDataset) else self.eval_set.num_samples
-
-    def check_world(self, world_size: int) -> None:
-        """Fail before training starts when the shards cannot give every rank and worker its own."""
-        if isinstance(self.train_set, TrainShards):
-            self.train_set.check_split(world_size, self.cfg.data.num_workers)
+        self.num_workers = num_workers
+        self.micro_batches_per_epoch = micro_batches_per_epoch
 
     def _world(self) -> tuple[int, int]:
         return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
@@ -46,27 +38,28 @@ class MixerDataModule(L.LightningDataModule):
         return self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
 
     def _loader(self, dataset, **kw) -> DataLoader:
-        workers = self.cfg.data.num_workers
+        workers = self.num_workers
         return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0, pin_memory=self._pin(), **kw)
 
     def train_dataloader(self) -> DataLoader:
         if isinstance(self.train_set, TrainShards):
             world, rank = self._world()
             self.train_set.placed = (rank, world)
-            accumulate = self.cfg.data.global_batch // (world * self.device_batch)
-            steps = max(self.train_size // self.cfg.data.global_batch, 1)
-            self.train_set.set_epoch_length(self.device_batch, steps * accumulate)
+            self.train_set.set_epoch_length(self.device_batch, self.micro_batches_per_epoch)
             # The length is exact however many workers share it (TrainShards.__iter__); torch's advice does not apply.
             warnings.filterwarnings("ignore", ".*IterableDataset.*has.*__len__.*")
             return self._loader(self.train_set, batch_size=None)
         return self._loader(self.train_set, batch_size=self.device_batch, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        if isinstance(self.eval_set, IterableDataset):
-            world, rank = self._world()
-            self.eval_set.placed = (rank, world)
-            self.eval_set.batch_size = self.device_batch
-            return self._loader(self.eval_set, batch_size=None)
+        return self.eval_loader(self.eval_set)
+
+    def eval_loader(self, dataset: Dataset) -> DataLoader:
+        """One exact, unpadded pass over `dataset`, split over the ranks."""
         world, rank = self._world()
-        sampler = UnrepeatedDistributedSampler(self.eval_set, world, rank, shuffle=False) if world > 1 else None
-        return self._loader(self.eval_set, batch_size=self.device_batch, sampler=sampler)
+        if isinstance(dataset, IterableDataset):
+            dataset.placed = (rank, world)
+            dataset.batch_size = self.device_batch
+            return self._loader(dataset, batch_size=None)
+        sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
+        return self._loader(dataset, batch_size=self.device_batch, sampler=sampler)

@@ -1,4 +1,4 @@
-"""The Lightning Trainer with the toolkit's callbacks, logs and crash-safe checkpoints."""
+"""The Lightning Trainer with the run's callbacks and loggers (config groups `callbacks`, `logger`)."""
 from __future__ import annotations
 
 import logging
@@ -6,11 +6,12 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig
 
-from mixer_cli.train.batching import BatchPlan, plan_batches
+from mixer_cli.train.batching import BatchPlan
 
 
 class _DropTips(logging.Filter):
@@ -44,57 +45,45 @@ def keep_metrics_on_resume(logger: CSVLogger) -> None:
     writer.metrics_keys = rows.splitlines()[0].split(",")
 
 
-def build_strategy(name: str):
-    """Lightning's strategy by name; FSDP wraps (and so shards) each Mixer block on its own."""
-    if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    """The `callbacks` group's objects; those that write files (checkpoints) write into run_dir."""
+    return [instantiate(c, **({"dirpath": run_dir} if "dirpath" in c else {})) for c in cfg.values() if c]
 
-        from mixer_cli.models.mixer import MixerBlock
 
-        return FSDPStrategy(auto_wrap_policy={MixerBlock})
-    return name
+def build_loggers(cfg: DictConfig, run_dir: Path, resume: bool) -> list[Logger]:
+    loggers = [instantiate(c, save_dir=run_dir) for c in cfg.values() if c]
+    for logger in loggers:
+        if resume and isinstance(logger, CSVLogger):
+            keep_metrics_on_resume(logger)
+    return loggers
 
 
 def build_trainer(
-    cfg: DictConfig, run_dir: Path, progress: bool = True, resume: bool = False
-) -> tuple[L.Trainer, BatchPlan]:
-    """A Trainer logging and checkpointing into run_dir, and how the global batch is split."""
+    t: DictConfig, run_dir: Path, plan: BatchPlan, callbacks: list[Callback], loggers: list[Logger], progress: bool
+) -> L.Trainer:
+    """A Trainer from the `trainer` group, with the batch plan's gradient accumulation."""
     quiet_lightning()
-    t = cfg.trainer
-    logger = CSVLogger(run_dir, name="", version="")
-    if resume:
-        keep_metrics_on_resume(logger)
-    callbacks = [
-        ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/acc1", mode="max"),
-        # Not save_last=True: Lightning 2.6 refreshes that copy only when val/acc1 improves, so last.ckpt
-        # (what --resume continues from) could be epochs old. An unmonitored checkpoint is always the latest.
-        ModelCheckpoint(dirpath=run_dir, filename="last", enable_version_counter=False),
-        LearningRateMonitor(logging_interval="step"),
-    ]
+    strategy = instantiate(t.strategy) if isinstance(t.strategy, DictConfig) else t.strategy
     if progress:
-        callbacks.append(RichProgressBar(leave=True))
-    if cfg.get("fewshot") and cfg.fewshot.get("every_n_steps"):  # Figure 4's curves: few-shot accuracy over steps
-        from mixer_cli.evaluate.transfer import fewshot_callback
+        from lightning.pytorch.callbacks import RichProgressBar
 
-        callbacks.append(fewshot_callback(cfg))
-    trainer = L.Trainer(
+        callbacks = [*callbacks, RichProgressBar(leave=True)]
+    return L.Trainer(
         default_root_dir=run_dir,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(t.strategy),
+        strategy=strategy,
         precision=t.precision,
         max_epochs=-1 if t.steps else t.epochs,
         max_steps=t.steps or -1,
+        accumulate_grad_batches=plan.accumulate,
         gradient_clip_val=t.grad_clip,
         gradient_clip_algorithm="norm",
         check_val_every_n_epoch=t.val_every_epochs,
         log_every_n_steps=t.log_every_steps,
-        logger=logger,
+        logger=loggers,
         callbacks=callbacks,
         enable_progress_bar=progress,
         enable_model_summary=False,
     )
-    plan = plan_batches(cfg.data.global_batch, trainer.world_size, t.device_batch)
-    trainer.accumulate_grad_batches = plan.accumulate
-    return trainer, plan

@@ -1,4 +1,4 @@
-"""Fine-tuning at a higher resolution (Appendix C of the paper).
+"""Growing a Mixer for fine-tuning at a higher resolution (Appendix C of the paper).
 
 The patch size stays fixed, so a K times larger image has S' = K^2 S tokens. The new token
 sequence is read as K^2 sequences of length S, one per contiguous block of a K x K split of the
@@ -11,8 +11,6 @@ Consequence (tested): an image made of K x K tiles gives the grown model's logit
 mean of the original model's logits on each tile.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
@@ -78,6 +76,6 @@ def grow_resolution(model: Mixer, img_size: int) -> Mixer:
         _grow_token_mlp(old_block.mlp_tokens, new_block.mlp_tokens, index)
     grown.set_grad_checkpointing(model.grad_checkpointing)
     grown.train(model.training)
-    if hasattr(model, "preprocess"):
-        grown.preprocess = {**copy.deepcopy(model.preprocess), "img_size": img_size}
+    # The same preprocessing (mean/std, interpolation, crop) at the new resolution.
+    grown.pretrained_cfg = {**model.pretrained_cfg, "input_size": (spec.in_chans, img_size, img_size)}
     return grown

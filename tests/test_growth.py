@@ -1,4 +1,4 @@
-"""Appendix C: growing the token-mixing MLPs block-diagonally for a higher resolution."""
+"""Appendix C: growing the token-mixing MLPs block-diagonally for a higher resolution (models/growth.py)."""
 import pytest
 import torch
 

@@ -1,0 +1,202 @@
+"""uint8 images from the loader, float on the device: less CPU work per image.
+
+The loader workers decode, crop, resize and flip, and hand over uint8 (C, H, W) tensors, a quarter
+of the bytes of float ones; the conversion to float and the normalisation run batched on the
+accelerator (`NormalizeOnDevice`, as timm's PrefetchLoader does), and mixup after them. The CPU
+work per image is also cheaper: torchvision's JPEG decoder and its antialiased uint8 resize instead
+of PIL's, the crop taken as a view of the decoded image, and for a crop at least 2 x 2 = 4 times
+the output size a DCT-scaled decode (PIL `draft`: libjpeg decodes at 1/2, 1/4 or 1/8 scale, PIL's
+`reducing_gap` idea), which skips most of the decoding work.
+
+Same images as the float path of data/transforms.py: the crop box is timm's
+RandomResizedCropAndInterpolation box and the flip torchvision's coin, drawn in the same order, so
+a seed gives the same boxes and flips on either path; RandAugment is the same PIL transform;
+the two resamplers agree within one grey level (tests/test_device_transforms.py).
+
+With `data.decode=gpu` the CPU only reads bytes: `decode_on_device` decodes a batch of JPEGs with
+nvJPEG (torchvision's `decode_jpeg(..., device="cuda")`) and crops, resizes and flips each image
+on the device with the same transforms (`on_tensor`), so the boxes come from the same sampler.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_interp_mode, str_to_pil_interp
+from torch import nn
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2 import functional as F
+
+from mixer_cli.data.randaugment import RandAugment
+from mixer_cli.data.transforms import eval_data_config, randaugment
+from mixer_cli.errors import UserError
+
+DCT_SCALES = (8, 4, 2)  # libjpeg's scaled decoding
+REDUCING_GAP = 3.0  # decode at 1/s only where the crop stays >= 3x the output (PIL: "indistinguishable")
+JPEG_MAGIC = b"\xff\xd8"
+Box = tuple[int, int, int, int]  # top, left, height, width
+
+
+def encoded(raw: bytes) -> torch.Tensor:
+    """The bytes as the 1-D uint8 tensor torchvision's decoders read (a copy: `bytes` is read-only)."""
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def dct_scale(height: float, width: float, out_height: int, out_width: int) -> int:
+    """The largest libjpeg scale 1/s that leaves a height x width region at least REDUCING_GAP
+    times the output in both sides; 1 when none does."""
+    room = min(height / out_height, width / out_width) / REDUCING_GAP
+    return next((s for s in DCT_SCALES if room >= s), 1)
+
+
+def decode(raw: bytes) -> torch.Tensor:
+    """An encoded image (JPEG, PNG, WebP, ...) -> uint8 RGB (C, H, W), by torchvision's decoders."""
+    return decode_image(encoded(raw), mode=ImageReadMode.RGB)
+
+
+def read_header(raw: bytes) -> Image.Image:
+    """The image with only its header read: its size is known, no pixel is decoded yet."""
+    return Image.open(io.BytesIO(raw))
+
+
+def draft_resize(header: Image.Image, scale: int, box: tuple[float, float, float, float],
+                 size: tuple[int, int], resample: Image.Resampling) -> torch.Tensor:
+    """The JPEG decoded at 1/scale in the DCT (PIL `draft`), then the region `box` (left, upper,
+    right, lower in full-size pixels) resized to `size` (width, height) -> uint8 (C, H, W). PIL takes
+    the box in fractions of a pixel, so the geometry stays that of the full-size image."""
+    width = header.width
+    _, reduced = header.draft(None, (header.width // scale, header.height // scale))
+    factor = width / reduced[2]
+    rgb = header if header.mode == "RGB" else header.convert("RGB")
+    out = rgb.resize(size, resample, box=tuple(v / factor for v in box))
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+
+
+class InceptionCropUint8:
+    """Encoded image -> uint8 (C, size, size): the Inception crop resized to `size`, a random
+    horizontal flip, then RandAugment where given. The draws are train_transform's, in its order."""
+
+    def __init__(self, size: int, scale: tuple[float, float], interpolation: str = "bilinear", hflip: bool = True,
+                 randaugment: RandAugment | None = None, ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.interpolation, self.resample = str_to_interp_mode(interpolation), str_to_pil_interp(interpolation)
+        self.hflip, self.randaugment = hflip, randaugment
+
+    def sample(self, img: Image.Image | torch.Tensor) -> tuple[Box, bool]:
+        """timm's box, then torchvision RandomHorizontalFlip's coin: the float path's draws."""
+        box = RandomResizedCropAndInterpolation.get_params(img, self.scale, self.ratio)
+        return box, self.hflip and bool(torch.rand(1) < 0.5)
+
+    def crop(self, img: torch.Tensor, box: Box, flip: bool) -> torch.Tensor:
+        """Crop, resize (antialiased, as PIL's resize) and flip, on whatever device `img` is."""
+        out = F.resized_crop(img, box[0] + 1, *box[1:], [self.size, self.size], self.interpolation, antialias=True)
+        return F.horizontal_flip(out) if flip else out
+
+    def on_tensor(self, img: torch.Tensor) -> torch.Tensor:
+        """A decoded uint8 (C, H, W) image, e.g. on the GPU -> the crop (RandAugment is PIL-only)."""
+        return self.crop(img, *self.sample(img))
+
+    def __call__(self, raw: bytes) -> torch.Tensor:
+        header = read_header(raw)
+        box, flip = self.sample(header)
+        top, left, height, width = box
+        scale = dct_scale(height, width, self.size, self.size) if header.format == "JPEG" else 1
+        if scale > 1:
+            pil_box = (left, top, left + width, top + height)
+            out = draft_resize(header, scale, pil_box, (self.size, self.size), self.resample)
+            out = F.horizontal_flip(out) if flip else out
+        else:
+            out = self.crop(decode(raw), box, flip)
+        if self.randaugment is None:
+            return out
+        return F.pil_to_tensor(self.randaugment(F.to_pil_image(out)))
+
+
+class EvalResizeUint8:
+    """Encoded image -> uint8 (C, size, size), timm's evaluation geometry: resize to size / crop_pct
+    ("squash": both sides; "center": the shorter side), then centre-crop size."""
+
+    def __init__(self, size: int, crop_pct: float, crop_mode: str, interpolation: str = "bilinear"):
+        self.size, self.crop_mode = size, crop_mode
+        self.resize_to = math.floor(size / crop_pct)  # timm's scale_size
+        self.interpolation, self.resample = str_to_interp_mode(interpolation), str_to_pil_interp(interpolation)
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after the resize, as torchvision's Resize rounds them."""
+        if self.crop_mode == "squash":
+            return self.resize_to, self.resize_to
+        longer = int(self.resize_to * max(height, width) / min(height, width))
+        return (longer, self.resize_to) if height > width else (self.resize_to, longer)
+
+    def on_tensor(self, img: torch.Tensor) -> torch.Tensor:
+        resized = F.resize(img, list(self.resized_size(*img.shape[-2:])), self.interpolation, antialias=True)
+        return F.center_crop(resized, [self.size, self.size])
+
+    def __call__(self, raw: bytes) -> torch.Tensor:
+        header = read_header(raw)
+        width, height = header.size
+        out_height, out_width = self.resized_size(height, width)
+        scale = dct_scale(height, width, out_height, out_width) if header.format == "JPEG" else 1
+        if scale == 1:
+            return self.on_tensor(decode(raw))
+        resized = draft_resize(header, scale, (0, 0, width, height), (out_width, out_height), self.resample)
+        return F.center_crop(resized, [self.size, self.size])
+
+
+def train_uint8_transform(data: DictConfig, aug: DictConfig) -> InceptionCropUint8:
+    """The uint8 counterpart of transforms.train_transform for encoded photos (Inception crop recipes)."""
+    if not aug.get("inception_crop"):
+        raise UserError("uint8 decoding serves the Inception-crop recipes; set aug.inception_crop=true or "
+                        "data.decode=pil")
+    return InceptionCropUint8(data.img_size, (aug.get("crop_area_min", 0.08), 1.0), data.interpolation,
+                              bool(aug.get("hflip")), randaugment(aug))
+
+
+def eval_uint8_transform(data: DictConfig, aug: DictConfig) -> EvalResizeUint8:
+    """The uint8 counterpart of transforms.eval_transform."""
+    cfg = eval_data_config(data, aug)
+    return EvalResizeUint8(data.img_size, cfg["crop_pct"], cfg["crop_mode"], data.interpolation)
+
+
+def gpu_decode_transform(data: DictConfig, aug: DictConfig, train: bool) -> InceptionCropUint8 | EvalResizeUint8:
+    """The transform `decode_on_device` applies: RandAugment runs on PIL images, so not there."""
+    if train and randaugment(aug) is not None:
+        raise UserError("data.decode=gpu crops and flips on the GPU but RandAugment runs on the CPU; "
+                        "use data.decode=uint8 or aug.randaug_magnitude=0")
+    return train_uint8_transform(data, aug) if train else eval_uint8_transform(data, aug)
+
+
+def decode_on_device(images: list[torch.Tensor], transform: InceptionCropUint8 | EvalResizeUint8,
+                     device: torch.device | str) -> torch.Tensor:
+    """Encoded images (1-D uint8 CPU tensors) -> uint8 (B, C, size, size) on `device`. The JPEGs
+    decode as one batch (nvJPEG on a GPU); any other format decodes on the CPU and is copied over.
+    Each image is then cropped, resized and flipped on the device by `transform.on_tensor`."""
+    jpeg = [i for i, x in enumerate(images) if x[:2].tolist() == list(JPEG_MAGIC)]
+    decoded = dict(zip(jpeg, decode_jpeg([images[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+                       if jpeg else []))
+    for i in set(range(len(images))) - set(jpeg):
+        decoded[i] = decode_image(images[i], mode=ImageReadMode.RGB).to(device)
+    return torch.stack([transform.on_tensor(decoded[i]) for i in range(len(images))])
+
+
+def collate_encoded(samples: list[tuple[bytes, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(encoded image, label) samples -> (1-D uint8 tensors for `decode_on_device`, labels)."""
+    return [encoded(raw) for raw, _ in samples], torch.tensor([label for _, label in samples])
+
+
+class NormalizeOnDevice(nn.Module):
+    """uint8 (B, C, H, W) -> float (x / 255 - mean) / std, batched on the batch's device: what
+    ToTensor + Normalize did per image in the loader. Mean and std are buffers, not state: a
+    checkpoint's keys stay the model's."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", 255 * torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", 255 * torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.mean.dtype) - self.mean) / self.std

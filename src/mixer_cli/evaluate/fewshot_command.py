@@ -1,0 +1,110 @@
+"""`mixer fewshot`: the linear few-shot probe (FewShotEvaluator) of a frozen checkpoint, as a run.
+
+The data is read with the checkpoint's evaluation preprocessing (timm's data config of the model:
+resolution, mean/std, interpolation, crop), as `mixer eval` reads it: conf/fewshot.yaml leaves
+those values null, the checkpoint fills them, and a value the user sets wins. Every shot count and
+seed comes from one feature pass. The run directory gets config.yaml, fewshot.csv, fewshot.png and, last,
+results.json; on any error the directory is removed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from rich.table import Table
+from timm.data import resolve_data_config
+
+from mixer_cli.config import make_run_dir, save_config, write_atomic
+from mixer_cli.errors import UserError
+from mixer_cli.evaluate.checkpoint_eval import pick_device, with_checkpoint_preprocessing
+from mixer_cli.evaluate.fewshot import fewshot_evaluator
+from mixer_cli.report import console, csv_text, pyplot, save_figure
+
+
+def parse_shots(text: str) -> list[int]:
+    """'5' or '1,5,10,25' -> sorted distinct shot counts."""
+    try:
+        shots = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise UserError(f"--shots takes whole numbers separated by commas, e.g. --shots 1,5,10,25; got {text!r}") \
+            from None
+    if not shots or shots[0] < 1:
+        raise UserError(f"--shots must be at least 1, e.g. --shots 1,5,10,25; got {text!r}")
+    return shots
+
+
+def fewshot_command(cfg: DictConfig, checkpoint: Path, shots: list[int]) -> dict:
+    """Few-shot top-1 of the frozen checkpoint on cfg.data for every shot count and seed
+    0..fewshot.seeds-1; every user mistake that can be seen before reading data is raised before
+    the run directory exists."""
+    from mixer_cli.models import load_mixer
+
+    f = cfg.fewshot
+    if f.seeds < 1:
+        raise UserError(f"fewshot.seeds must be at least 1, got {f.seeds}")
+    model = load_mixer(checkpoint)
+    cfg = with_checkpoint_preprocessing(cfg, resolve_data_config({}, model=model))
+    evaluator = fewshot_evaluator(cfg, shots, seeds=range(f.seeds))
+    model.to(pick_device(f.device))
+    run_dir = make_run_dir(cfg, "fewshot")
+    try:  # a stream (shards) shows a class with too few examples only when read
+        save_config(cfg, run_dir)
+        result = evaluator.run(model)
+        summary = summarise(result["runs"])
+        results = {
+            "command": "fewshot", "name": cfg.name, "checkpoint": str(checkpoint), "data": cfg.data.source,
+            "num_classes": cfg.data.num_classes, "feature_dim": result["feature_dim"],
+            "num_samples": result["num_samples"], "l2": "select" if evaluator.l2 is None else evaluator.l2,
+            **{f"fewshot_{k}shot": acc for k, acc in result["accuracy"].items()},  # as training runs name them
+            "summary": summary, "runs": result["runs"], "run_dir": str(run_dir),
+        }
+        write_atomic(run_dir / "fewshot.csv", csv_text(result["runs"], ["shots", "seed", "l2", "accuracy"]))
+        plot_fewshot(summary, run_dir / "fewshot.png", title=f"linear few-shot, {cfg.data.source}")
+        write_atomic(run_dir / "results.json", json.dumps(results, indent=2))  # last: its presence means complete
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    print_fewshot(results)
+    return results
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread over seeds for every shot count."""
+    summary = []
+    for k in sorted({r["shots"] for r in rows}):
+        acc = np.array([r["accuracy"] for r in rows if r["shots"] == k])
+        l2s = sorted({r["l2"] for r in rows if r["shots"] == k})
+        summary.append({
+            "shots": k, "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "min": float(acc.min()), "max": float(acc.max()), "seeds": len(acc), "l2": l2s,
+        })
+    return summary
+
+
+def print_fewshot(results: dict) -> None:
+    table = Table(title=f"Linear few-shot top-1 ({results['data']}, {results['num_classes']} classes, "
+                        f"{results['num_samples']:,} test images)", title_style="bold")
+    for column in ("shots", "mean", "± std", "min", "max", "seeds", "l2"):
+        table.add_column(column, justify="right")
+    for s in results["summary"]:
+        table.add_row(str(s["shots"]), f"{100 * s['mean']:.2f}%", f"{100 * s['std']:.2f}", f"{100 * s['min']:.2f}%",
+                      f"{100 * s['max']:.2f}%", str(s["seeds"]), ", ".join(f"2^{np.log2(v):g}" for v in s["l2"]))
+    console.print(table)
+    console.print(f"results: {results['run_dir']}/results.json")
+
+
+def plot_fewshot(summary: list[dict], out: Path, title: str) -> None:
+    """Accuracy against shots (log scale), mean and min-max over seeds."""
+    shots = [s["shots"] for s in summary]
+    mean = np.array([s["mean"] for s in summary])
+    fig, ax = pyplot().subplots(figsize=(5, 4))
+    ax.errorbar(shots, mean, yerr=[mean - [s["min"] for s in summary], [s["max"] for s in summary] - mean],
+                marker="o", capsize=3)
+    ax.set(xscale="log", xlabel="shots per class", ylabel="top-1 accuracy", title=title)
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, out)

@@ -1,0 +1,201 @@
+"""The one road every training command takes (pretrain, finetune, shuffle-experiment):
+
+    composed config -> datasets, batch plan, loss, optimiser, schedule, LightningModule
+    -> run directory, callbacks, loggers, Trainer -> fit -> final evaluation -> results.json
+
+Everything that can be wrong in the config is built (and so checked) before the run directory
+exists; the batch split over devices is decided before the Trainer and the DataModule are built.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from mixer_cli.config import make_run_dir, save_config, write_atomic
+from mixer_cli.data import build_dataset
+from mixer_cli.models.mixer import Mixer
+from mixer_cli.report import plot_curves, print_summary
+from mixer_cli.train.batching import devices_per_node, plan_batches
+from mixer_cli.train.datamodule import ImageDataModule, num_samples
+from mixer_cli.train.mixup import BatchMixup
+from mixer_cli.train.module import Classifier
+from mixer_cli.train.trainer import build_callbacks, build_loggers, build_trainer
+
+
+def build_datasets(cfg: DictConfig) -> tuple:
+    """(augmented training set, evaluation set) of cfg.data."""
+    return build_dataset(cfg.data, cfg.aug, "train", seed=cfg.seed), build_dataset(cfg.data, cfg.aug, "test")
+
+
+def build_dev_set(cfg: DictConfig):
+    """The dev split held out of the train split (data.dev_fraction), or None."""
+    return build_dataset(cfg.data, cfg.aug, "dev") if cfg.data.get("dev_fraction") else None
+
+
+def preprocessing(cfg: DictConfig) -> dict:
+    """The evaluation preprocessing of this run in timm's `pretrained_cfg` keys: what a checkpoint's
+    user must do to an image before the model sees it."""
+    d, a = cfg.data, cfg.aug
+    return {"input_size": (d.channels, d.img_size, d.img_size), "mean": tuple(d.mean), "std": tuple(d.std),
+            "interpolation": d.interpolation, "crop_pct": a.eval_crop_pct, "crop_mode": a.eval_crop_mode,
+            "num_classes": d.num_classes}
+
+
+def mixer_record(model: nn.Module) -> dict:
+    """What our checkpoints store beside the weights so that loading needs no guessing."""
+    if not isinstance(model, Mixer):  # e.g. the ResNet of the shuffle experiment: weights only
+        return {}
+    return {"mixer": {"spec": model.spec.to_dict(), "pretrained_cfg": dict(model.pretrained_cfg)}}
+
+
+def world_size(t: DictConfig) -> int:
+    return devices_per_node(t.accelerator, t.devices) * t.num_nodes
+
+
+def fit(
+    cfg: DictConfig,
+    model: nn.Module,
+    command: str,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    datasets: tuple | None = None,
+    callbacks: list | None = None,
+    progress: bool = True,
+    extra_results: dict | None = None,
+) -> dict:
+    """Train `model` as cfg says and evaluate the final weights; returns results.json's content.
+
+    run_dir: None makes a new runs/<command>/<timestamp>-<name>/; with resume=True it is the run to
+    continue from its last.ckpt. datasets: (train, eval) to use instead of cfg.data's (the shuffle
+    experiment permutes pixels). callbacks: more Lightning callbacks (e.g. a few-shot probe)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the data order; the caller seeded the model
+    t = cfg.trainer
+    train_set, eval_set = datasets or build_datasets(cfg)
+    dev_set = build_dev_set(cfg)
+    plan = plan_batches(cfg.data.global_batch, world_size(t), t.device_batch)
+    steps_per_epoch = max(num_samples(train_set) // cfg.data.global_batch, 1)
+    steps = t.steps or steps_per_epoch * t.epochs
+    if hasattr(train_set, "check_split"):  # too few shards for ranks x workers: say so before anything runs
+        train_set.check_split(plan.world_size, cfg.data.num_workers)
+    datamodule = ImageDataModule(train_set, eval_set, plan.device_batch, cfg.data.num_workers,
+                                 micro_batches_per_epoch=steps_per_epoch * plan.accumulate)
+    if isinstance(model, Mixer):
+        model.pretrained_cfg = preprocessing(cfg)
+        model.set_grad_checkpointing(t.grad_checkpointing)
+    if t.compile:
+        model.compile()  # in place: parameter names (and so checkpoints) stay plain
+    module = Classifier(
+        model,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optim),
+        scheduler=partial(instantiate(cfg.sched), total_steps=steps),
+        num_classes=cfg.data.num_classes,
+        mixup=BatchMixup(cfg.aug.mixup) if cfg.aug.get("mixup") else None,
+        checkpoint_extras=partial(mixer_record, model),
+    )
+    fresh = run_dir is None
+    run_dir = run_dir or make_run_dir(cfg, command)
+    try:
+        trainer = build_trainer(
+            t, run_dir, plan,
+            callbacks=[*build_callbacks(cfg.callbacks, run_dir), *(callbacks or [])],
+            loggers=build_loggers(cfg.logger, run_dir, resume), progress=progress,
+        )
+        if trainer.world_size != plan.world_size:
+            raise RuntimeError(f"planned for {plan.world_size} devices, Lightning runs {trainer.world_size}")
+        if not resume:
+            save_config(cfg, run_dir)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=run_dir / "last.ckpt" if resume else None,
+                weights_only=False)
+    dev = evaluate(trainer, module, datamodule.eval_loader(dev_set), "dev") if dev_set is not None else {}
+    if module.validated_at_step != trainer.global_step:  # every run ends evaluated, whatever its length
+        evaluate(trainer, module, datamodule.val_dataloader())
+    seconds = time.perf_counter() - start
+    trainer.save_checkpoint(run_dir / "last.ckpt")
+    results = {**summarise(cfg, command, trainer, model, plan, steps, seconds, run_dir), **(extra_results or {}),
+               **{f"dev_{k.removeprefix('dev/')}": v for k, v in dev.items() if k != "dev/loss"}}
+    if trainer.is_global_zero:
+        write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+        plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", title=f"mixer {command} {cfg.name}")
+        if progress:
+            print_summary(results)
+    return results
+
+
+def evaluate(trainer: L.Trainer, module: Classifier, loader, split: str = "val") -> dict:
+    """The evaluation metrics of `module` on one pass over `loader`, named `split`/top1 etc."""
+    module.eval_split = split
+    try:
+        (metrics,) = trainer.validate(module, dataloaders=loader, verbose=False, weights_only=False)
+    finally:
+        module.eval_split = "val"
+    return metrics
+
+
+def describe_model(cfg: DictConfig, model: nn.Module) -> str:
+    if not isinstance(model, Mixer):
+        return type(model).__name__
+    s = model.spec
+    return cfg.model.get("variant") or f"custom (patch {s.patch_size}, C {s.hidden_dim}, {s.num_blocks} blocks)"
+
+
+def summarise(cfg, command, trainer, model, plan, steps, seconds, run_dir) -> dict:
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return {
+        "command": command,
+        "name": cfg.name,
+        "model": describe_model(cfg, model),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data": cfg.data.source,
+        "batch": plan.describe(),
+        "devices": plan.world_size,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "planned_steps": steps,
+        "train_seconds": round(seconds, 1),
+        "device_hours": round(seconds * plan.world_size / 3600, 4),
+        "train_loss": metrics.get("train/loss"),
+        "top1": metrics["val/top1"],
+        "top5": metrics["val/top5"],
+        "num_samples": int(metrics["val/num_samples"]),  # = the split's size: exact, unpadded
+        **({"real_top1": metrics["val/real_top1"]} if "val/real_top1" in metrics else {}),
+        # the last linear few-shot accuracies, when `fewshot.every_n_steps` logged them (Figure 4)
+        **{f"fewshot_{k.removeprefix('fewshot/')}": v for k, v in metrics.items() if k.startswith("fewshot/")},
+        "run_dir": str(run_dir),
+    }
+
+
+def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = True) -> dict:
+    """Continue a stopped or killed run from its last.ckpt: the model is rebuilt from the spec
+    recorded there (a fine-tune's head and resolution included), then Lightning restores weights,
+    optimiser, schedule and loop state. `key=value` overrides apply on top (e.g. more epochs)."""
+    from mixer_cli.config import resume_config
+    from mixer_cli.models import load_mixer
+
+    cfg = resume_config(run_dir, overrides)
+    model = load_mixer(run_dir / "last.ckpt", dropout=cfg.model.dropout, drop_path=cfg.model.drop_path)
+    extra = {"from": str(cfg.checkpoint)} if cfg.get("checkpoint") else None
+    return fit(cfg, model, command, run_dir=run_dir, resume=True, progress=progress, extra_results=extra,
+               callbacks=probes(cfg))
+
+
+def probes(cfg: DictConfig) -> list:
+    """The few-shot probe that `fewshot.every_n_steps` asks for (Figure 4's curves), if any."""
+    from mixer_cli.evaluate.fewshot import fewshot_callback
+
+    probe = fewshot_callback(cfg) if cfg.get("fewshot") else None
+    return [probe] if probe is not None else []

@@ -1,0 +1,100 @@
+"""Sweeps (`--multirun`) through Hydra's own multirun: Hydra's sweeper expands `a=1,2,3` overrides
+and its launcher runs the points, one after another (the basic launcher) or as parallel jobs
+(`hydra/launcher=submitit_slurm`, or `submitit_local` on one machine). Each point runs in its own
+run directory inside the sweep's; the table is built from those directories when the sweep ends,
+so it is the same whichever launcher ran the points.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from functools import partial
+from pathlib import Path
+
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from rich.table import Table
+
+from mixer_cli.config import hydra_overrides, package_root, validate, write_atomic
+from mixer_cli.report import console, csv_text
+
+
+def run_point(cfg: DictConfig, command: str) -> dict:
+    """One point of the sweep, in the run directory Hydra made for it."""
+    from mixer_cli.train.finetune import finetune
+    from mixer_cli.train.fit import fit, probes
+    from mixer_cli.train.pretrain import build_model
+
+    cfg = validate(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if command == "finetune":
+        return finetune(cfg, progress=False, run_dir=run_dir)
+    return fit(cfg, build_model(cfg), command, run_dir=run_dir, progress=False, callbacks=probes(cfg))
+
+
+def multirun(command: str, config_name: str, overrides: list[str]) -> list[dict]:
+    """Run the sweep the overrides describe; returns the points' results, in order."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    settings = [
+        f"hydra.sweep.dir=${{run_root}}/{command}/{stamp}-${{name}}-sweep",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        "hydra.output_subdir=null",  # each run saves its own resolved config.yaml
+        "hydra/job_logging=none",
+        "hydra/hydra_logging=none",
+    ]
+    with initialize_config_dir(config_dir=str(package_root() / "conf"), version_base="1.3", job_name=command):
+        batches = GlobalHydra.instance().hydra.multirun(
+            config_name=config_name, task_function=partial(run_point, command=command),
+            overrides=[*hydra_overrides(overrides), *settings], with_log_configuration=False,
+        )
+    jobs = [job for batch in batches for job in batch]
+    points = [job.overrides for job in jobs]
+    rows = [{**varying(job.overrides, points), **read_results(Path(job.hydra_cfg.hydra.runtime.output_dir))}
+            for job in jobs]
+    sweep_dir = Path(jobs[0].hydra_cfg.hydra.runtime.output_dir).parent
+    write_atomic(sweep_dir / "sweep.csv", csv_text(rows))
+    print_sweep(rows, list(varying(points[0], points)), sweep_dir)
+    return rows
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def varying(point: list[str], points: list[list[str]]) -> dict[str, str]:
+    """The overrides of `point` whose value differs across the sweep, as {key: value}."""
+    keys = {}
+    for i, override in enumerate(point):
+        if any(p[i] != override for p in points):
+            key, _, value = override.partition("=")
+            keys[key] = value
+    return keys
+
+
+def best_point(rows: list[dict]) -> int:
+    """The point a sweep picks: the best dev top-1 where the runs held out a dev split (the paper's
+    protocol), else the best test top-1."""
+    key = "dev_top1" if all(r.get("dev_top1") is not None for r in rows) else "top1"
+    return max(range(len(rows)), key=lambda i: rows[i].get(key) or 0.0)
+
+
+def print_sweep(rows: list[dict], keys: list[str], sweep_dir: Path) -> None:
+    """One row per run: the swept values, then its results; the picked point in green."""
+    best = best_point(rows)
+    dev = rows[0].get("dev_top1") is not None
+    table = Table(title=f"Sweep: {len(rows)} runs ({sweep_dir})", title_style="bold",
+                  caption=f"picked (green): the best {'dev' if dev else 'test'} top-1"
+                  + ("" if dev else "; hold out a dev split with data.dev_fraction to pick as the paper does"))
+    for k in keys:
+        table.add_column(k, style="cyan")
+    for k in (*(("dev top-1",) if dev else ()), "test top-1", "test top-5", "train loss", "steps", "run dir"):
+        table.add_column(k, justify="right" if k != "run dir" else "left")
+    for i, r in enumerate(rows):
+        shown = ("dev_top1", "top1", "top5") if dev else ("top1", "top5")
+        pct = [f"{100 * r[k]:.2f}%" if r.get(k) is not None else "-" for k in shown]
+        loss = f"{r['train_loss']:.4g}" if r.get("train_loss") is not None else "-"
+        cells = [*(r[k] for k in keys), *pct, loss, f"{r['steps']:,}", r["run_dir"]]
+        table.add_row(*cells, style="bold green" if i == best else None)
+    console.print(table)

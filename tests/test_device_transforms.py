@@ -1,0 +1,142 @@
+"""The uint8 loader path and device normalisation give the model the float path's tensors; GPU
+decoding (run here with device=cpu) crops the same boxes. Differences are in grey levels (0-255)."""
+import io
+import random
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from mixer_cli.data.bench import pil_decode, synthetic_jpegs
+from mixer_cli.data.device_transforms import (
+    NormalizeOnDevice,
+    collate_encoded,
+    dct_scale,
+    decode_on_device,
+    eval_uint8_transform,
+    gpu_decode_transform,
+    read_header,
+    train_uint8_transform,
+)
+from mixer_cli.data.transforms import eval_transform, train_transform
+from mixer_cli.errors import UserError
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.5, 0.25, 0.2]  # unequal per channel: a broadcast or channel-order bug shows
+SMALL = synthetic_jpegs(2, size=(200, 150), seed=1)  # crops at 64 px never reach the DCT-scaled decode
+LARGE = synthetic_jpegs(1, seed=3)[0]  # 500x375, ImageNet-like
+
+
+def configs(size: int, area_min: float = 0.05, magnitude: int = 0, mode: str = "center", pct: float = 0.875):
+    data = OmegaConf.create({"img_size": size, "channels": 3, "mean": MEAN, "std": STD, "interpolation": "bilinear"})
+    aug = OmegaConf.create({"inception_crop": True, "crop_area_min": area_min, "hflip": True, "randaug_layers": 2,
+                            "randaug_magnitude": magnitude, "eval_crop_mode": mode, "eval_crop_pct": pct})
+    return data, aug
+
+
+def seeded(seed: int, fn, *args):
+    """fn(*args) with the RNGs the transforms draw from (python's for timm's box, torch's) at `seed`."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return fn(*args)
+
+
+def grey_levels(normalised: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """|a - b| of two normalised images, back in grey levels."""
+    return (normalised - other).abs() * 255 * torch.tensor(STD).view(3, 1, 1)
+
+
+def device_normalised(x: torch.Tensor) -> torch.Tensor:
+    return NormalizeOnDevice(MEAN, STD)(x[None])[0]
+
+
+def test_uint8_path_gives_the_float_paths_tensors_and_boxes():
+    """Same seed -> same box and flip; the resamplers (PIL vs torchvision's uint8 kernel) round apart
+    by at most one grey level (at up to a quarter of the values for some scales), the decoders not at all."""
+    data, aug = configs(64)
+    floats, uint8 = train_transform(data, aug), train_uint8_transform(data, aug)
+    flips = []
+    for seed in range(6):
+        raw = SMALL[seed % 2]
+        (top, left, height, width), flip = seeded(seed, uint8.sample, read_header(raw))
+        assert dct_scale(height, width, 64, 64) == 1
+        flips.append(flip)
+        ours = seeded(seed, uint8, raw)
+        assert ours.dtype == torch.uint8 and ours.shape == (3, 64, 64)
+        diff = grey_levels(seeded(seed, floats, pil_decode(raw)), device_normalised(ours))
+        assert diff.max() <= 1 + 1e-3 and diff.mean() < 0.3
+    assert set(flips) == {True, False}
+
+
+def test_uint8_path_with_randaugment_draws_the_same_ops():
+    """RandAugment runs on the same PIL images: its draws line up, so only the resampling's one-level
+    differences remain, which a threshold op (Solarize, Posterize) can amplify at single pixels."""
+    data, aug = configs(64, magnitude=15)
+    floats, uint8 = train_transform(data, aug), train_uint8_transform(data, aug)
+    for seed in range(4):
+        diff = grey_levels(seeded(seed, floats, pil_decode(SMALL[0])), device_normalised(seeded(seed, uint8, SMALL[0])))
+        assert diff.mean() < 0.05
+
+
+@pytest.mark.parametrize("mode,pct", [("center", 0.875), ("squash", 1.0)])
+def test_uint8_eval_gives_the_float_eval_tensors(mode, pct):
+    data, aug = configs(64, mode=mode, pct=pct)
+    for raw in SMALL:
+        diff = grey_levels(eval_transform(data, aug)(pil_decode(raw)), device_normalised(eval_uint8_transform(data, aug)(raw)))
+        assert diff.max() <= 1 + 1e-3
+
+
+def test_dct_scale_leaves_the_crop_three_times_the_output():
+    assert dct_scale(300, 400, 32, 32) == 2  # 300 / 32 = 9.4 >= 3 x 2, < 3 x 4
+    assert dct_scale(800, 800, 32, 32) == 8
+    assert dct_scale(95, 400, 32, 32) == 1  # the shorter side decides
+    assert dct_scale(300, 200, 100, 10) == 1
+
+
+def test_dct_scaled_decode_keeps_large_crops_within_about_a_grey_level():
+    """A crop >= 6x the output decodes at 1/2 or 1/4 scale: a different low-pass than decoding in
+    full and resizing, bounded here on grain-heavy synthetic photos (mean < 1.5 levels a crop)."""
+    data, aug = configs(32, area_min=0.5)
+    floats, uint8 = train_transform(data, aug), train_uint8_transform(data, aug)
+    for seed in range(4):
+        (_, _, height, width), _ = seeded(seed, uint8.sample, read_header(LARGE))
+        assert dct_scale(height, width, 32, 32) > 1
+        diff = grey_levels(seeded(seed, floats, pil_decode(LARGE)), device_normalised(seeded(seed, uint8, LARGE)))
+        assert diff.mean() < 1.5
+    diff = grey_levels(eval_transform(data, aug)(pil_decode(LARGE)), device_normalised(eval_uint8_transform(data, aug)(LARGE)))
+    assert diff.mean() < 1.0  # resized from 375 to 36 px tall: decoded at 1/2
+
+
+def test_device_decode_crops_the_cpu_paths_boxes():
+    """decode_on_device (nvJPEG on a GPU; libjpeg here) with the same seed gives the CPU path's crops:
+    same sampler, same draws in the same order; a PNG in the batch decodes on the CPU instead."""
+    data, aug = configs(32)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(SMALL[1])).save(png, format="PNG")
+    raws = [SMALL[0], png.getvalue(), SMALL[1]]
+    images, labels = collate_encoded([(raw, i) for i, raw in enumerate(raws)])
+    assert labels.tolist() == [0, 1, 2] and bytes(images[1].numpy()) == raws[1]
+    for transform in gpu_decode_transform(data, aug, train=True), gpu_decode_transform(data, aug, train=False):
+        batch = seeded(0, decode_on_device, images, transform, "cpu")
+        assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 32, 32)
+        cpu = seeded(0, lambda: torch.stack([transform(raw) for raw in raws]))
+        assert (batch.int() - cpu.int()).abs().max() <= 1  # float vs uint8 resampling kernels
+
+
+def test_device_decode_refuses_randaugment_and_uint8_needs_the_inception_crop():
+    data, aug = configs(32, magnitude=15)
+    with pytest.raises(UserError, match="RandAugment runs on the CPU; use data.decode=uint8"):
+        gpu_decode_transform(data, aug, train=True)
+    gpu_decode_transform(data, aug, train=False)  # evaluation has no RandAugment
+    aug.inception_crop = False
+    with pytest.raises(UserError, match="uint8 decoding serves the Inception-crop recipes"):
+        train_uint8_transform(data, aug)
+
+
+def test_normalize_on_device_maps_uint8_to_the_normalised_range_and_adds_no_state():
+    norm = NormalizeOnDevice(MEAN, STD)
+    x = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 1, 1, 3).expand(2, 3, 1, 3)
+    out = norm(x)
+    expected = [[(0 - m) / s, (1 - m) / s, (0.2 - m) / s] for m, s in zip(MEAN, STD)]
+    assert out.dtype == torch.float32 and torch.allclose(out[1, :, 0], torch.tensor(expected), atol=1e-6)
+    assert norm.state_dict() == {}  # a model holding it keeps its checkpoint keys

@@ -1,0 +1,126 @@
+"""`mixer eval`: a checkpoint's top-1, top-5 and ReaL top-1, with the checkpoint's preprocessing, counted exactly."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixer_cli.config import compose
+from mixer_cli.errors import UserError
+from mixer_cli.evaluate.checkpoint_eval import evaluate, evaluate_checkpoint, with_checkpoint_preprocessing
+from mixer_cli.evaluate.real_labels import RealTop1
+from mixer_cli.models import build_mixer
+
+NUM_CLASSES = 6
+# The model below ignores its input: its head has zero weights and this bias, so every image gets
+# class 1 at top-1 and classes {1, 3, 5, 2, 4} at top-5 (all but 0).
+BIAS = [0.0, 5.0, 1.0, 4.0, 2.0, 3.0]
+# Image number -> its class folder (ImageNet's validation images are numbered across classes).
+IMAGES = {1: 0, 2: 1, 3: 2, 4: 1, 5: 3, 6: 4, 7: 5, 8: 0}
+# ReaL lists of images 1..8 (image 3's list is empty: it is left out; image 9 is in the file, not the folder).
+REAL = [[0, 1], [1], [], [2], [3], [1, 4], [5], [0], [1]]
+
+
+@pytest.fixture()
+def constant_checkpoint(tmp_path):
+    """A timm-format state dict of a tiny Mixer whose logits are BIAS for every image."""
+    model = build_mixer(None, num_classes=NUM_CLASSES, img_size=16, in_chans=3, patch_size=8, hidden_dim=8,
+                        num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=8)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor(BIAS))
+    path = tmp_path / "tiny.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture()
+def val_folder(tmp_path):
+    root = tmp_path / "val"
+    for number, cls in IMAGES.items():
+        (root / f"class{cls}").mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(number).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"class{cls}" / f"ILSVRC2012_val_{number:08d}.png")
+    return root
+
+
+def eval_config(tmp_path, *overrides):
+    return compose(["data=folder", f"data.eval_path={tmp_path / 'val'}", f"data.num_classes={NUM_CLASSES}",
+                    "data.num_workers=0", f"run_root={tmp_path / 'runs'}", "eval.device=cpu", *overrides],
+                   config_name="eval")
+
+
+def test_top1_top5_and_real_top1_by_hand(tmp_path, constant_checkpoint, val_folder):
+    (tmp_path / "real.json").write_text(json.dumps(REAL))
+    results = evaluate_checkpoint(eval_config(tmp_path, f"data.real_labels={tmp_path / 'real.json'}",
+                                              "eval.batch_size=3"), constant_checkpoint)
+    # top-1: class 1 is right for images 2 and 4 (2 of 8); top-5 misses the two class-0 images (6 of 8).
+    # ReaL: class 1 is in the lists of images 1, 2, 6 (3 of the 7 with a non-empty list; image 3 left out).
+    expected = {"top1": 2 / 8, "top5": 6 / 8, "num_samples": 8, "real_top1": 3 / 7, "real_num_samples": 7}
+    assert {k: results[k] for k in expected} == pytest.approx(expected)
+    # the folder config says 224px bilinear; the timm-format file says 16px, timm's bicubic centre crop 0.875
+    assert results["preprocessing"] == {"img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                        "interpolation": "bicubic", "crop_mode": "center", "crop_pct": 0.875}
+    run_dir = tmp_path / "runs" / "eval"
+    (written,) = run_dir.iterdir()
+    assert written.name.endswith("-tiny") and results["run_dir"] == str(written)
+    assert json.loads((written / "results.json").read_text()) == results
+    assert (written / "config.yaml").is_file()
+    assert results["from"] == str(constant_checkpoint) and results["command"] == "eval"
+
+
+def test_the_checkpoints_preprocessing_fills_what_the_user_left_unset():
+    cfg = compose(["data=imagenet", "aug.eval_crop_pct=0.9", "data.interpolation=bilinear"], config_name="eval")
+    timm_cfg = {"input_size": (3, 448, 448), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+                "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center"}
+    filled = with_checkpoint_preprocessing(cfg, timm_cfg)
+    assert (filled.data.img_size, filled.data.channels, list(filled.data.mean)) == (448, 3, [0.5] * 3)
+    assert filled.aug.eval_crop_mode == "center"
+    assert (filled.aug.eval_crop_pct, filled.data.interpolation) == (0.9, "bilinear")  # the user's values win
+    assert cfg.data.img_size is None  # the given config is not changed
+
+
+def test_a_checkpoint_for_other_classes_is_a_one_line_error_and_writes_nothing(tmp_path, constant_checkpoint,
+                                                                                 val_folder):
+    cfg = eval_config(tmp_path, "data.num_classes=1000")
+    with pytest.raises(UserError, match=r"tiny.pth predicts 6 classes, the data has data.num_classes=1000"):
+        evaluate_checkpoint(cfg, constant_checkpoint)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_resolution_override_the_checkpoint_cannot_take_is_a_one_line_error(tmp_path, constant_checkpoint,
+                                                                                val_folder):
+    with pytest.raises(UserError, match="takes 3-channel 16x16 images, the config asks for 3-channel 32x32"):
+        evaluate_checkpoint(eval_config(tmp_path, "data.img_size=32"), constant_checkpoint)
+
+
+def test_an_image_beyond_the_labels_file_stops_before_anything_is_written(tmp_path, constant_checkpoint,
+                                                                            val_folder):
+    (tmp_path / "real.json").write_text(json.dumps(REAL[:5]))
+    # checked before the pass over the images; 8 is the first beyond 5 in the folder's order (class0: 1, 8)
+    with pytest.raises(UserError, match="validation image number 8 is beyond the ReaL labels file"):
+        evaluate_checkpoint(eval_config(tmp_path, f"data.real_labels={tmp_path / 'real.json'}"), constant_checkpoint)
+    assert not (tmp_path / "runs").exists()
+
+
+class KeyedImages(torch.utils.data.Dataset):
+    """(image, label, shard key) samples, as webdataset shards written from ImageNet's val folder give."""
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 16, 16), [1, 1, 0, 3, 2][i], f"ILSVRC2012_val_{i + 1:08d}"
+
+
+def test_evaluate_reads_image_numbers_from_shard_keys():
+    model = build_mixer(None, num_classes=NUM_CLASSES, img_size=16, in_chans=3, patch_size=8, hidden_dim=8,
+                        num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=8)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor(BIAS))
+    loader = torch.utils.data.DataLoader(KeyedImages(), batch_size=2)
+    measured = evaluate(model, loader, NUM_CLASSES, torch.device("cpu"), RealTop1(REAL))
+    # class 1 always: labels 1, 1 right (2 of 5); ReaL lists of images 1-5: [0, 1] [1] [] [2] [3] -> 2 of 4
+    assert measured == pytest.approx({"top1": 2 / 5, "top5": 4 / 5, "num_samples": 5, "real_top1": 2 / 4,
+                                      "real_num_samples": 4})
