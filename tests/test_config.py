@@ -20,8 +20,8 @@ def test_overrides_reach_every_group():
 
 
 def test_model_sizes_come_from_the_data():
-    cfg = compose(["data.img_size=32", "data.channels=3", "data.num_classes=4"])
-    assert (cfg.model.img_size, cfg.model.in_chans, cfg.model.num_classes) == (32, 3, 4)
+    cfg = compose(["data=cifar10", "data.img_size=32"])
+    assert (cfg.model.img_size, cfg.model.in_chans, cfg.model.num_classes) == (32, 3, 10)
 
 
 def test_unknown_recipe_lists_the_recipes():

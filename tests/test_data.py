@@ -337,18 +337,6 @@ def test_data_write_reports_skipped_files_and_refuses_to_overwrite(tmp_path):
     assert r.exit_code == 2 and "no such folder" in r.output and not (tmp_path / "o2").exists()
 
 
-def test_data_bench_reports_each_pipeline_against_decoding(tmp_path):
-    from mixer_cli.data.bench import run_bench, synthetic_jpegs, write_bench
-
-    rows = run_bench(synthetic_jpegs(1, size=(64, 48)), seconds=0.01, rounds=1)
-    assert rows[0]["pipeline"] == "decode only (PIL)" and rows[0]["vs_decode_only"] == 1.0
-    assert all(r["img_per_s_per_core"] > 0 for r in rows)
-    assert any("RandAugment(2, 15)" in r["pipeline"] for r in rows)  # the ImageNet recipe's m, not clipped
-    csv_path, png = write_bench(rows, tmp_path / "b.csv")
-    assert csv_path.read_text().splitlines()[0] == "pipeline,img_per_s_per_core,vs_decode_only,vs_float_path"
-    assert png.stat().st_size > 0
-
-
 def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path):
     from mixer_cli.config import compose
     from mixer_cli.train.pretrain import pretrain

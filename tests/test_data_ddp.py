@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -14,17 +15,15 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
 
     import lightning as L
-    from omegaconf import OmegaConf
 
     from mixer_cli.config import compose
-    from mixer_cli.train.datamodule import MixerDataModule
-    from mixer_cli.train.module import MixerClassifier
-    from mixer_cli.train.pretrain import total_steps
-    from mixer_cli.train.trainer import build_trainer
+    from mixer_cli.train.fit import fit
+    from mixer_cli.train.pretrain import build_model
 
 
     class Record(L.Callback):
-        train, val = [], []
+        def __init__(self):
+            self.train, self.val = [], []
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.train += batch[1].tolist()
@@ -33,22 +32,15 @@ SCRIPT = textwrap.dedent(
             if not trainer.sanity_checking:
                 self.val += batch[1].tolist()
 
-        def on_fit_end(self, trainer, module):
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-            out = Path(sys.argv[1]) / f"rank{trainer.global_rank}.json"
-            out.write_text(json.dumps({"train": self.train, "val": self.val, "steps": trainer.global_step,
-                                       "planned": module.total_steps, "metrics": metrics}))
+        def on_fit_start(self, trainer, module):
+            self.rank = trainer.global_rank
 
 
     cfg = compose(sys.argv[2:])
-    L.seed_everything(cfg.seed, verbose=False)
-    dm = MixerDataModule(cfg, device_batch=1)
-    trainer, plan = build_trainer(cfg, Path(sys.argv[1]) / "run", progress=False)
-    dm.device_batch = plan.device_batch
-    dm.check_world(trainer.world_size)
-    trainer.callbacks.append(Record())
-    module = MixerClassifier(OmegaConf.to_container(cfg, resolve=True), total_steps(cfg, dm.train_size))
-    trainer.fit(module, datamodule=dm)
+    record = Record()
+    results = fit(cfg, build_model(cfg), "pretrain", callbacks=[record], progress=False)
+    out = Path(sys.argv[1]) / f"rank{record.rank}.json"
+    out.write_text(json.dumps({"train": record.train, "val": record.val, "results": results}))
     """
 )
 
@@ -71,11 +63,15 @@ def test_two_ranks_see_disjoint_training_data_right_steps_and_exact_evaluation(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
 
-    assert r0["steps"] == r1["steps"] == r0["planned"] == 2 * (40 // 8)  # 2 epochs of 40 samples / batch 8
+    res0, res1 = r0["results"], r1["results"]
+    assert res0["steps"] == res1["steps"] == res0["planned_steps"] == 2 * (40 // 8)  # 2 epochs of 40 / batch 8
     assert len(r0["train"]) == len(r1["train"]) == 2 * 5 * 4  # steps x device batch 4
     assert not set(r0["train"]) & set(r1["train"])  # disjoint shards per rank
     assert set(r0["train"]) | set(r1["train"]) == set(range(40))
 
-    # Exact, unpadded evaluation: 21 samples once each over both ranks, twice (one per epoch).
+    # Exact, unpadded evaluation: 21 samples once each over both ranks, twice (one per epoch; the run
+    # ends on an epoch's evaluation, so none more).
     assert sorted(r0["val"] + r1["val"]) == sorted(list(range(21)) * 2)
-    assert r0["metrics"]["val/samples"] == r1["metrics"]["val/samples"] == 21
+    assert res0["num_samples"] == res1["num_samples"] == 21 and res0["run_dir"] == res1["run_dir"]
+    assert res0["top1"] == res1["top1"]  # every rank reports the metric over the whole split
+    assert json.loads(Path(res0["run_dir"]).joinpath("results.json").read_text())["num_samples"] == 21

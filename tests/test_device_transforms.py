@@ -81,9 +81,9 @@ def test_uint8_path_with_randaugment_draws_the_same_ops():
 @pytest.mark.parametrize("mode,pct", [("center", 0.875), ("squash", 1.0)])
 def test_uint8_eval_gives_the_float_eval_tensors(mode, pct):
     data, aug = configs(64, mode=mode, pct=pct)
+    floats, uint8 = eval_transform(data, aug), eval_uint8_transform(data, aug)
     for raw in SMALL:
-        diff = grey_levels(eval_transform(data, aug)(pil_decode(raw)), device_normalised(eval_uint8_transform(data, aug)(raw)))
-        assert diff.max() <= 1 + 1e-3
+        assert grey_levels(floats(pil_decode(raw)), device_normalised(uint8(raw))).max() <= 1 + 1e-3
 
 
 def test_dct_scale_leaves_the_crop_three_times_the_output():
@@ -103,8 +103,8 @@ def test_dct_scaled_decode_keeps_large_crops_within_about_a_grey_level():
         assert dct_scale(height, width, 32, 32) > 1
         diff = grey_levels(seeded(seed, floats, pil_decode(LARGE)), device_normalised(seeded(seed, uint8, LARGE)))
         assert diff.mean() < 1.5
-    diff = grey_levels(eval_transform(data, aug)(pil_decode(LARGE)), device_normalised(eval_uint8_transform(data, aug)(LARGE)))
-    assert diff.mean() < 1.0  # resized from 375 to 36 px tall: decoded at 1/2
+    floats, uint8 = eval_transform(data, aug), eval_uint8_transform(data, aug)
+    assert grey_levels(floats(pil_decode(LARGE)), device_normalised(uint8(LARGE))).mean() < 1.0  # 375 -> 36 px: at 1/2
 
 
 def test_device_decode_crops_the_cpu_paths_boxes():
@@ -119,7 +119,7 @@ def test_device_decode_crops_the_cpu_paths_boxes():
     for transform in gpu_decode_transform(data, aug, train=True), gpu_decode_transform(data, aug, train=False):
         batch = seeded(0, decode_on_device, images, transform, "cpu")
         assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 32, 32)
-        cpu = seeded(0, lambda: torch.stack([transform(raw) for raw in raws]))
+        cpu = seeded(0, lambda t=transform: torch.stack([t(raw) for raw in raws]))
         assert (batch.int() - cpu.int()).abs().max() <= 1  # float vs uint8 resampling kernels
 
 

@@ -124,3 +124,55 @@ def test_evaluate_reads_image_numbers_from_shard_keys():
     # class 1 always: labels 1, 1 right (2 of 5); ReaL lists of images 1-5: [0, 1] [1] [] [2] [3] -> 2 of 4
     assert measured == pytest.approx({"top1": 2 / 5, "top5": 4 / 5, "num_samples": 5, "real_top1": 2 / 4,
                                       "real_num_samples": 4})
+
+
+# ---- VTAB-1k ------------------------------------------------------------------------------------
+
+# The reference task definitions (google-research/task_adaptation): classes per task.
+VTAB_CLASSES = {
+    "caltech101": 102, "cifar100": 100, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37, "sun397": 397,
+    "svhn": 10, "patch_camelyon": 2, "eurosat": 10, "resisc45": 45, "diabetic_retinopathy": 5, "clevr_count": 8,
+    "clevr_distance": 6, "dmlab": 6, "dsprites_location": 16, "dsprites_orientation": 16, "kitti_distance": 4,
+    "smallnorb_azimuth": 18, "smallnorb_elevation": 9,
+}
+
+
+def test_vtab_has_19_tasks_in_three_groups_with_the_reference_classes():
+    from mixer_cli.evaluate.vtab import TASKS
+
+    assert {name: t.num_classes for name, t in TASKS.items()} == VTAB_CLASSES
+    groups = {g: [n for n, t in TASKS.items() if t.group == g] for g in ("natural", "specialized", "structured")}
+    assert {g: len(names) for g, names in groups.items()} == {"natural": 7, "specialized": 4, "structured": 8}
+    assert groups["specialized"] == ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"]
+
+
+def test_vtab_resolution_by_the_bit_hyperrule():
+    from mixer_cli.evaluate.vtab import TASKS
+
+    # images with an area below 96 x 96 fine-tune at 224: the 32px and 64px data sets; 96 x 96 is not below
+    small = {n for n, t in TASKS.items() if t.resolution == 224}
+    assert small == {"cifar100", "svhn", "eurosat", "dsprites_location", "dsprites_orientation"}
+    assert {t.resolution for t in TASKS.values()} == {224, 448}
+
+
+def test_vtab_scores_by_hand():
+    from mixer_cli.evaluate.vtab import vtab_scores
+
+    # natural tasks score 0.7, specialized 0.8; structured 0.3 except dmlab at 0.7
+    per_task = {n: 0.7 for n in list(VTAB_CLASSES)[:7]} | {n: 0.8 for n in list(VTAB_CLASSES)[7:11]}
+    per_task |= {n: 0.3 for n in list(VTAB_CLASSES)[11:]} | {"dmlab": 0.7}
+    scores = vtab_scores(per_task)
+    assert scores["natural"] == pytest.approx(0.7) and scores["specialized"] == pytest.approx(0.8)
+    assert scores["structured"] == pytest.approx((7 * 0.3 + 0.7) / 8)  # 0.35
+    assert scores["mean"] == pytest.approx((7 * 0.7 + 4 * 0.8 + 7 * 0.3 + 0.7) / 19)  # tasks, not groups, weigh
+    assert scores["per_task"] == per_task
+
+
+def test_a_partial_vtab_suite_has_no_mean_and_an_unknown_task_is_an_error():
+    from mixer_cli.evaluate.vtab import vtab_scores
+
+    natural = {n: 0.5 for n in list(VTAB_CLASSES)[:7]}
+    scores = vtab_scores(natural | {"eurosat": 0.9})
+    assert (scores["natural"], scores["specialized"], scores["structured"], scores["mean"]) == (0.5, None, None, None)
+    with pytest.raises(UserError, match="unknown VTAB-1k task 'pets'; tasks: caltech101, cifar100, "):
+        vtab_scores({"pets": 0.9})

@@ -1,4 +1,6 @@
 """`mixer finetune`: the paper's fine-tuning protocol, a new zero head, Appendix C growth, resume."""
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -101,7 +103,8 @@ def test_recipe_names_the_variant_it_fine_tunes(ckpt):
          "error: cannot grow a Mixer trained at 28px to 42px: Appendix C needs K^2 x "
          "its 49 tokens, i.e. a resolution of K x 28; allowed: 28, 56, 84, 112, ..."),
         ([], "error: fine-tuning needs a pre-trained model: --from CKPT"),
-        (["--from", "CKPT", "optim.lr=0.01,0.03"], "error: bad override: Ambiguous value for argument 'optim.lr=0.01,0.03'"),
+        (["--from", "CKPT", "optim.lr=0.01,0.03"],
+         "error: these overrides list several values (a sweep): add --multirun"),
         (["--from", "CKPT", "recipe=i21k_b16"],
          "error: i21k_b16 is a recipe for `mixer pretrain recipe=i21k_b16`; recipes of this command: ft_cifar10,"),
         (["--from", "CKPT", "target=nope"], "error: unknown fine-tuning target 'nope'"),
@@ -130,13 +133,18 @@ def test_pretrain_refuses_a_shuffle_experiment_recipe():
 
 def test_fine_tune_records_the_target_and_resumes(tmp_path, ckpt):
     pre, path = ckpt
-    cfg = compose([f"checkpoint={path}", "trainer.steps=2", "data.global_batch=16", "sched.warmup_steps=1",
+    # 3 steps of 1,000 of the ~3,920 digits left beside the dev split: the last step ends an epoch,
+    # so the epoch's own validation is the final one and the dev pass comes after it.
+    cfg = compose([f"checkpoint={path}", "trainer.steps=3", "data.global_batch=1000", "sched.warmup_steps=1",
                    f"run_root={tmp_path}"], config_name="finetune")
     results = finetune(cfg, progress=False)
     assert (results["command"], results["name"], results["from"], results["steps"]) == (
-        "finetune", "ft_demo", str(path), 2)
+        "finetune", "ft_demo", str(path), 3)
     assert results["num_samples"] == 1000 and 0 <= results["top1"] <= results["top5"] <= 1
-    run = tmp_path / "finetune" / results["run_dir"].rsplit("/", 1)[1]
+    assert 0 < results["dev_num_samples"] < 200 and 0 <= results["dev_top1"] <= 1  # 2% of the 4,000 train digits
+    assert results["train_loss"] > 0
+    run = Path(results["run_dir"])
+    assert run.parent == tmp_path / "finetune"
     tuned = load_mixer(run / "last.ckpt")
     assert tuned.spec.num_classes == 10 and tuned.pretrained_cfg["num_classes"] == 10
     assert tuned.pretrained_cfg["mean"] == (0.1307,) and tuned.pretrained_cfg["input_size"] == (1, 28, 28)

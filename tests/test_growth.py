@@ -30,9 +30,11 @@ def test_tiled_image_gives_mean_of_per_tile_logits(k):
         torch.testing.assert_close(grown(_tile(tiles, k)), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_shapes_follow_appendix_c():
+def test_shapes_follow_appendix_c_and_the_preprocessing_follows_the_resolution():
     model = _tiny()
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "squash", "crop_pct": 1.0, "mean": (0.1, 0.2, 0.3)}
     grown = grow_resolution(model, 32)
+    assert grown.pretrained_cfg == {**model.pretrained_cfg, "input_size": (3, 32, 32)}
     assert grown.spec.num_tokens == 4 * model.spec.num_tokens  # S' = K^2 S
     assert grown.spec.tokens_mlp_dim == 4 * model.spec.tokens_mlp_dim  # D_S' = K^2 D_S
     assert grown.spec.patch_size == model.spec.patch_size

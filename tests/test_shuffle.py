@@ -1,5 +1,6 @@
 """The permutation experiment (Sec. 3.4, Figure 4): the shuffles, and why the Mixer is immune to one."""
 import csv
+import json
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from mixer_cli.experiments.shuffle import (
 )
 from mixer_cli.models import build_mixer
 from mixer_cli.train.fit import build_datasets
+from test_recipes import shard_data, shard_folders  # noqa: F401 (shard_folders: the `shards` fixture)
 
 IMG, PATCH = 12, 4  # a 3 x 3 grid of 4 x 4 patches
 
@@ -144,11 +146,12 @@ def test_cnn_is_not_rescued_by_the_same_weight_permutation():
 # ------------------------------------------------------------------------------------------------
 # The experiment: data pipeline, drops, verdict, and the command end to end.
 
-TINY = [
+TINY_RUN = [
     "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=32",
-    "resnet.channels=[8,16,16,16]", "resnet.stem_width=8", "data.global_batch=2000", "sched.warmup_steps=1",
-    "fewshot.every_n_steps=1", "trainer.epochs=1", "shuffle.progress=false",  # 2 steps of 2,000 images
+    "data.global_batch=64", "sched.warmup_steps=1", "trainer.steps=2", "fewshot.every_n_steps=1", "fewshot.seeds=1",
+    "shuffle.progress=false",
 ]
+TINY = [*TINY_RUN, "resnet.channels=[8,16,16,16]", "resnet.stem_width=8"]  # the small ResNet of the demo
 
 
 class PixelFeatures(nn.Module):
@@ -214,30 +217,45 @@ def test_relative_drops_and_the_verdict():
     (["shuffle.models=[mixer,vit]"], "error: shuffle.models must list some of mixer, resnet, got ['mixer', 'vit']"),
     (["shuffle.pipelines=[patch_pixel]"],
      "error: shuffle.pipelines must include original: the drops are measured against it"),
-    (["resnet=bit_r50x1", "resnet.model_name=resnet5000"], "error: Unknown model (resnet5000)"),
+    (["resnet=bit_r50x1", "resnet.model_name=resnet5000"], "error: Unknown model (resnet5000)"),  # timm's words
     (["fewshot.every_n_steps=0"], "error: fewshot.every_n_steps must be at least 1 (the curves), got 0"),
     (["fewshot.shots=500"], "error: class 0 has only 400 training example(s), fewer than the 500 shots asked for;"),
 ])
 def test_user_errors_are_one_line_and_write_nothing(tmp_path, args, message):
-    r = CliRunner().invoke(app, ["shuffle-experiment", *TINY, *args, f"run_root={tmp_path}"])
-    assert r.exit_code == 2
-    assert r.output.startswith(message) and len(r.output.strip().splitlines()) == 1
+    tiny = TINY_RUN if "resnet=bit_r50x1" in args else TINY
+    r = CliRunner().invoke(app, ["shuffle-experiment", *tiny, *args, f"run_root={tmp_path}"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(message) and len(r.output.strip().splitlines()) == 1, r.output
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.slow
-def test_command_writes_curves_table_and_permutations(tmp_path):
-    r = CliRunner().invoke(app, ["shuffle-experiment", *TINY, "shuffle.pipelines=[original,patch_pixel]",
+def test_too_few_shards_fail_before_anything_is_written(tmp_path, shards):
+    r = CliRunner().invoke(app, ["shuffle-experiment", *TINY, "data=imagenet", *shard_data(shards),
+                                 "data.num_workers=2", "model.patch_size=8", f"run_root={tmp_path}"])
+    assert r.exit_code == 2, r.output
+    assert r.output == ("error: 1 training shard(s) cannot feed 1 rank(s) x 2 loader worker(s) = 2; write smaller "
+                        "shards (mixer data write --shard-size) or lower data.num_workers\n")
+    assert not any(tmp_path.iterdir())
+
+
+def test_command_writes_curves_table_and_permutations(tmp_path, shards):
+    tiny_data = ["data=imagenet", *shard_data(shards), "data.num_workers=0", "model.patch_size=8", "fewshot.shots=2"]
+    r = CliRunner().invoke(app, ["shuffle-experiment", *TINY, *tiny_data, "shuffle.pipelines=[original,patch_pixel]",
                                  f"run_root={tmp_path}"], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     (run,) = (tmp_path / "shuffle-experiment").iterdir()
     assert {"config.yaml", "permutations.safetensors", "fewshot_curves.csv", "fewshot_curves.png", "results.csv",
             "results.json", "mixer-original", "mixer-patch_pixel", "resnet-original", "resnet-patch_pixel"} == {
         p.name for p in run.iterdir()}
-    saved, drawn = load_file(run / "permutations.safetensors"), draw_permutations(28, 4, seed=0)
+    saved, drawn = load_file(run / "permutations.safetensors"), draw_permutations(32, 8, seed=0)
     assert saved.keys() == drawn.keys() and all(torch.equal(saved[k], drawn[k]) for k in drawn)
     rows = list(csv.DictReader(open(run / "fewshot_curves.csv")))
     steps = sorted({int(r["step"]) for r in rows if r["model"] == "mixer" and r["pipeline"] == "original"})
     assert steps == [0, 1, 2]  # at the start and after every step
+    table = json.loads((run / "results.json").read_text())
+    assert [(t["model"], t["pipeline"], t["steps"]) for t in table] == [
+        ("mixer", "original", 2), ("mixer", "patch_pixel", 2), ("resnet", "original", 2), ("resnet", "patch_pixel", 2)]
+    assert all(t["fewshot_drop"] == 0 for t in table if t["pipeline"] == "original")
+    assert json.loads((run / "resnet-patch_pixel" / "results.json").read_text())["top1"] == table[3]["top1"]
     assert "Sec. 3.4 finding" in r.output and "patch + pixel shuffling" in r.output
     assert OmegaConf.load(run / "config.yaml").shuffle.pipelines == ["original", "patch_pixel"]

@@ -1,14 +1,15 @@
 """Strategies: trainer configs for every launcher, one run directory per run, DDP = single device."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from mixer_cli.config import compose, make_run_dir
 from mixer_cli.models import build_mixer
-from mixer_cli.train.trainer import build_strategy
 
 # Full-batch steps over the 4,000 demo images with no augmentation: every step sees the same samples
 # however they are shuffled or split over ranks, so two ranks x 2,000 must equal one process x 4,000.
@@ -31,10 +32,12 @@ def test_two_process_ddp_matches_single_process_with_same_global_batch(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (single,) = (tmp_path / "single" / "pretrain").iterdir()
     (ddp,) = (tmp_path / "ddp" / "pretrain").iterdir()  # one directory per run, not per rank
-    assert "global batch 4000 = 2 device(s) x 2000" in (ddp / "results.json").read_text()
+    results = json.loads((ddp / "results.json").read_text())
+    assert results["batch"] == "global batch 4000 = 2 device(s) x 2000 x 1 accumulation step(s)"
+    assert results["devices"] == 2 and results["num_samples"] == 1000  # exact evaluation split over the ranks
     a = torch.load(single / "last.ckpt", weights_only=True)
     b = torch.load(ddp / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 3  # last.ckpt is the last step, though val/acc1 peaked earlier
+    assert a["global_step"] == b["global_step"] == 3
     init = build_mixer(None, num_classes=10, img_size=28, in_chans=1, patch_size=4, hidden_dim=16, num_blocks=1,
                        tokens_mlp_dim=8, channels_mlp_dim=32).state_dict()
     for name, tensor in a["state_dict"].items():
@@ -63,9 +66,8 @@ def test_fsdp_wraps_each_mixer_block():
 
     from mixer_cli.models.mixer import MixerBlock
 
-    strategy = build_strategy("fsdp")
+    strategy = instantiate(compose(["trainer=fsdp"]).trainer.strategy)
     assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["auto_wrap_policy"]._module_classes == {MixerBlock}
-    assert build_strategy("ddp") == "ddp"
 
 
 def _clear_launcher_env(monkeypatch):

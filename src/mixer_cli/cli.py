@@ -181,6 +181,8 @@ def data_write(
         jobs = [(out, *folder_samples(folder), str(folder))]
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     for target, *_ in jobs:
         check_output(target)
     for target, classes, samples, name in jobs:
@@ -196,35 +198,66 @@ def data_write(
 
 @data_app.command(
     "bench",
-    epilog="Examples: [bold]mixer data bench[/] · [bold]mixer data bench --seconds 10 --out /tmp/data-bench.csv[/]",
+    epilog="Examples: [bold]mixer data bench[/] · "
+    "[bold]mixer data bench --seconds 20 --out /tmp/data-bench/bench.csv[/] · "
+    "[bold]mixer data bench --throughput 5900[/] (cores per device at 5,900 training img/s per device)",
 )
 @user_errors
 def data_bench(
-    images: int = typer.Option(64, "--images", help="Distinct synthetic 224x224 JPEGs to cycle through."),
-    seconds: float = typer.Option(5.0, "--seconds", help="Time per pipeline, over 5 rounds (the best counts)."),
+    images: int = typer.Option(32, "--images", help="Distinct synthetic 500x375 JPEGs (~100 KiB) to cycle through."),
+    seconds: float = typer.Option(5.0, "--seconds", help="CPU seconds per pipeline, over 5 rounds (the best counts)."),
     out: Path | None = typer.Option(
         None, "--out", help="Also write the table as CSV (and a PNG bar chart beside it).", dir_okay=False
     ),
+    throughput: float | None = typer.Option(
+        None, "--throughput", help="Training img/s per device for 'cores per device' (default: the newest "
+        "`mixer benchmark --train` results).", show_default=False,
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="The model whose training rate those results give, e.g. mixer-b16 (default: our "
+        "first Mixer in them).", show_default=False,
+    ),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="The run_root `mixer benchmark` wrote to.", file_okay=False),
 ):
-    """Decode + augment images/s per CPU core for 224x224 JPEGs: Inception crop + flip, with and
-    without RandAugment, and the evaluation resize-crop, each against JPEG decoding alone."""
-    from rich.table import Table
+    """Input pipeline img/s per CPU core on ImageNet-like 500x375 JPEGs: each recipe's training
+    pipeline (JFT: Inception crop + flip; ImageNet: + RandAugment) and the evaluation, on the float
+    path and the uint8 path, beside JPEG decoding alone; and the cores one device needs."""
+    from mixer_cli.data.bench import data_bench as run_data_bench
 
-    from mixer_cli.data.bench import run_bench, write_bench
-    from mixer_cli.report import console
+    run_data_bench(images, seconds, out, throughput, model, runs)
 
-    if images < 1 or seconds <= 0:
-        raise UserError("--images must be at least 1 and --seconds above 0")
-    rows = run_bench(images, seconds)
-    table = Table(title="data pipeline, one CPU core, 224x224 JPEG")
-    for col in ("pipeline", "img/s per core", "vs decode only"):
-        table.add_column(col, justify="left" if col == "pipeline" else "right")
-    for r in rows:
-        table.add_row(r["pipeline"], f"{r['img_per_s_per_core']:.0f}", f"{r['vs_decode_only']:.2f}x")
-    console.print(table)
-    if out is not None:
-        for path in write_bench(rows, out):
-            console.print(f"wrote {path}")
+
+@app.command("eval", epilog="Examples: [bold]mixer eval --from runs/pretrain/20261125-101500-demo/last.ckpt[/] · "
+             "[bold]mixer eval --from Mixer-B_16.npz data=folder data.eval_path=~/imagenet/val data.num_classes=1000 "
+             "data.real_labels=real.json[/] · [bold]mixer eval --from CKPT data=cifar10 aug.eval_crop_pct=0.875[/]")
+@user_errors
+def eval_(
+    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
+                                    dir_okay=False, show_default=False),
+    overrides: list[str] | None = OVERRIDES,
+):
+    """Top-1 and top-5 (and ReaL top-1 with data.real_labels) of a checkpoint on a data set's evaluation
+    split, every image once, with the checkpoint's preprocessing unless overridden."""
+    from mixer_cli.config import compose
+    from mixer_cli.evaluate.checkpoint_eval import evaluate_checkpoint
+
+    evaluate_checkpoint(compose(overrides or [], config_name="eval"), checkpoint)
+
+
+@app.command(epilog="Examples: [bold]mixer report[/] · "
+                    "[bold]mixer report runs/pretrain runs/finetune runs/benchmark[/] · "
+                    "[bold]mixer report ~/cluster-runs --out /tmp[/]")
+@user_errors
+def report(
+    run_dirs: list[Path] | None = typer.Argument(None, metavar="[RUN_DIR]...", show_default=False,
+                                                 help="Run directories or folders of them [default: runs/]."),
+    out: Path = typer.Option(Path("runs"), "--out", file_okay=False, help="Write into OUT/report/<timestamp>-report/."),
+):
+    """Our runs beside the paper's Tables 2 and 3 (report.md, report.csv) and plots of accuracy against
+    pre-training cost, throughput and pre-training set size."""
+    from mixer_cli.evaluate.report import build_report
+
+    build_report(run_dirs or [Path("runs")], out)
 
 
 @app.command(
@@ -339,12 +372,19 @@ def finetune(
     epilog="Examples: [bold]mixer recipes[/] · [bold]mixer recipes i21k_b16[/] · [bold]mixer recipes ft_cifar10[/]"
 )
 @user_errors
-def recipes(name: str | None = typer.Argument(None, help="Show this recipe's whole config, resolved.")):
-    """List every recipe beside the paper's numbers (Tables 2-3), or show one resolved."""
+def recipes(
+    name: str | None = typer.Argument(None, help="Show this recipe's whole config, resolved."),
+    throughput: float | None = typer.Option(
+        None, "--throughput", help="Sustained training TFLOP/s per device for the cost plan (default: the latest "
+        "`mixer benchmark` under runs/).", show_default=False,
+    ),
+):
+    """List every recipe beside the paper's numbers (Tables 2-3) with its training FLOPs and predicted
+    device-hours, or show one recipe resolved."""
     from mixer_cli.recipes import print_recipe, print_recipes
 
     if name is None:
-        print_recipes()
+        print_recipes(throughput=throughput)
     else:
         print_recipe(name)
 

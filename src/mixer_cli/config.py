@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mixer_cli.errors import UserError
+from mixer_cli.schema import check_config
 
 
 def package_root() -> Path:
@@ -60,6 +61,8 @@ def compose(overrides: list[str] = (), config_name: str = "config", resolve: boo
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Resolve interpolations and check that every required value is set and of the right kind."""
+    check_table_choice(cfg, "target", "targets", "fine-tuning target")
+    check_table_choice(cfg, "subset", "subsets", "subset")
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -67,7 +70,14 @@ def validate(cfg: DictConfig) -> DictConfig:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise UserError(f"config value(s) {', '.join(sorted(missing))} must be set, e.g. {sorted(missing)[0]}=...")
+    check_config(cfg)
     return cfg
+
+
+def check_table_choice(cfg: DictConfig, key: str, table: str, what: str) -> None:
+    """A key that names a row of a table in the config (target -> targets) must name one."""
+    if key in cfg and table in cfg and cfg[key] not in cfg[table]:
+        raise UserError(f"unknown {what} {cfg[key]!r}; {table}: {', '.join(map(str, cfg[table]))}")
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -213,7 +223,13 @@ def load_run_config(run_dir: Path) -> DictConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass the folder of an earlier run")
-    return OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml's and OmegaConf's many error types: the file is damaged
+        raise UserError(f"{path} is not a readable config ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, DictConfig) or "name" not in cfg or "trainer" not in cfg:
+        raise UserError(f"{path} is not the config.yaml of a training run (no name or trainer)")
+    return cfg
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:

@@ -114,10 +114,21 @@ def images_seen(name: str, cfg: DictConfig) -> int | None:
     """Training images of the whole run: steps x batch, or epochs x the (fraction of the) training set."""
     if _get(cfg, "trainer.steps"):
         return cfg.trainer.steps * cfg.data.global_batch
-    size = _get(cfg, "data.train_size") or NOMINAL_TRAIN_SIZES.get(recipe_choice(name, "data"))
+    size = train_size(name, cfg)
     if size is None:
         return None
     return round(cfg.trainer.epochs * size * (_get(cfg, "data.train_fraction") or 1))
+
+
+def train_size(name: str, cfg: DictConfig) -> int | None:
+    """The training set's size: the config's, the bundled demo's, or the data set's nominal size."""
+    if _get(cfg, "data.train_size"):
+        return cfg.data.train_size
+    if cfg.data.source == "demo":
+        from mixer_cli.data import demo_arrays
+
+        return len(demo_arrays("train")[1])
+    return NOMINAL_TRAIN_SIZES.get(recipe_choice(name, "data"))
 
 
 def train_rates(runs: Path) -> dict[tuple[str, int], tuple[float, str]]:
@@ -148,9 +159,13 @@ def plan_row(name: str, cfg: DictConfig, throughput: float | None, rates: dict) 
     else:
         hours, basis = None, "-"
     days = (cfg.get("paper") or {}).get("tpu_core_days")
-    return [name, variant or "custom", "-" if images is None else f"{images:.3g}", f"{forward_flops(spec) / 1e9:.2f}",
+    return [name, variant or "custom", _count(images), f"{forward_flops(spec) / 1e9:.2f}",
             "-" if train_flops is None else f"{train_flops:.2e}", _hours(hours), basis,
             "-" if days is None else f"{days:,g}"]
+
+
+def _count(images: int | None) -> str:
+    return "-" if images is None else f"{images:,}" if images < 10**7 else f"{images:.3g}"
 
 
 def _hours(hours: float | None) -> str:
@@ -172,5 +187,5 @@ def print_plan(recipes: dict[str, DictConfig], console: Console, throughput: flo
     console.print(table)
     if throughput is None and not rates:
         console.print(f"No `mixer benchmark` result under {runs}/: time the models with [bold]mixer benchmark "
-                      "--train models=[mixer-b16,...][/], or give [bold]--throughput TFLOPS[/] (sustained training "
-                      "TFLOP/s per device)")
+                      "--train models=mixer-b16,mixer-l16[/], or give [bold]--throughput TFLOPS[/] (sustained "
+                      "training TFLOP/s per device)")

@@ -4,9 +4,10 @@ The loader workers decode, crop, resize and flip, and hand over uint8 (C, H, W) 
 of the bytes of float ones; the conversion to float and the normalisation run batched on the
 accelerator (`NormalizeOnDevice`, as timm's PrefetchLoader does), and mixup after them. The CPU
 work per image is also cheaper: torchvision's JPEG decoder and its antialiased uint8 resize instead
-of PIL's, the crop taken as a view of the decoded image, and for a crop at least 2 x 2 = 4 times
-the output size a DCT-scaled decode (PIL `draft`: libjpeg decodes at 1/2, 1/4 or 1/8 scale, PIL's
-`reducing_gap` idea), which skips most of the decoding work.
+of PIL's, with the crop taken as a view of the decoded image. A crop at least 2 x REDUCING_GAP = 6
+times the output per side decodes at 1/2, 1/4 or 1/8 scale in the DCT instead (PIL `draft`, as
+PIL's `reducing_gap` does for thumbnails), which skips most of the decoding work; ImageNet-sized
+photos at 224 px never get there, larger photos and lower resolutions do.
 
 Same images as the float path of data/transforms.py: the crop box is timm's
 RandomResizedCropAndInterpolation box and the flip torchvision's coin, drawn in the same order, so
@@ -93,7 +94,7 @@ class InceptionCropUint8:
 
     def crop(self, img: torch.Tensor, box: Box, flip: bool) -> torch.Tensor:
         """Crop, resize (antialiased, as PIL's resize) and flip, on whatever device `img` is."""
-        out = F.resized_crop(img, box[0] + 1, *box[1:], [self.size, self.size], self.interpolation, antialias=True)
+        out = F.resized_crop(img, *box, [self.size, self.size], self.interpolation, antialias=True)
         return F.horizontal_flip(out) if flip else out
 
     def on_tensor(self, img: torch.Tensor) -> torch.Tensor:
@@ -175,12 +176,12 @@ def decode_on_device(images: list[torch.Tensor], transform: InceptionCropUint8 |
     """Encoded images (1-D uint8 CPU tensors) -> uint8 (B, C, size, size) on `device`. The JPEGs
     decode as one batch (nvJPEG on a GPU); any other format decodes on the CPU and is copied over.
     Each image is then cropped, resized and flipped on the device by `transform.on_tensor`."""
-    jpeg = [i for i, x in enumerate(images) if x[:2].tolist() == list(JPEG_MAGIC)]
-    decoded = dict(zip(jpeg, decode_jpeg([images[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
-                       if jpeg else []))
-    for i in set(range(len(images))) - set(jpeg):
-        decoded[i] = decode_image(images[i], mode=ImageReadMode.RGB).to(device)
-    return torch.stack([transform.on_tensor(decoded[i]) for i in range(len(images))])
+    is_jpeg = [x[:2].tolist() == list(JPEG_MAGIC) for x in images]
+    jpegs = [x for x, j in zip(images, is_jpeg) if j]
+    on_device = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+    decoded = [next(on_device) if j else decode_image(x, mode=ImageReadMode.RGB).to(device)
+               for x, j in zip(images, is_jpeg)]
+    return torch.stack([transform.on_tensor(img) for img in decoded])
 
 
 def collate_encoded(samples: list[tuple[bytes, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:

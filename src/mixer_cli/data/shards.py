@@ -1,10 +1,13 @@
 """Webdataset shards as training and evaluation sources.
 
 Training (`TrainShards`): the shard list is split by node and by worker into disjoint subsets, so
-different ranks see different data; each (rank, worker) streams its subset forever, reshuffled
-every pass with its own seed, through a shuffle buffer. The epoch length is set on the loader: a
-rank yields exactly `batches_per_epoch` batches per epoch however many workers share them, so step
-counts match `samples per epoch / global batch` under DDP, and no rank ever runs dry (no DDP hang).
+different ranks see different data; each (rank, worker) streams its subset, reshuffled every pass,
+through a shuffle buffer, with a seed of its own for every epoch. The epoch length is set on the
+loader: a rank yields exactly `batches_per_epoch` batches per epoch however many workers share them,
+so step counts match `samples per epoch / global batch` under DDP, and no rank ever runs dry (no
+DDP hang). The stream is resumable (`state_dict`): a continued run rebuilds the epoch's stream from
+its seed and skips, before decoding, the samples the stopped run had taken, so it yields exactly
+the batches the stopped run would have yielded next.
 Evaluation (`EvalShards`): every shard is read exactly once, split by node and by worker, last
 batch partial: no sample is dropped or duplicated across ranks.
 A corrupt sample (bad image, truncated tar) is skipped, counted and logged; the run goes on.
@@ -17,9 +20,11 @@ import logging
 import random
 from pathlib import Path
 
+import numpy as np
+import torch
 import webdataset as wds
 from omegaconf import DictConfig
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from mixer_cli.data.subsets import Selection
 from mixer_cli.data.writer import INDEX, read_index
@@ -44,6 +49,24 @@ def rank_and_world(placed: tuple[int, int] | None = None) -> tuple[int, int]:
 def worker_and_workers() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
+
+
+def rng_states() -> dict:
+    """This process's random generators (torch, CUDA, numpy, Python), in types that torch.load(weights_only=True)
+    reads back: checkpoints that hold them stay loadable by `load_mixer`."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, keys.tolist(), pos, has_gauss, gauss), "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def resolve_shards(path: str, size: int | None, key: str) -> tuple[list[str], int | None]:
@@ -107,7 +130,10 @@ def decoded_samples(transform, channels: int, handler: SkipCorrupt, selection: S
 
 
 class TrainShards(IterableDataset):
-    """Endless, shuffled (image, label) batches from this rank's and worker's share of the shards."""
+    """Shuffled (image, label) batches from this rank's and worker's share of the shards, `batches_per_epoch`
+    per epoch over all workers. Each (rank, worker) holds its own copy and position: `epoch` (the epoch it
+    is in), `batches` (yielded in that epoch) and `taken` (samples taken off the shuffle buffer for them,
+    corrupt ones included)."""
 
     def __init__(self, urls: list[str], num_samples: int, transform, channels: int, shuffle_buffer: int, seed: int,
                  selection: Selection | None = None):
@@ -118,7 +144,8 @@ class TrainShards(IterableDataset):
         self.batch_size, self.batches_per_epoch = 1, num_samples
         self.corrupt = SkipCorrupt()
         self.placed: tuple[int, int] | None = None  # (rank, world size), set by the DataModule
-        self._stream = None  # kept across epochs (persistent workers): no refill of the shuffle buffer
+        self.epoch, self.batches, self.taken = -1, 0, 0
+        self._continuing = False  # a loaded state: the next __iter__ continues its epoch instead of starting one
 
     def set_epoch_length(self, batch_size: int, batches_per_epoch: int) -> None:
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
@@ -133,16 +160,22 @@ class TrainShards(IterableDataset):
             )
 
     def my_shards(self) -> tuple[list[str], int]:
-        """This (rank, worker)'s disjoint slice of the shard list, and a seed no other one shares."""
+        """This (rank, worker)'s disjoint slice of the shard list, and its slot (which no other one has)."""
         rank, world = rank_and_world(self.placed)
         worker, workers = worker_and_workers()
         slot, slots = rank * workers + worker, world * workers
         self.check_split(world, workers)
-        return self.urls[slot::slots], self.seed * 1_000_003 + slot
+        return self.urls[slot::slots], slot
 
-    def _endless(self):
-        shards, seed = self.my_shards()
-        rng = random.Random(seed)
+    def my_share(self) -> int:
+        """Batches this worker yields per epoch: the rank's epoch split as evenly as it goes."""
+        worker, workers = worker_and_workers()
+        return self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+
+    def _epoch_stream(self, skip: int):
+        """This slot's batches of the current epoch, after the first `skip` samples off the shuffle buffer."""
+        shards, slot = self.my_shards()
+        rng = random.Random(f"{self.seed}/{slot}/{self.epoch}")  # the same stream whenever the epoch is rebuilt
         read = [0]  # samples that came out of the tar files, to notice shards that hold none
 
         def shard_passes():
@@ -152,31 +185,57 @@ class TrainShards(IterableDataset):
                 if read[0] == before:  # a whole pass without one sample: resampling would spin forever
                     raise UserError(f"no readable sample in the {len(shards)} shard(s) from {shards[0]}: all corrupt")
 
-        def count(samples):
+        def count_read(samples):
             for sample in samples:
                 read[0] += 1
                 yield sample
 
+        def count_taken(samples):  # still encoded: skipping what the stopped run took costs no decoding
+            for sample in itertools.islice(samples, skip, None):
+                self.taken += 1
+                yield sample
+
+        def batches(samples):  # unlike wds.batched, reads no sample ahead: `taken` is exactly what was yielded
+            while len(batch := list(itertools.islice(samples, self.batch_size))) == self.batch_size:
+                yield default_collate(batch)
+
+        # No larger than the epoch: the buffer is filled afresh every epoch.
+        buffer = min(self.shuffle_buffer, self.my_share() * self.batch_size)
         tar_stage, *decode_stages = decoded_samples(self.transform, self.channels, self.corrupt, self.selection)
-        pipeline = wds.DataPipeline(
+        return wds.DataPipeline(
             shard_passes,
             tar_stage,
-            count,
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
+            count_read,
+            wds.shuffle(buffer, initial=buffer, rng=rng),
+            count_taken,
             *decode_stages,  # after the shuffle: the buffer holds encoded bytes, not decoded images
-            wds.batched(self.batch_size, partial=False),
+            batches,
         )
-        return iter(pipeline)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
     def __iter__(self):
-        if self._stream is None:
-            self._stream = self._endless()
-        worker, workers = worker_and_workers()
-        share = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
-        return itertools.islice(self._stream, share)
+        if self._continuing:
+            self._continuing = False
+        else:
+            self.epoch, self.batches, self.taken = self.epoch + 1, 0, 0
+        stream = self._epoch_stream(skip=self.taken)
+        for batch in itertools.islice(stream, self.my_share() - self.batches):
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        """The position of this (rank, worker), which torchdata's StatefulDataLoader asks for after every
+        batch; in a loader worker also its random generators, which the augmentation draws from."""
+        state = {"epoch": self.epoch, "batches": self.batches, "taken": self.taken}
+        return {**state, "rng": rng_states()} if get_worker_info() else state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches, self.taken = state["epoch"], state["batches"], state["taken"]
+        self._continuing = True
+        if "rng" in state:
+            set_rng_states(state["rng"])
 
 
 class EvalShards(IterableDataset):

@@ -204,5 +204,12 @@ def _write_tar(path: Path, records: list[dict]) -> None:
 def read_index(folder: Path) -> dict:
     """The index.json that `mixer data write` put beside its shards."""
     path = Path(folder) / INDEX
-    with open(path) as f:
-        return json.load(f)
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = str(e).splitlines()[0]
+        raise UserError(f"{path} is not a readable index ({reason}); rewrite it with `mixer data write`") from None
+    missing = {"shards", "num_samples", "classes"} - set(index if isinstance(index, dict) else ())
+    if missing:
+        raise UserError(f"{path} is not an index written by `mixer data write` (no {', '.join(sorted(missing))})")
+    return index

@@ -337,9 +337,16 @@ def difference(key: str, ours: float | None, paper: float | None) -> float | Non
     return ours - paper if key in ACCURACIES else ours / paper
 
 
+def formatted(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if key in ACCURACIES:
+        return f"{value:.2f}"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def cell(key: str, ours: float | None, paper: float | None) -> str:
-    fmt = "{:.2f}" if key in ACCURACIES else "{:,.3g}" if key == "cost_hours" else "{:,.0f}"
-    text = f"{'-' if ours is None else fmt.format(ours)} / {'-' if paper is None else fmt.format(paper)}"
+    text = f"{formatted(key, ours)} / {formatted(key, paper)}"
     diff = difference(key, ours, paper)
     if diff is not None:
         text += f" ({diff:+.2f})" if key in ACCURACIES else f" (x{diff:.2g})"
@@ -465,5 +472,5 @@ def build_report(run_dirs: list[Path], out_root: Path) -> Path:
         raise
     measured = sum(any(v is not None for v in r.measured.values()) for r in rows)
     console.print(f"{len(runs.runs)} runs read; {measured} of {len(rows)} rows measured; wrote {out}/report.md",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     return out

@@ -4,14 +4,22 @@ Map-style sources (demo, image folder): Lightning's DistributedSampler splits tr
 evaluation uses an unpadded sampler so no sample is counted twice. Shards: the dataset batches
 itself and yields `micro_batches_per_epoch` batches per rank and epoch, so every rank takes the
 same number of optimiser steps (no DDP hang).
+
+The training loader is torchdata's StatefulDataLoader: Lightning keeps its position (sampler state,
+and the shard stream's `state_dict` in every worker) in each checkpoint, so a run stopped mid-epoch
+continues with the very next batch. Evaluation loaders draw their worker seeds from a generator of
+their own: evaluating leaves the training's random stream as it was, so a continued run, which may
+evaluate at other moments than the run it continues, draws the same augmentation and dropout.
 """
 from __future__ import annotations
 
 import warnings
 
 import lightning as L
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mixer_cli.data.shards import TrainShards
 
@@ -37,19 +45,21 @@ class ImageDataModule(L.LightningDataModule):
     def _pin(self) -> bool:
         return self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
 
-    def _loader(self, dataset, **kw) -> DataLoader:
+    def _loader(self, dataset, loader=DataLoader, **kw) -> DataLoader:
         workers = self.num_workers
-        return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0, pin_memory=self._pin(), **kw)
+        return loader(dataset, num_workers=workers, persistent_workers=workers > 0, pin_memory=self._pin(), **kw)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
+        warnings.filterwarnings("ignore", ".*'set_vital' is deprecated.*")  # torchdata calls it, not us
         if isinstance(self.train_set, TrainShards):
             world, rank = self._world()
             self.train_set.placed = (rank, world)
             self.train_set.set_epoch_length(self.device_batch, self.micro_batches_per_epoch)
             # The length is exact however many workers share it (TrainShards.__iter__); torch's advice does not apply.
             warnings.filterwarnings("ignore", ".*IterableDataset.*has.*__len__.*")
-            return self._loader(self.train_set, batch_size=None)
-        return self._loader(self.train_set, batch_size=self.device_batch, shuffle=True, drop_last=True)
+            return self._loader(self.train_set, StatefulDataLoader, batch_size=None)
+        return self._loader(self.train_set, StatefulDataLoader, batch_size=self.device_batch, shuffle=True,
+                            drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader(self.eval_set)
@@ -57,9 +67,10 @@ class ImageDataModule(L.LightningDataModule):
     def eval_loader(self, dataset: Dataset) -> DataLoader:
         """One exact, unpadded pass over `dataset`, split over the ranks."""
         world, rank = self._world()
+        own_seeds = torch.Generator()
         if isinstance(dataset, IterableDataset):
             dataset.placed = (rank, world)
             dataset.batch_size = self.device_batch
-            return self._loader(dataset, batch_size=None)
+            return self._loader(dataset, batch_size=None, generator=own_seeds)
         sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
-        return self._loader(dataset, batch_size=self.device_batch, sampler=sampler)
+        return self._loader(dataset, batch_size=self.device_batch, sampler=sampler, generator=own_seeds)

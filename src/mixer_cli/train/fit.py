@@ -21,6 +21,7 @@ from torch import nn
 
 from mixer_cli.config import make_run_dir, save_config, write_atomic
 from mixer_cli.data import build_dataset
+from mixer_cli.data.transforms import eval_data_config
 from mixer_cli.models.mixer import Mixer
 from mixer_cli.report import plot_curves, print_summary
 from mixer_cli.train.batching import devices_per_node, plan_batches
@@ -43,10 +44,7 @@ def build_dev_set(cfg: DictConfig):
 def preprocessing(cfg: DictConfig) -> dict:
     """The evaluation preprocessing of this run in timm's `pretrained_cfg` keys: what a checkpoint's
     user must do to an image before the model sees it."""
-    d, a = cfg.data, cfg.aug
-    return {"input_size": (d.channels, d.img_size, d.img_size), "mean": tuple(d.mean), "std": tuple(d.std),
-            "interpolation": d.interpolation, "crop_pct": a.eval_crop_pct, "crop_mode": a.eval_crop_mode,
-            "num_classes": d.num_classes}
+    return {**eval_data_config(cfg.data, cfg.aug), "num_classes": cfg.data.num_classes}
 
 
 def mixer_record(model: nn.Module) -> dict:
@@ -104,11 +102,14 @@ def fit(
     )
     fresh = run_dir is None
     run_dir = run_dir or make_run_dir(cfg, command)
+    if fresh and (run_dir / "last.ckpt").is_file():  # a requeued job's directory: continue the run it holds
+        fresh, resume = False, True
     try:
         trainer = build_trainer(
             t, run_dir, plan,
             callbacks=[*build_callbacks(cfg.callbacks, run_dir), *(callbacks or [])],
             loggers=build_loggers(cfg.logger, run_dir, resume), progress=progress,
+            micro_batches_per_epoch=datamodule.micro_batches_per_epoch,
         )
         if trainer.world_size != plan.world_size:
             raise RuntimeError(f"planned for {plan.world_size} devices, Lightning runs {trainer.world_size}")
@@ -121,12 +122,14 @@ def fit(
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=run_dir / "last.ckpt" if resume else None,
                 weights_only=False)
-    dev = evaluate(trainer, module, datamodule.eval_loader(dev_set), "dev") if dev_set is not None else {}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # evaluation clears them
     if module.validated_at_step != trainer.global_step:  # every run ends evaluated, whatever its length
-        evaluate(trainer, module, datamodule.val_dataloader())
+        metrics |= evaluate(trainer, module, datamodule.val_dataloader())
+    dev = evaluate(trainer, module, datamodule.eval_loader(dev_set), "dev") if dev_set is not None else {}
     seconds = time.perf_counter() - start
     trainer.save_checkpoint(run_dir / "last.ckpt")
-    results = {**summarise(cfg, command, trainer, model, plan, steps, seconds, run_dir), **(extra_results or {}),
+    results = {**summarise(cfg, command, trainer, model, plan, steps, steps_per_epoch, seconds, run_dir, metrics),
+               **(extra_results or {}),
                **{f"dev_{k.removeprefix('dev/')}": v for k, v in dev.items() if k != "dev/loss"}}
     if trainer.is_global_zero:
         write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
@@ -153,8 +156,7 @@ def describe_model(cfg: DictConfig, model: nn.Module) -> str:
     return cfg.model.get("variant") or f"custom (patch {s.patch_size}, C {s.hidden_dim}, {s.num_blocks} blocks)"
 
 
-def summarise(cfg, command, trainer, model, plan, steps, seconds, run_dir) -> dict:
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+def summarise(cfg, command, trainer, model, plan, steps, steps_per_epoch, seconds, run_dir, metrics) -> dict:
     return {
         "command": command,
         "name": cfg.name,
@@ -163,7 +165,7 @@ def summarise(cfg, command, trainer, model, plan, steps, seconds, run_dir) -> di
         "data": cfg.data.source,
         "batch": plan.describe(),
         "devices": plan.world_size,
-        "epochs": trainer.current_epoch,
+        "epochs": round(trainer.global_step / steps_per_epoch, 2),
         "steps": trainer.global_step,
         "planned_steps": steps,
         "train_seconds": round(seconds, 1),

@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.table import Table
 
-from mixer_cli.config import hydra_overrides, package_root, validate, write_atomic
+from mixer_cli.config import compose, hydra_overrides, package_root, validate, write_atomic
+from mixer_cli.errors import UserError
 from mixer_cli.report import console, csv_text
 
 
@@ -36,6 +37,7 @@ def run_point(cfg: DictConfig, command: str) -> dict:
 
 def multirun(command: str, config_name: str, overrides: list[str]) -> list[dict]:
     """Run the sweep the overrides describe; returns the points' results, in order."""
+    check_points(config_name, overrides)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     settings = [
         f"hydra.sweep.dir=${{run_root}}/{command}/{stamp}-${{name}}-sweep",
@@ -57,6 +59,21 @@ def multirun(command: str, config_name: str, overrides: list[str]) -> list[dict]
     write_atomic(sweep_dir / "sweep.csv", csv_text(rows))
     print_sweep(rows, list(varying(points[0], points)), sweep_dir)
     return rows
+
+
+def check_points(config_name: str, overrides: list[str]) -> None:
+    """Compose (and so validate) every point of the sweep before any runs: a bad value in the last
+    point should not cost the first ones' training. The points are Hydra's basic sweeper's own."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        (points,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+    except HydraException as e:
+        raise UserError(f"bad sweep override: {str(e).splitlines()[0]}") from None
+    for point in points:
+        compose(point, config_name)
 
 
 def read_results(run_dir: Path) -> dict:

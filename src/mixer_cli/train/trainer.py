@@ -59,9 +59,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resume: bool) -> list[Logger]:
 
 
 def build_trainer(
-    t: DictConfig, run_dir: Path, plan: BatchPlan, callbacks: list[Callback], loggers: list[Logger], progress: bool
+    t: DictConfig, run_dir: Path, plan: BatchPlan, callbacks: list[Callback], loggers: list[Logger], progress: bool,
+    micro_batches_per_epoch: int | None = None,
 ) -> L.Trainer:
-    """A Trainer from the `trainer` group, with the batch plan's gradient accumulation."""
+    """A Trainer from the `trainer` group, with the batch plan's gradient accumulation. An epoch is
+    `micro_batches_per_epoch` micro-batches, a whole number of optimiser steps: Lightning would
+    otherwise step once more on the epoch's leftover micro-batches, past the schedule's end."""
     quiet_lightning()
     strategy = instantiate(t.strategy) if isinstance(t.strategy, DictConfig) else t.strategy
     if progress:
@@ -78,6 +81,7 @@ def build_trainer(
         max_epochs=-1 if t.steps else t.epochs,
         max_steps=t.steps or -1,
         accumulate_grad_batches=plan.accumulate,
+        limit_train_batches=micro_batches_per_epoch,
         gradient_clip_val=t.grad_clip,
         gradient_clip_algorithm="norm",
         check_val_every_n_epoch=t.val_every_epochs,

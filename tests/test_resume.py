@@ -1,0 +1,200 @@
+"""Exact resume after pre-emption, as a cluster does it: real `mixer pretrain` processes stopped by
+real signals mid-epoch, continued, and compared bit for bit with the same run left alone (same
+seed, CPU, one thread: the comparison is torch.equal, a tolerance of zero).
+
+The runs are tiny Mixers on the demo digits; batches are small so that a run lasts long enough to
+be interrupted. A run is interrupted once it has written a periodic last.ckpt (so it is training,
+and trainer.checkpoint_every_steps / _minutes are exercised on the way). Both runs are shorter than
+an epoch or end inside one, and still end with an evaluation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from mixer_cli.config import compose
+from mixer_cli.data.writer import demo_samples, write_shards
+from mixer_cli.train.fit import fit, resume
+from mixer_cli.train.pretrain import build_model, pretrain
+
+TINY = [
+    "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16",
+    "trainer.accelerator=cpu", "trainer.devices=1", "sched.warmup_steps=5",
+]
+# 500 steps per epoch: every stop is mid-epoch; the run is shorter than an epoch.
+DEMO = [*TINY, "data.global_batch=8", "trainer.device_batch=4", "trainer.steps=100"]
+# 40 steps per epoch over 800 training samples, two loader workers; the run ends in its second epoch.
+SHARDS = [*TINY, "data.source=shards", "data.num_workers=2", "data.global_batch=20", "trainer.steps=50"]
+WAIT_S = 240  # bounds every wait; a loaded machine starts Python slowly
+
+
+def mixer(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "mixer_cli.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)  # as load_mixer reads it
+
+
+def wait_for_checkpoint(runs: Path, proc: subprocess.Popen, after: int = 0) -> tuple[Path, int]:
+    """(run directory, step) once the running `proc` has written a last.ckpt beyond step `after`."""
+    deadline, seen = time.monotonic() + WAIT_S, None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended before it was interrupted:\n{proc.stderr.read()[-3000:]}"
+        for ckpt in runs.glob("pretrain/*/last.ckpt"):
+            if ckpt.stat().st_mtime_ns != seen:  # read a checkpoint only when a new one is there
+                seen = ckpt.stat().st_mtime_ns
+                if (step := checkpoint(ckpt)["global_step"]) > after:
+                    return ckpt.parent, step
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no checkpoint beyond step {after} within {WAIT_S}s")
+
+
+def signal_after_checkpoint(runs: Path, proc: subprocess.Popen, sig: signal.Signals) -> tuple[Path, int]:
+    """Send `sig` to `proc` once it has written its first last.ckpt; its run directory and that step."""
+    run, step = wait_for_checkpoint(runs, proc)
+    proc.send_signal(sig)
+    return run, step
+
+
+def while_running_reference(tmp_path: Path, overrides: list[str], proc: subprocess.Popen, sig: signal.Signals):
+    """(the reference's directory, the run directory and step at which `sig` was sent): the reference
+    trains here while a thread watches `proc` (two cores: the test takes the time of one run, not two)."""
+    with ThreadPoolExecutor(1) as pool:
+        signalled = pool.submit(signal_after_checkpoint, tmp_path / "runs", proc, sig)
+        ref = reference(tmp_path, overrides)
+        return ref, *signalled.result(timeout=WAIT_S)
+
+
+def interrupt(proc: subprocess.Popen, sig: signal.Signals) -> tuple[int, str]:
+    proc.send_signal(sig)
+    return stopped(proc, sig)
+
+
+def stopped(proc: subprocess.Popen, sig: signal.Signals) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the run did not stop within {WAIT_S}s of {sig.name}")
+    return proc.returncode, err
+
+
+def finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def assert_stopped(rc: int, err: str, sig: signal.Signals, run: Path, after: int, before: int) -> int:
+    """The run exited with 128 + the signal after saving a checkpoint at the step it names; that step."""
+    step = checkpoint(run / "last.ckpt")["global_step"]
+    assert rc == 128 + sig, err[-3000:]
+    assert f"stopped by {sig.name} after step {step} (epoch 0); {run / 'last.ckpt'} holds it" in err
+    assert after < step < before
+    return step
+
+
+def one_thread(run, *args):
+    """run(*args) in this process on one thread, as the `mixer` processes run (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(*args, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def reference(tmp_path: Path, overrides: list[str]) -> Path:
+    """The directory of the run left alone."""
+    return Path(one_thread(pretrain, compose([*overrides, f"run_root={tmp_path / 'reference'}"]))["run_dir"])
+
+
+def assert_same_run(run: Path, ref: Path, steps: int) -> None:
+    got, want = checkpoint(run / "last.ckpt"), checkpoint(ref / "last.ckpt")
+    assert got["global_step"] == want["global_step"] == steps
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for name, value in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], value), f"{name}: {(got['state_dict'][name] - value).abs().max()}"
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == steps and isinstance(results["top1"], float) and 0 <= results["top1"] <= 1
+    assert results["top1"] == json.loads((ref / "results.json").read_text())["top1"]
+
+
+def slurm_job(tmp_path: Path) -> dict:
+    """The environment of a one-task SLURM job 4242 whose scontrol only notes what it is asked. The run
+    directory is named after the job through TORCHELASTIC_RUN_ID: make_run_dir names it after SLURM's
+    job id only for jobs of several tasks."""
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+    return {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mixer", "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "TORCHELASTIC_RUN_ID": "job4242",
+            "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+
+
+@pytest.mark.slow
+def test_sigusr1_requeues_the_slurm_job_which_continues_then_sigint_and_resume_match_the_run_left_alone(tmp_path):
+    runs, slurm = tmp_path / "runs", slurm_job(tmp_path)
+    first = mixer(["pretrain", *DEMO, "trainer.checkpoint_every_steps=10", f"run_root={runs}"], tmp_path, slurm)
+    ref, run, step = while_running_reference(tmp_path, DEMO, first, signal.SIGUSR1)
+    assert step % 10 == 0  # written by checkpoint_every_steps, inside the first epoch
+    rc, err = stopped(first, signal.SIGUSR1)
+    stop1 = assert_stopped(rc, err, signal.SIGUSR1, run, 0, 100)
+    assert "SLURM requeued job 4242, which continues from it" in err
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+
+    # The requeued job finds its run directory and continues by itself. Here it checkpoints by the
+    # timer instead of the step count, so only checkpoint_every_minutes can write its next last.ckpt.
+    second = mixer(["pretrain", *DEMO, "trainer.checkpoint_every_minutes=0.005", f"run_root={runs}"], tmp_path, slurm)
+    wait_for_checkpoint(runs, second, after=stop1)
+    assert_stopped(*interrupt(second, signal.SIGINT), signal.SIGINT, run, stop1, 100)
+    assert [p.name for p in (runs / "pretrain").iterdir()] == [run.name]
+
+    one_thread(resume, run, [], "pretrain")  # what `mixer pretrain --resume RUN` runs
+    assert_same_run(run, ref, steps=100)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_left_alone(tmp_path):
+    classes, train = demo_samples("train")
+    classes, test = demo_samples("test")
+    write_shards(classes, train[:800], tmp_path / "train", shard_size=200)  # two shards per loader worker
+    write_shards(classes, test[:200], tmp_path / "test", shard_size=200)
+    shards = [*SHARDS, f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'test'}"]
+    runs = tmp_path / "runs"
+    first = mixer(["pretrain", *shards, "trainer.checkpoint_every_steps=5", f"run_root={runs}"], tmp_path)
+    ref, run, _ = while_running_reference(tmp_path, shards, first, signal.SIGTERM)
+    assert_stopped(*stopped(first, signal.SIGTERM), signal.SIGTERM, run, 0, 40)
+
+    one_thread(resume, run, [], "pretrain")  # into the second epoch
+    assert_same_run(run, ref, steps=50)
+
+
+class SigtermInTheFinalEvaluation(Callback):
+    def __init__(self):
+        self.sent = False
+
+    def on_validation_batch_start(self, trainer, *args):
+        if trainer.state.fn == "validate" and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_during_the_final_evaluation_lets_it_finish_and_write_its_results(tmp_path):
+    # 3 steps of an epoch of 40: no evaluation during training, so the final one is the run's only one.
+    cfg = compose([*TINY, "data.global_batch=100", "trainer.steps=3", f"run_root={tmp_path}"])
+    signal_it = SigtermInTheFinalEvaluation()
+    results = fit(cfg, build_model(cfg), "pretrain", callbacks=[signal_it], progress=False)
+    assert signal_it.sent and results["steps"] == 3 and results["num_samples"] == 1000
+    assert json.loads(Path(results["run_dir"], "results.json").read_text())["top1"] == results["top1"]
