@@ -20,7 +20,10 @@ import torch
 from lightning.pytorch import Callback
 
 from mixer_cli.config import compose
+from mixer_cli.data import build_dataset
+from mixer_cli.data.shards import rng_states, set_rng_states
 from mixer_cli.data.writer import demo_samples, write_shards
+from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import fit, resume
 from mixer_cli.train.pretrain import build_model, pretrain
 
@@ -31,7 +34,7 @@ TINY = [
 # 500 steps per epoch: every stop is mid-epoch; the run is shorter than an epoch.
 DEMO = [*TINY, "data.global_batch=8", "trainer.device_batch=4", "trainer.steps=100"]
 # 40 steps per epoch over 800 training samples, two loader workers; the run ends in its second epoch.
-SHARDS = [*TINY, "data.source=shards", "data.num_workers=2", "data.global_batch=20", "trainer.steps=50"]
+SHARDS = [*TINY, "data.num_workers=2", "data.global_batch=20", "trainer.steps=50"]
 WAIT_S = 240  # bounds every wait; a loaded machine starts Python slowly
 
 
@@ -165,13 +168,18 @@ def test_sigusr1_requeues_the_slurm_job_which_continues_then_sigint_and_resume_m
     assert_same_run(run, ref, steps=100)
 
 
-@pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_left_alone(tmp_path):
+def write_demo_shards(root: Path) -> list[str]:
+    """800 training digits in 4 shards (two per loader worker of two), 200 test digits; their overrides."""
     classes, train = demo_samples("train")
     classes, test = demo_samples("test")
-    write_shards(classes, train[:800], tmp_path / "train", shard_size=200)  # two shards per loader worker
-    write_shards(classes, test[:200], tmp_path / "test", shard_size=200)
-    shards = [*SHARDS, f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'test'}"]
+    write_shards(classes, train[:800], root / "train", shard_size=200)
+    write_shards(classes, test[:200], root / "test", shard_size=200)
+    return ["data.source=shards", f"data.train_path={root / 'train'}", f"data.eval_path={root / 'test'}"]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_left_alone(tmp_path):
+    shards = [*SHARDS, *write_demo_shards(tmp_path)]
     runs = tmp_path / "runs"
     first = mixer(["pretrain", *shards, "trainer.checkpoint_every_steps=5", f"run_root={runs}"], tmp_path)
     ref, run, _ = while_running_reference(tmp_path, shards, first, signal.SIGTERM)
@@ -198,3 +206,35 @@ def test_a_signal_during_the_final_evaluation_lets_it_finish_and_write_its_resul
     results = fit(cfg, build_model(cfg), "pretrain", callbacks=[signal_it], progress=False)
     assert signal_it.sent and results["steps"] == 3 and results["num_samples"] == 1000
     assert json.loads(Path(results["run_dir"], "results.json").read_text())["top1"] == results["top1"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("source", ["demo", "shards"])
+def test_a_training_loader_continues_from_its_state_with_the_very_batches_it_would_have_given(
+        source, workers, tmp_path):
+    # The loader alone, without Lightning: stopped after 3 batches, then a new one from its state_dict
+    # (and, without workers, the process's generators, which RandomState restores in a run).
+    overrides = write_demo_shards(tmp_path) if source == "shards" else ["data.train_fraction=0.1"]
+    cfg = compose(overrides)  # the demo's augmentation: random shifts
+
+    def loader():
+        train = build_dataset(cfg.data, cfg.aug, "train", seed=0)
+        batches = 8 if source == "shards" else len(train) // 16  # shards: epochs of 8 batches, 4 per worker
+        return ImageDataModule(train, None, 16, workers, micro_batches_per_epoch=batches).train_dataloader()
+
+    first = loader()
+    left_alone, state, rng = [], None, None
+    for _ in range(2):  # epochs
+        for x, y in first:
+            left_alone.append((x, y))
+            if len(left_alone) == 3:
+                state, rng = first.state_dict(), rng_states()
+    torch.manual_seed(1)  # other generators than the stopped run's
+    second = loader()
+    second.load_state_dict(state)
+    batches = iter(second)
+    set_rng_states(rng)
+    continued = list(batches) + list(second)  # the rest of the first epoch, then the second
+    assert len(continued) == len(left_alone) - 3 and len(left_alone) == 2 * len(first)
+    for (x, y), (x2, y2) in zip(left_alone[3:], continued):
+        assert torch.equal(y, y2) and torch.equal(x, x2)

@@ -9,10 +9,12 @@ import datetime as _dt
 import os
 import re
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -44,13 +46,20 @@ def hydra_overrides(overrides: list[str]) -> list[str]:
     return [f"hydra.searchpath=[file://{package_root()}]", *map(_to_hydra, overrides)]
 
 
+def hydra_on_conf(root: Path):
+    """Hydra looking at conf/: a new one, or the one a sweep's job (train/sweep.py) already runs in."""
+    if GlobalHydra.instance().is_initialized():
+        return nullcontext()
+    return initialize_config_dir(config_dir=str(root / "conf"), version_base=None)
+
+
 def compose(overrides: list[str] = (), config_name: str = "config", resolve: bool = True) -> DictConfig:
     """The resolved, validated config for `config_name` (conf/<name>.yaml) with the user's overrides.
     resolve=False keeps interpolations and ??? values (for listing recipes without their data)."""
     root = package_root()
     _check_recipe(overrides, config_name)
     try:
-        with initialize_config_dir(config_dir=str(root / "conf"), version_base=None):
+        with hydra_on_conf(root):
             cfg = hydra_compose(config_name=config_name, overrides=hydra_overrides(overrides))
     except MissingConfigException as e:
         raise UserError(_missing_option_message(str(e))) from None
@@ -124,17 +133,20 @@ def _missing_option_message(msg: str) -> str:
 
 
 def _override_message(msg: str, root: Path, config_name: str) -> str:
+    if msg.startswith("Ambiguous value for argument"):
+        return "these overrides list several values (a sweep): add --multirun"
     m = re.search(r"Could not override '([^']+)'", msg)
     if not m:
         return f"bad override: {msg.splitlines()[0]}"
     key = m.group(1)
     parent, _, leaf = key.rpartition(".")
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base=None):
+    with hydra_on_conf(root):
         base = hydra_compose(config_name=config_name, overrides=[f"hydra.searchpath=[file://{root}]"])
     node = OmegaConf.select(base, parent) if parent else base
     if isinstance(node, DictConfig):
         where = f"under '{parent}'" if parent else "at the top level"
-        return f"unknown config key '{key}'; keys {where}: {', '.join(node.keys())} (or add one with +{key}=...)"
+        keys = ", ".join(k for k in node.keys() if not str(k).startswith("_"))  # not _target_, _partial_
+        return f"unknown config key '{key}'; keys {where}: {keys} (or add one with +{key}=...)"
     return f"unknown config key '{key}'"
 
 

@@ -79,7 +79,12 @@ def resolve_shards(path: str, size: int | None, key: str) -> tuple[list[str], in
                 f"data.{key}={path} has no {INDEX}; write it with `mixer data write --to {path}` or give shard names"
             )
         index = read_index(folder)
-        return [str(folder / s["file"]) for s in index["shards"]], size or index["num_samples"]
+        shards = [folder / s["file"] for s in index["shards"]]
+        missing = [p for p in shards if not p.is_file()]
+        if missing:
+            raise UserError(f"{missing[0]} is listed in {folder / INDEX} but missing ({len(missing)} of "
+                            f"{len(shards)} shards missing)")
+        return [str(p) for p in shards], size or index["num_samples"]
     urls = wds.shardlists.expand_urls(path)
     missing = [u for u in urls if "://" not in u and not glob.has_magic(u) and not Path(u).is_file()]
     if not urls or len(missing) == len(urls):

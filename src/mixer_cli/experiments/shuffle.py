@@ -27,7 +27,7 @@ from mixer_cli.config import make_run_dir, save_config, write_atomic
 from mixer_cli.errors import UserError
 from mixer_cli.evaluate.fewshot import fewshot_callback, fewshot_evaluator
 from mixer_cli.report import console, csv_text, pyplot, read_metrics, save_figure
-from mixer_cli.train.fit import build_datasets, fit
+from mixer_cli.train.fit import build_datasets, check_data, fit
 from mixer_cli.train.pretrain import build_model
 
 PIPELINES = ("original", "patch_pixel", "global_pixel")
@@ -166,6 +166,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     if "resnet" in s.models:
         build_network(cfg, "resnet")
     fewshot_callback(cfg)  # validates the probe's data and shots before anything is written
+    check_data(cfg, build_datasets(cfg)[0])  # e.g. too few shards for the loader workers
     perms = draw_permutations(cfg.data.img_size, patch_size, s.seed)
     run_dir = make_run_dir(cfg, "shuffle-experiment")
     save_config(cfg, run_dir)

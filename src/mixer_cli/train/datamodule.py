@@ -5,9 +5,10 @@ evaluation uses an unpadded sampler so no sample is counted twice. Shards: the d
 itself and yields `micro_batches_per_epoch` batches per rank and epoch, so every rank takes the
 same number of optimiser steps (no DDP hang).
 
-The training loader is torchdata's StatefulDataLoader: Lightning keeps its position (sampler state,
-and the shard stream's `state_dict` in every worker) in each checkpoint, so a run stopped mid-epoch
-continues with the very next batch. Evaluation loaders draw their worker seeds from a generator of
+The training loader is torchdata's StatefulDataLoader: Lightning keeps its position (the sampler's
+state, the shard stream's `state_dict` in every worker) and its workers' random generators in each
+checkpoint, so a run stopped mid-epoch continues with the very batch, augmented the very way, that
+the run left alone would have had next. Evaluation loaders draw their worker seeds from a generator of
 their own: evaluating leaves the training's random stream as it was, so a continued run, which may
 evaluate at other moments than the run it continues, draws the same augmentation and dropout.
 """
@@ -18,15 +19,37 @@ import warnings
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mixer_cli.data.shards import TrainShards
+from mixer_cli.data.shards import TrainShards, rng_states, set_rng_states
 
 
 def num_samples(dataset: Dataset) -> int:
     """Samples per epoch of a training set (a shard stream knows its epoch size)."""
     return dataset.num_samples if isinstance(dataset, TrainShards) else len(dataset)
+
+
+class WorkerRandomState(Dataset):
+    """A map-style training set whose loader workers' random generators travel in the loader's state:
+    StatefulDataLoader asks each worker for its dataset's state after every batch, augmentation in a
+    worker draws from them, and a continued run must draw what the stopped run would have drawn."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+    def state_dict(self) -> dict:
+        return {"rng": rng_states()} if get_worker_info() else {}  # without workers: RandomState's
+
+    def load_state_dict(self, state: dict) -> None:
+        if "rng" in state:
+            set_rng_states(state["rng"])
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -58,8 +81,8 @@ class ImageDataModule(L.LightningDataModule):
             # The length is exact however many workers share it (TrainShards.__iter__); torch's advice does not apply.
             warnings.filterwarnings("ignore", ".*IterableDataset.*has.*__len__.*")
             return self._loader(self.train_set, StatefulDataLoader, batch_size=None)
-        return self._loader(self.train_set, StatefulDataLoader, batch_size=self.device_batch, shuffle=True,
-                            drop_last=True)
+        return self._loader(WorkerRandomState(self.train_set), StatefulDataLoader, batch_size=self.device_batch,
+                            shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader(self.eval_set)

@@ -41,6 +41,12 @@ def build_dev_set(cfg: DictConfig):
     return build_dataset(cfg.data, cfg.aug, "dev") if cfg.data.get("dev_fraction") else None
 
 
+def check_data(cfg: DictConfig, train_set) -> None:
+    """Too few shards for ranks x loader workers: say so before anything runs or is written."""
+    if hasattr(train_set, "check_split"):
+        train_set.check_split(world_size(cfg.trainer), cfg.data.num_workers)
+
+
 def preprocessing(cfg: DictConfig) -> dict:
     """The evaluation preprocessing of this run in timm's `pretrained_cfg` keys: what a checkpoint's
     user must do to an image before the model sees it."""
@@ -82,8 +88,7 @@ def fit(
     plan = plan_batches(cfg.data.global_batch, world_size(t), t.device_batch)
     steps_per_epoch = max(num_samples(train_set) // cfg.data.global_batch, 1)
     steps = t.steps or steps_per_epoch * t.epochs
-    if hasattr(train_set, "check_split"):  # too few shards for ranks x workers: say so before anything runs
-        train_set.check_split(plan.world_size, cfg.data.num_workers)
+    check_data(cfg, train_set)
     datamodule = ImageDataModule(train_set, eval_set, plan.device_batch, cfg.data.num_workers,
                                  micro_batches_per_epoch=steps_per_epoch * plan.accumulate)
     if isinstance(model, Mixer):
