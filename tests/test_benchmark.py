@@ -30,7 +30,9 @@ def _plan(*overrides):
 # --- the model: token-major internals, same function as timm's ------------------------------------
 
 def _pair(drop_path=0.0):
-    ours = build_mixer(None, num_classes=5, img_size=32, gelu="exact", drop_path=drop_path, **TINY)
+    # timm's DropPath rescales kept samples by 1/keep: our option for it (the default is the paper's code's)
+    ours = build_mixer(None, num_classes=5, img_size=32, gelu="exact", drop_path=drop_path, drop_path_rescale=True,
+                       **TINY)
     ref = timm_mixer.MlpMixer(num_classes=5, img_size=32, patch_size=8, num_blocks=3, embed_dim=32,
                               mlp_ratio=(0.25, 2.0), drop_path_rate=drop_path)
     with torch.no_grad():

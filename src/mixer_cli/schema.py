@@ -192,6 +192,7 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "data.dev_fraction": interval("[0, 1)"),
     "data.train_fraction": interval("(0, 1]"),
     "data.subset_seed": SEED,
+    "data.decode": one_of("pil", "uint8", "gpu"),
     # aug: conf/aug/*.yaml
     "aug.inception_crop": FLAG,
     "aug.crop_area_min": interval("(0, 1]"),

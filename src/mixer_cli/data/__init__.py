@@ -42,15 +42,34 @@ def build_dataset(data: DictConfig, aug: DictConfig, split: str, seed: int = 0, 
                       chosen)
     if data.source not in SOURCES:
         raise UserError(f"unknown data source {data.source!r}; choose one of: {', '.join(SOURCES)}")
-    transform = train_transform(data, aug) if augment else eval_transform(data, aug)
+    decode = data.get("decode", "pil")
+    transform = image_transform(data, aug, augment, decode)
     key = "eval_path" if split == "test" else "train_path"
     if data.source == "folder":
         from mixer_cli.data.folder import image_folder
 
-        return subset(image_folder(data, key, transform), chosen)
+        return subset(image_folder(data, key, transform, decoded=decode == "pil"), chosen)
     from mixer_cli.data.shards import eval_shards, train_shards
 
     return train_shards(data, transform, seed, chosen) if augment else eval_shards(data, transform, key, chosen)
+
+
+def image_transform(data: DictConfig, aug: DictConfig, augment: bool, decode: str):
+    """What the loader workers do to one image, by data.decode: `pil` decodes with PIL and hands over
+    normalised floats; `uint8` decodes, crops and flips, and hands over uint8 (C, H, W) for the
+    device to normalise; `gpu` hands over the encoded bytes for the device to decode."""
+    if decode == "pil":
+        return train_transform(data, aug) if augment else eval_transform(data, aug)
+    if decode == "uint8":
+        from mixer_cli.data.device_transforms import eval_uint8_transform, train_uint8_transform
+
+        return train_uint8_transform(data, aug) if augment else eval_uint8_transform(data, aug)
+    if decode == "gpu":
+        from mixer_cli.data.device_transforms import gpu_decode_transform
+
+        gpu_decode_transform(data, aug, augment)  # what the device will do: checked now
+        return None
+    raise UserError(f"data.decode must be one of pil, uint8, gpu, got {decode!r}")
 
 
 def subset(dataset, chosen: Selection | None):

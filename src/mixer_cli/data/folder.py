@@ -16,13 +16,19 @@ def load_image(path: str, mode: str) -> Image.Image:
         return Image.open(f).convert(mode)
 
 
-def image_folder(data: DictConfig, key: str, transform) -> ImageFolder:
-    """The folder at data.<key>, with as many class sub-folders as data.num_classes says."""
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def image_folder(data: DictConfig, key: str, transform, decoded: bool = True) -> ImageFolder:
+    """The folder at data.<key>, with as many class sub-folders as data.num_classes says; its images
+    decoded to PIL, or (decoded=False) their encoded bytes for the uint8 and GPU-decode paths."""
     root = Path(data[key])
     if not root.is_dir():
         raise UserError(f"no image folder at data.{key}={root}; set data.{key}=... (or the MIXER_DATA root)")
     try:
-        loader = partial(load_image, mode="RGB" if data.channels == 3 else "L")
+        loader = partial(load_image, mode="RGB" if data.channels == 3 else "L") if decoded else read_bytes
         dataset = ImageFolder(str(root), transform=transform, loader=loader)
     except FileNotFoundError as e:  # no class sub-folders, or no images in them
         raise UserError(f"data.{key}={root}: {str(e).splitlines()[0]}") from None

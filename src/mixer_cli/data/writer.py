@@ -209,7 +209,7 @@ def read_index(folder: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         reason = str(e).splitlines()[0]
         raise UserError(f"{path} is not a readable index ({reason}); rewrite it with `mixer data write`") from None
-    missing = {"shards", "num_samples", "classes"} - set(index if isinstance(index, dict) else ())
+    missing = {"shards", "num_samples"} - set(index if isinstance(index, dict) else ())
     if missing:
         raise UserError(f"{path} is not an index written by `mixer data write` (no {', '.join(sorted(missing))})")
     return index

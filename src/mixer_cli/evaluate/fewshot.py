@@ -394,10 +394,11 @@ def parse_l2(value) -> float | None:
 def probe_data(cfg: DictConfig) -> DictConfig:
     """The data config the probe reads: `cfg.data`, or the conf/data file that `fewshot.data` names
     (a data set apart from the training one: Figure 4 probes ImageNet while pre-training on JFT),
-    drawn at cfg.data's resolution, channels, normalisation and interpolation."""
+    drawn at cfg.data's resolution, channels, normalisation and interpolation, decoded to floats by
+    the loader (the probe feeds the network directly, without the Classifier's device-side steps)."""
     name = cfg.fewshot.get("data")
     if not name:
-        return cfg.data
+        return OmegaConf.merge(cfg.data, {"decode": "pil"})
     from mixer_cli.config import compose
 
     try:  # Hydra composes the group file, so its interpolations (${data.root}, ${oc.env:...}) resolve
@@ -405,6 +406,7 @@ def probe_data(cfg: DictConfig) -> DictConfig:
     except UserError as e:
         raise UserError(f"fewshot.data: {e}") from None
     drawn_as_trained = {k: cfg.data[k] for k in ("img_size", "channels", "mean", "std", "interpolation")}
+    drawn_as_trained["decode"] = "pil"
     return OmegaConf.merge(data, drawn_as_trained)
 
 

@@ -141,10 +141,10 @@ class PatchStem(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class LinearRowMajorGrad(torch.autograd.Function):
+class LinearFastInputGrad(torch.autograd.Function):
     """y = x W^T + b, as F.linear (autocast included), whose input gradient dy @ W multiplies by a
     contiguous copy of W^T. On CPUs without bf16 instructions (no AVX512-BF16 or AMX) PyTorch runs
-    bfloat16 matmuls in a fallback kernel that is about ten times slower when the right operand
+    bfloat16 matmuls in a fallback kernel that is 6 to 16 times slower when the right operand
     is row-major, as W is in dy @ W; the copy costs one pass over the weight, small beside the
     product over B x S rows (docs/benchmark.md, "bf16 training on a CPU without bf16 instructions")."""
 
@@ -169,7 +169,7 @@ class LinearRowMajorGrad(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    return LinearRowMajorGrad.apply(x, layer.weight, layer.bias)
+    return LinearFastInputGrad.apply(x, layer.weight, layer.bias)
 
 
 class Mlp(nn.Module):

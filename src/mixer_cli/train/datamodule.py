@@ -1,6 +1,6 @@
 """The LightningDataModule over two built datasets.
 
-Map-style sources (demo, image folder): Lightning's DistributedSampler splits training over ranks;
+Map-style sources (demo, image folder): a distributed sampler splits training over ranks;
 evaluation uses an unpadded sampler so no sample is counted twice. Shards: the dataset batches
 itself and yields `micro_batches_per_epoch` batches per rank and epoch, so every rank takes the
 same number of optimiser steps (no DDP hang).
@@ -14,15 +14,19 @@ evaluate at other moments than the run it continues, draws the same augmentation
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from mixer_cli.data.shards import TrainShards, rng_states, set_rng_states
+from mixer_cli.train.preemption import every_rank
 
 
 def num_samples(dataset: Dataset) -> int:
@@ -52,6 +56,18 @@ class WorkerRandomState(Dataset):
             set_rng_states(state["rng"])
 
 
+class EveryRankLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose state holds every rank's position: Lightning writes rank 0's
+    checkpoint only, and ranks read other shards, with other random generators in their workers."""
+
+    def state_dict(self) -> dict:
+        return {"ranks": every_rank(super().state_dict())}  # every rank saves: Lightning dumps on all
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        super().load_state_dict(state_dict["ranks"][rank])
+
+
 class ImageDataModule(L.LightningDataModule):
     def __init__(
         self, train_set: Dataset, eval_set: Dataset, device_batch: int, num_workers: int, micro_batches_per_epoch: int
@@ -72,7 +88,7 @@ class ImageDataModule(L.LightningDataModule):
         workers = self.num_workers
         return loader(dataset, num_workers=workers, persistent_workers=workers > 0, pin_memory=self._pin(), **kw)
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> EveryRankLoader:
         warnings.filterwarnings("ignore", ".*'set_vital' is deprecated.*")  # torchdata calls it, not us
         if isinstance(self.train_set, TrainShards):
             world, rank = self._world()
@@ -80,9 +96,14 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set.set_epoch_length(self.device_batch, self.micro_batches_per_epoch)
             # The length is exact however many workers share it (TrainShards.__iter__); torch's advice does not apply.
             warnings.filterwarnings("ignore", ".*IterableDataset.*has.*__len__.*")
-            return self._loader(self.train_set, StatefulDataLoader, batch_size=None)
-        return self._loader(WorkerRandomState(self.train_set), StatefulDataLoader, batch_size=self.device_batch,
-                            shuffle=True, drop_last=True)
+            return self._loader(self.train_set, EveryRankLoader, batch_size=None)
+        # Our own distributed sampler (Lightning keeps it), stateful, with the run's seed as Lightning's own
+        # would have: Lightning would wrap StatefulDataLoader's sampler in one that keeps no position.
+        world, rank = self._world()
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
+        sampler = StatefulDistributedSampler(self.train_set, world, rank, shuffle=True, seed=seed)
+        return self._loader(WorkerRandomState(self.train_set), EveryRankLoader, batch_size=self.device_batch,
+                            sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader(self.eval_set)

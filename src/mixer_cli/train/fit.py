@@ -53,6 +53,21 @@ def preprocessing(cfg: DictConfig) -> dict:
     return {**eval_data_config(cfg.data, cfg.aug), "num_classes": cfg.data.num_classes}
 
 
+def device_preprocessing(cfg: DictConfig) -> dict:
+    """The Classifier's share of the input pipeline when the loader hands over uint8 images or encoded
+    bytes (data.decode=uint8|gpu): normalisation, and for gpu the decoding, crop and flip."""
+    decode = cfg.data.get("decode", "pil")
+    if decode == "pil":
+        return {}
+    from mixer_cli.data.device_transforms import NormalizeOnDevice, gpu_decode_transform
+
+    pieces = {"normalize": NormalizeOnDevice(list(cfg.data.mean), list(cfg.data.std))}
+    if decode == "gpu":
+        pieces["device_decode"] = (gpu_decode_transform(cfg.data, cfg.aug, True),
+                                   gpu_decode_transform(cfg.data, cfg.aug, False))
+    return pieces
+
+
 def mixer_record(model: nn.Module) -> dict:
     """What our checkpoints store beside the weights so that loading needs no guessing."""
     if not isinstance(model, Mixer):  # e.g. the ResNet of the shuffle experiment: weights only
@@ -104,6 +119,7 @@ def fit(
         num_classes=cfg.data.num_classes,
         mixup=BatchMixup(cfg.aug.mixup) if cfg.aug.get("mixup") else None,
         checkpoint_extras=partial(mixer_record, model),
+        **device_preprocessing(cfg),
     )
     fresh = run_dir is None
     run_dir = run_dir or make_run_dir(cfg, command)

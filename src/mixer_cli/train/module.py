@@ -37,6 +37,8 @@ class Classifier(L.LightningModule):
         num_classes: int,
         mixup: BatchMixup | None = None,
         checkpoint_extras: Callable[[], dict] | None = None,
+        normalize: nn.Module | None = None,
+        device_decode: tuple[Callable, Callable] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -46,12 +48,29 @@ class Classifier(L.LightningModule):
         self.num_classes = num_classes
         self.mixup = mixup
         self.checkpoint_extras = checkpoint_extras
+        self.normalize = normalize  # uint8 batches (data.decode=uint8|gpu) become floats on the device
+        self.device_decode = device_decode  # (train, eval) transforms for encoded batches (data.decode=gpu)
         self.val_top1 = MeanMetric()
         self.val_top5 = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_num_samples = SumMetric()  # equals the split's size: nothing dropped or counted twice
         self.validated_at_step = -1
         self.eval_split = "val"  # the prefix of the evaluation metrics: "dev" while the dev split is read
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        x, y = batch
+        if isinstance(x, (list, tuple)):  # encoded images: decode (nvJPEG on a GPU), crop and flip on the device
+            from mixer_cli.data.device_transforms import decode_on_device, encoded
+
+            transform = self.device_decode[0 if self.trainer.training else 1]
+            x = decode_on_device([encoded(b) if isinstance(b, bytes) else b for b in x], transform, self.device)
+        return x, y
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y = batch
+        if x.dtype == torch.uint8:  # one batched conversion and normalisation instead of one per image on the CPU
+            x = self.normalize(x)
+        return x, y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

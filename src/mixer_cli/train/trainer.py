@@ -27,6 +27,8 @@ def quiet_lightning() -> None:
     # Our run directory already holds config.yaml when the logger and checkpointer start.
     warnings.filterwarnings("ignore", ".*exists and is not empty.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    # The Classifier's batch hooks (device-side decoding) are meant to apply whatever DataModule feeds it.
+    warnings.filterwarnings("ignore", ".*overridden `on_(before|after)_batch_transfer`.*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
     # Device lines ("GPU available: ...") would precede a one-line error; the summary names the devices.

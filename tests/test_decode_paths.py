@@ -1,0 +1,89 @@
+"""data.decode: the loader hands over floats (pil), uint8 crops the Classifier normalises on the
+device (uint8), or encoded bytes the Classifier decodes on the device (gpu; here on the CPU)."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixer_cli.config import compose
+from mixer_cli.data import build_dataset
+from mixer_cli.data.device_transforms import NormalizeOnDevice
+from mixer_cli.train.fit import device_preprocessing
+from mixer_cli.train.module import Classifier
+from mixer_cli.train.pretrain import build_model, pretrain
+
+TINY = ["model.patch_size=4", "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8",
+        "model.channels_mlp_dim=16", "trainer.steps=2", "trainer.accelerator=cpu", "data.num_workers=0"]
+
+
+def photo(seed: int, size=(40, 32)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    for split, n in (("train", 4), ("val", 2)):
+        for label in range(3):
+            (root / split / f"c{label}").mkdir(parents=True)
+            for j in range(n):
+                Image.fromarray(photo(100 * label + j)).save(root / split / f"c{label}" / f"{j}.jpg", quality=95)
+    return root
+
+
+def config(folders, decode: str, *extra):
+    return compose(["data=folder", f"data.train_path={folders / 'train'}", f"data.eval_path={folders / 'val'}",
+                    "data.num_classes=3", "data.img_size=16", "data.global_batch=4", "aug=finetune",
+                    f"data.decode={decode}", *TINY, *extra])
+
+
+def classifier(cfg) -> Classifier:
+    module = Classifier(build_model(cfg), loss=torch.nn.CrossEntropyLoss(), optimizer=None, scheduler=None,
+                        num_classes=3, **device_preprocessing(cfg))
+    module.trainer = SimpleNamespace(training=False)
+    return module
+
+
+def model_input(module: Classifier, dataset) -> torch.Tensor:
+    """The evaluation batch of the whole split as the network receives it after the Classifier's hooks."""
+    items = [dataset[i] for i in range(len(dataset))]
+    x = [x for x, _ in items]
+    batch = (x if isinstance(x[0], bytes) else torch.stack(x), torch.tensor([y for _, y in items]))
+    batch = module.on_before_batch_transfer(batch, 0)
+    return module.on_after_batch_transfer(batch, 0)[0]
+
+
+def test_every_decode_path_feeds_the_network_the_same_normalised_images(folders):
+    inputs = {}
+    for decode in ("pil", "uint8", "gpu"):
+        cfg = config(folders, decode)
+        inputs[decode] = model_input(classifier(cfg), build_dataset(cfg.data, cfg.aug, "test"))
+    level = 1 / 255 / 0.5  # one grey level after normalisation with std 0.5
+    assert inputs["pil"].dtype == inputs["uint8"].dtype == inputs["gpu"].dtype == torch.float32
+    assert inputs["pil"].shape == inputs["uint8"].shape == inputs["gpu"].shape == (6, 3, 16, 16)
+    # the resamplers agree within a grey level or so (PIL's float path vs torchvision's uint8 resize)
+    assert (inputs["uint8"] - inputs["pil"]).abs().max() <= 2 * level + 1e-6
+    assert (inputs["gpu"] - inputs["uint8"]).abs().max() <= 1 * level + 1e-6
+
+
+@pytest.mark.parametrize("decode", ["uint8", "gpu"])
+def test_training_runs_on_the_device_side_paths(folders, tmp_path, decode):
+    results = pretrain(config(folders, decode, f"run_root={tmp_path}"), progress=False)
+    assert results["steps"] == 2 and results["num_samples"] == 6 and 0 <= results["top1"] <= 1
+
+
+def test_normalising_on_the_device_equals_to_tensor_and_normalize():
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    expected = (x.float() / 255 - 0.5) / 0.25
+    assert torch.allclose(NormalizeOnDevice([0.5] * 3, [0.25] * 3)(x), expected, atol=1e-6)
+
+
+def test_an_unknown_decode_is_one_line():
+    from mixer_cli.errors import UserError
+
+    with pytest.raises(UserError, match=r"^data.decode must be one of pil, uint8, gpu, got 'jpeg'$"):
+        compose(["data.decode=jpeg"])
