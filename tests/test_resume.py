@@ -1,11 +1,13 @@
-"""Exact resume after pre-emption, as a cluster does it: real `mixer pretrain` processes stopped by
-real signals mid-epoch, continued, and compared bit for bit with the same run left alone (same
-seed, CPU, one thread: the comparison is torch.equal, a tolerance of zero).
+"""Exact resume after pre-emption: runs stopped by real signals mid-epoch, continued, and compared
+bit for bit with the same run left alone (same seed, CPU, one thread: torch.equal, a tolerance of zero).
 
-The runs are tiny Mixers on the demo digits; batches are small so that a run lasts long enough to
-be interrupted. A run is interrupted once it has written a periodic last.ckpt (so it is training,
-and trainer.checkpoint_every_steps / _minutes are exercised on the way). Both runs are shorter than
-an epoch or end inside one, and still end with an evaluation."""
+The demo test runs `mixer pretrain` processes as a cluster does (SIGUSR1 under a stand-in SLURM job,
+the requeued job continuing by itself, SIGINT), each interrupted once it has written a periodic
+last.ckpt (so trainer.checkpoint_every_steps / _minutes are exercised on the way); batches are small
+so that a run lasts long enough. The shard test signals its own process at a known step, to stay
+short. Both runs end inside their epoch, and still end with an evaluation. The loader test checks
+the piece that makes the data exact: a training loader rebuilt from its state gives the very batches
+the one left alone gives, for in-memory data and shards, with and without loader workers."""
 import json
 import os
 import signal
@@ -25,6 +27,7 @@ from mixer_cli.data.shards import rng_states, set_rng_states
 from mixer_cli.data.writer import demo_samples, write_shards
 from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import fit, resume
+from mixer_cli.train.preemption import Stopped
 from mixer_cli.train.pretrain import build_model, pretrain
 
 TINY = [
@@ -107,12 +110,12 @@ def assert_stopped(rc: int, err: str, sig: signal.Signals, run: Path, after: int
     return step
 
 
-def one_thread(run, *args):
+def one_thread(run, *args, **kwargs):
     """run(*args) in this process on one thread, as the `mixer` processes run (OMP_NUM_THREADS=1)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run(*args, progress=False)
+        return run(*args, **kwargs, progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -177,16 +180,41 @@ def write_demo_shards(root: Path) -> list[str]:
     return ["data.source=shards", f"data.train_path={root / 'train'}", f"data.eval_path={root / 'test'}"]
 
 
+class SignalAt(Callback):
+    """Sends `sig` to this process when the run reaches optimiser step `step`."""
+
+    def __init__(self, step: int, sig: signal.Signals):
+        self.step, self.sig, self.sent = step, sig, False
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.sig)
+
+
 @pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_left_alone(tmp_path):
+    # In this process, to keep the test short: the signal is as real, the stop step known.
     shards = [*SHARDS, *write_demo_shards(tmp_path)]
-    runs = tmp_path / "runs"
-    first = mixer(["pretrain", *shards, "trainer.checkpoint_every_steps=5", f"run_root={runs}"], tmp_path)
-    ref, run, _ = while_running_reference(tmp_path, shards, first, signal.SIGTERM)
-    assert_stopped(*stopped(first, signal.SIGTERM), signal.SIGTERM, run, 0, 40)
+    cfg = compose([*shards, f"run_root={tmp_path / 'runs'}"])
+    with pytest.raises(Stopped) as stop:
+        one_thread(fit, cfg, build_model(cfg), "pretrain", callbacks=[SignalAt(13, signal.SIGTERM)])
+    assert stop.value.code == 128 + signal.SIGTERM
+    (run,) = (tmp_path / "runs" / "pretrain").iterdir()
+    assert checkpoint(run / "last.ckpt")["global_step"] == 13  # inside the first epoch of 40 steps
 
     one_thread(resume, run, [], "pretrain")  # into the second epoch
-    assert_same_run(run, ref, steps=50)
+    assert_same_run(run, reference(tmp_path, shards), steps=50)
+
+
+class SigtermInTheSanityCheck(Callback):
+    def __init__(self):
+        self.sent = False
+
+    def on_validation_batch_start(self, trainer, *args):
+        if trainer.sanity_checking and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class SigtermInTheFinalEvaluation(Callback):
@@ -197,6 +225,16 @@ class SigtermInTheFinalEvaluation(Callback):
         if trainer.state.fn == "validate" and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_before_the_first_step_stops_the_run_after_it_with_a_checkpoint(tmp_path, capsys):
+    cfg = compose([*TINY, "data.global_batch=100", "trainer.steps=3", f"run_root={tmp_path}"])
+    with pytest.raises(Stopped) as stop:  # not Lightning's SIGTERMException, which exits with status 0
+        fit(cfg, build_model(cfg), "pretrain", callbacks=[SigtermInTheSanityCheck()], progress=False)
+    assert stop.value.code == 128 + signal.SIGTERM
+    (run,) = (tmp_path / "pretrain").iterdir()
+    assert checkpoint(run / "last.ckpt")["global_step"] == 1
+    assert f"stopped by SIGTERM after step 1 (epoch 0); {run / 'last.ckpt'} holds it" in capsys.readouterr().err
 
 
 def test_a_signal_during_the_final_evaluation_lets_it_finish_and_write_its_results(tmp_path):

@@ -41,7 +41,7 @@ def train_transform(data: DictConfig, aug: DictConfig) -> T.Compose:
             data.img_size, scale=(aug.get("crop_area_min", 0.08), 1.0), interpolation=data.interpolation
         )
         steps = [crop, *([T.RandomHorizontalFlip()] if aug.get("hflip") else []), *([ra] if ra else [])]
-        return T.Compose([*steps, MaybeToTensor(), T.Normalize(data.mean, data.std)])
+        return T.Compose([*steps, MaybeToTensor(), T.Normalize(list(data.mean), list(data.std))])
     if ra:
         raise UserError("RandAugment runs after the Inception crop; set aug.inception_crop=true or randaug_magnitude=0")
     # Without the Inception crop (the demo digits): resize, then the optional pad-and-crop shift.
@@ -50,7 +50,7 @@ def train_transform(data: DictConfig, aug: DictConfig) -> T.Compose:
         steps.append(T.RandomCrop(data.img_size, padding=aug.pad_crop))
     if aug.get("hflip"):
         steps.append(T.RandomHorizontalFlip())
-    return T.Compose([*steps, MaybeToTensor(), T.Normalize(data.mean, data.std)])
+    return T.Compose([*steps, MaybeToTensor(), T.Normalize(list(data.mean), list(data.std))])
 
 
 def eval_data_config(data: DictConfig, aug: DictConfig) -> dict:
@@ -78,4 +78,5 @@ def demo_transform(data: DictConfig, aug: DictConfig, train: bool) -> v2.Compose
     size = data.img_size
     resize = [v2.Resize((size, size), interpolation=str_to_interp_mode(data.interpolation))] if size != IMG_SIZE else []
     shift = [v2.RandomCrop(size, padding=aug.pad_crop)] if train and aug.get("pad_crop") else []
-    return v2.Compose([*resize, *shift, v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)])
+    normalize = v2.Normalize(list(data.mean), list(data.std))
+    return v2.Compose([*resize, *shift, v2.ToDtype(torch.float32, scale=True), normalize])

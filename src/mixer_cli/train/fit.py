@@ -28,7 +28,7 @@ from mixer_cli.train.batching import devices_per_node, plan_batches
 from mixer_cli.train.datamodule import ImageDataModule, num_samples
 from mixer_cli.train.mixup import BatchMixup
 from mixer_cli.train.module import Classifier
-from mixer_cli.train.trainer import build_callbacks, build_loggers, build_trainer
+from mixer_cli.train.trainer import build_callbacks, build_loggers, build_trainer, quiet_lightning
 
 
 def build_datasets(cfg: DictConfig) -> tuple:
@@ -96,6 +96,7 @@ def fit(
     run_dir: None makes a new runs/<command>/<timestamp>-<name>/; with resume=True it is the run to
     continue from its last.ckpt. datasets: (train, eval) to use instead of cfg.data's (the shuffle
     experiment permutes pixels). callbacks: more Lightning callbacks (e.g. a few-shot probe)."""
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the data order; the caller seeded the model
     t = cfg.trainer
     train_set, eval_set = datasets or build_datasets(cfg)
@@ -148,7 +149,7 @@ def fit(
         metrics |= evaluate(trainer, module, datamodule.val_dataloader())
     dev = evaluate(trainer, module, datamodule.eval_loader(dev_set), "dev") if dev_set is not None else {}
     seconds = time.perf_counter() - start
-    trainer.save_checkpoint(run_dir / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "last.ckpt", weights_only=False)
     results = {**summarise(cfg, command, trainer, model, plan, steps, steps_per_epoch, seconds, run_dir, metrics),
                **(extra_results or {}),
                **{f"dev_{k.removeprefix('dev/')}": v for k, v in dev.items() if k != "dev/loss"}}

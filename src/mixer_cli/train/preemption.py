@@ -12,7 +12,8 @@ job id) and continues from it.
 
 Lightning's own handling does not do this: its SIGTERM handler ends the loop after any micro-batch
 and saves nothing, and its SLURM handler writes hpc_ckpt_N.ckpt from inside the signal handler, in
-the middle of a step. Ours replace both while the training loop runs; Lightning restores them after.
+the middle of a step. Ours replace both from Lightning's sanity check to the end of the training loop,
+and during the final evaluation; Lightning restores them after.
 
 A continued run is the run left alone because the checkpoint holds all it depends on: weights,
 optimiser, schedule and loop position (Lightning), the training loader's position (torchdata's
@@ -60,9 +61,12 @@ class StepCheckpoint(Checkpoint):
         self._step = -1
         self._saved_at = 0.0
 
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._take_signals()  # from here Lightning's SIGTERM handler would end the run with exit status 0
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._step, self._saved_at = trainer.global_step, time.monotonic()
-        self._take_signals()
+        self._take_signals()  # a signal since the sanity check stops the run after its first step
 
     def on_validation_start(self, trainer, pl_module) -> None:
         # The final evaluation, after training, runs to its end whatever arrives (a second Ctrl+C aside):
@@ -76,7 +80,7 @@ class StepCheckpoint(Checkpoint):
             self._restore_handlers()
 
     def _take_signals(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # only there may Python set handlers
+        if not self._previous_handlers and threading.current_thread() is threading.main_thread():  # Python's rule
             self._previous_handlers = {s: signal.signal(s, self._receive) for s in STOP_SIGNALS}
 
     def _receive(self, signum: int, frame) -> None:
