@@ -18,6 +18,7 @@ import glob
 import itertools
 import logging
 import random
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -120,18 +121,40 @@ class SkipCorrupt:
             yield sample
 
 
-def decoded_samples(transform, channels: int, handler: SkipCorrupt, selection: Selection | None = None):
-    """Pipeline stages: tar streams -> (image tensor, label) pairs, of the samples that `selection`
-    keeps (by key, before anything is decoded)."""
+def decoded_samples(transform, channels: int, handler: SkipCorrupt, selection: Selection | None = None,
+                    num_classes: int | None = None, decoded: bool = True):
+    """Pipeline stages: tar streams -> (image, label) pairs, of the samples that `selection` keeps (by
+    key, before anything is decoded). The image is decoded to PIL (decoded=False: its bytes, for the
+    uint8 and GPU-decode paths) and transformed; the label is `.cls` (one class) or `.labels` (several,
+    e.g. "3,17,42" for multi-label data such as JFT-300M), which becomes a multi-hot row."""
     keep = [] if selection is None or selection.everything else [wds.select(lambda s: selection.keeps(s["__key__"]))]
+    images = ["pil" if channels == 3 else "pill"] if decoded else []
     return [
         wds.tarfile_to_samples(handler=handler),
         *keep,
-        wds.decode("pil" if channels == 3 else "pill", handler=handler),
-        wds.to_tuple(IMAGE_KEYS, "cls", handler=handler),
-        wds.map_tuple(transform, int, handler=handler),
+        wds.decode(*images, handler=handler),
+        wds.to_tuple(IMAGE_KEYS, "cls;labels", handler=handler),
+        wds.map_tuple(transform or encoded_bytes, partial(parse_label, num_classes=num_classes), handler=handler),
         handler.good,
     ]
+
+
+def encoded_bytes(raw: bytes) -> bytes:
+    """The GPU-decode path's image: the file's bytes, for the device to decode."""
+    return raw
+
+
+def parse_label(value, num_classes: int | None):
+    """`.cls` -> the class index; `.labels` (text of class indices) -> a multi-hot float row."""
+    if isinstance(value, int):
+        return value
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    classes = [int(c) for c in text.replace(",", " ").split()]
+    if num_classes is None or any(not 0 <= c < num_classes for c in classes):
+        raise ValueError(f"labels {text!r} outside 0..{num_classes} (data.num_classes)")
+    row = torch.zeros(num_classes)
+    row[classes] = 1.0
+    return row
 
 
 class TrainShards(IterableDataset):
@@ -141,8 +164,9 @@ class TrainShards(IterableDataset):
     corrupt ones included)."""
 
     def __init__(self, urls: list[str], num_samples: int, transform, channels: int, shuffle_buffer: int, seed: int,
-                 selection: Selection | None = None):
+                 selection: Selection | None = None, num_classes: int | None = None, decoded: bool = True):
         self.urls, self.selection = urls, selection
+        self.num_classes, self.decoded = num_classes, decoded
         self.num_samples = round(num_samples * selection.expected_fraction) if selection else num_samples
         self.transform, self.channels = transform, channels
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -206,7 +230,8 @@ class TrainShards(IterableDataset):
 
         # No larger than the epoch: the buffer is filled afresh every epoch.
         buffer = min(self.shuffle_buffer, self.my_share() * self.batch_size)
-        tar_stage, *decode_stages = decoded_samples(self.transform, self.channels, self.corrupt, self.selection)
+        tar_stage, *decode_stages = decoded_samples(self.transform, self.channels, self.corrupt, self.selection,
+                                                    self.num_classes, self.decoded)
         return wds.DataPipeline(
             shard_passes,
             tar_stage,
@@ -247,7 +272,8 @@ class EvalShards(IterableDataset):
     """Every sample of the split exactly once over all ranks and workers, in batches."""
 
     def __init__(self, urls: list[str], num_samples: int | None, transform, channels: int,
-                 selection: Selection | None = None):
+                 selection: Selection | None = None, num_classes: int | None = None, decoded: bool = True):
+        self.num_classes, self.decoded = num_classes, decoded
         self.urls, self.num_samples, self.selection = urls, num_samples, selection
         self.transform, self.channels = transform, channels
         self.batch_size = 1
@@ -264,7 +290,8 @@ class EvalShards(IterableDataset):
                 wds.SimpleShardList(self.urls),
                 self.my_rank_shards,
                 wds.split_by_worker,
-                *decoded_samples(self.transform, self.channels, self.corrupt, self.selection),
+                *decoded_samples(self.transform, self.channels, self.corrupt, self.selection, self.num_classes,
+                                 self.decoded),
                 wds.batched(self.batch_size, partial=True),
             )
         )
@@ -274,7 +301,8 @@ def train_shards(data: DictConfig, transform, seed: int, selection: Selection | 
     urls, size = resolve_shards(data.train_path, data.get("train_size"), "train_path")
     if not size:
         raise UserError("set data.train_size (samples per epoch) for a shard pattern, e.g. data.train_size=50000")
-    return TrainShards(urls, size, transform, data.channels, data.get("shuffle_buffer", 10_000), seed, selection)
+    return TrainShards(urls, size, transform, data.channels, data.get("shuffle_buffer", 10_000), seed, selection,
+                       data.num_classes, data.get("decode", "pil") == "pil")
 
 
 def eval_shards(data: DictConfig, transform, key: str = "eval_path", selection: Selection | None = None) -> EvalShards:
@@ -283,4 +311,5 @@ def eval_shards(data: DictConfig, transform, key: str = "eval_path", selection: 
     urls, size = resolve_shards(data[key], data.get(key.replace("_path", "_size")), key)
     if selection is not None and not selection.everything:
         size = None  # known only once read
-    return EvalShards(urls, size, transform, data.channels, selection)
+    return EvalShards(urls, size, transform, data.channels, selection, data.num_classes,
+                      data.get("decode", "pil") == "pil")
