@@ -69,6 +69,12 @@ MULTIRUN = typer.Option(
 )
 
 
+RESUME = typer.Option(
+    None, "--resume", help="Continue the run in this directory from its last.ckpt (overrides apply on top).",
+    file_okay=False,
+)
+
+
 def resume_dir(path: Path) -> Path:
     if not (path / "last.ckpt").is_file():
         raise UserError(f"nothing to resume in {path}: no last.ckpt there")
@@ -84,10 +90,7 @@ def resume_dir(path: Path) -> Path:
 @user_errors
 def pretrain(
     overrides: list[str] | None = OVERRIDES,
-    resume: Path | None = typer.Option(
-        None, "--resume", help="Continue the run in this directory from its last.ckpt (overrides apply on top).",
-        file_okay=False,
-    ),
+    resume: Path | None = RESUME,
     multirun: bool = MULTIRUN,
 ):
     """Pre-train a Mixer as a recipe says (no recipe: the bundled demo, minutes on a CPU)."""
@@ -339,9 +342,7 @@ def finetune(
         False, "--multirun", "-m",
         help="Sweep with Hydra: the target's lr grid, or one run per value of a=1,2,3 overrides.",
     ),
-    resume: Path | None = typer.Option(
-        None, "--resume", help="Continue the fine-tune in this directory from its last.ckpt.", file_okay=False,
-    ),
+    resume: Path | None = RESUME,
 ):
     """Fine-tune a pre-trained Mixer on a target as a recipe says (no recipe: ft_demo, the bundled
     demo's checkpoint): momentum SGD, warmup + cosine, no weight decay, clip 1, a new zero head."""
