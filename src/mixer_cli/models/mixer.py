@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from timm.layers import DropPath, lecun_normal_
 from torch import nn
-from torch.nn import functional as F
 
 from mixer_cli.errors import UserError
 
@@ -141,40 +140,6 @@ class PatchStem(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class LinearFastInputGrad(torch.autograd.Function):
-    """y = x W^T + b, as F.linear (autocast included), whose input gradient dy @ W multiplies by a
-    contiguous copy of W^T. On CPUs without bf16 instructions (no AVX512-BF16 or AMX) PyTorch runs
-    bfloat16 matmuls in a fallback kernel that is 6 to 16 times slower when the right operand
-    is row-major, as W is in dy @ W; the copy costs one pass over the weight, small beside the
-    product over B x S rows (docs/benchmark.md, "bf16 training on a CPU without bf16 instructions")."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            # cast here, as autocast would in F.linear, so that backward has the casts
-            dtype = torch.get_autocast_dtype(device)
-            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
-        y = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        dy = dy.reshape(-1, dy.shape[-1])
-        dx = dy @ weight.t().contiguous().t()
-        dweight = dy.t() @ x.reshape(-1, x.shape[-1])
-        return dx.view(x.shape), dweight, dy.sum(0)  # autograd casts each to its input's dtype
-
-
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """F.linear; on a CPU with the input gradient's weight operand laid out for its bf16 kernels."""
-    if x.device.type != "cpu" or not torch.is_grad_enabled():
-        return F.linear(x, layer.weight, layer.bias)
-    return LinearFastInputGrad.apply(x, layer.weight, layer.bias)
-
-
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, gelu: str, dropout: float):
         super().__init__()
@@ -184,7 +149,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(linear(self.drop(self.act(linear(x, self.fc1))), self.fc2))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def stochastic_depth(rate: float, rescale: bool) -> nn.Module:
