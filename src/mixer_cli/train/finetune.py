@@ -33,7 +33,9 @@ def finetune_model(cfg: DictConfig) -> Mixer:
     if not cfg.checkpoint:
         raise UserError("fine-tuning needs a pre-trained model: --from CKPT (.ckpt, .npz, .pth or .safetensors)")
     path, m = Path(cfg.checkpoint), cfg.model
-    model = load_mixer(path, dropout=m.dropout, drop_path=m.drop_path, **({"gelu": m.gelu} if m.gelu else {}))
+    model = load_mixer(path, dropout=m.dropout, drop_path=m.drop_path,
+                       drop_path_rescale=m.get("drop_path_rescale", False),
+                       **({"gelu": m.gelu} if m.gelu else {}))
     check_variant(model, m.variant, path)
     if model.spec.in_chans != cfg.data.channels:
         raise UserError(f"{path} takes {model.spec.in_chans}-channel images, the data has {cfg.data.channels}")

@@ -211,7 +211,8 @@ def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = T
     from mixer_cli.models import load_mixer
 
     cfg = resume_config(run_dir, overrides)
-    model = load_mixer(run_dir / "last.ckpt", dropout=cfg.model.dropout, drop_path=cfg.model.drop_path)
+    model = load_mixer(run_dir / "last.ckpt", dropout=cfg.model.dropout, drop_path=cfg.model.drop_path,
+                       drop_path_rescale=cfg.model.get("drop_path_rescale", False))
     extra = {"from": str(cfg.checkpoint)} if cfg.get("checkpoint") else None
     return fit(cfg, model, command, run_dir=run_dir, resume=True, progress=progress, extra_results=extra,
                callbacks=probes(cfg))
