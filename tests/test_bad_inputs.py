@@ -7,10 +7,12 @@ Typer's CliRunner, and Trainer.fit fails the test if a case gets that far.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
+import logging
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +21,16 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
 from mixer_cli.config import compose, save_config
+from mixer_cli.data import build_dataset
+from mixer_cli.data.folder import UnreadableImage
+from mixer_cli.data.subsets import Selection
 from mixer_cli.errors import UserError
 from mixer_cli.models import build_mixer
 from mixer_cli.models.checkpoints import export_safetensors
@@ -61,9 +67,11 @@ def write_checkpoints(d: Path) -> None:
 
     class RunsCode:
         def __reduce__(self):
-            return os.system, ("true",)
+            return shutil.which, ("true",)
 
-    (d / "pickle.ckpt").write_bytes(pickle.dumps({"state_dict": RunsCode()}))
+    # torch.save writes protocol 2; torch's safe loader refuses the framing of protocol 4, and warns first
+    (d / "pickle.ckpt").write_bytes(pickle.dumps({"state_dict": RunsCode()}, protocol=4))
+    (d / "pickle-2.ckpt").write_bytes(pickle.dumps({"state_dict": RunsCode()}, protocol=2))
 
 
 def write_run_dirs(d: Path) -> None:
@@ -87,12 +95,18 @@ def write_image(path: Path) -> None:
 
 
 def write_data(d: Path) -> None:
-    """Image folders (good, corrupt image, no class folders) and shard folders with bad index.json."""
+    """Image folders (good; a class whose first image is empty, a Git LFS pointer or cut short; no class
+    folders) and shard folders with bad index.json."""
     for cls in ("a", "b"):
         write_image(d / "folder" / cls / "0.png")
-    write_image(d / "corrupt-folder" / "a" / "0.png")
-    (d / "corrupt-folder" / "b").mkdir()
-    (d / "corrupt-folder" / "b" / "0.png").write_bytes(b"")
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), np.uint8)).save(noise, "PNG")
+    bad = {"corrupt": b"", "lfs": b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 100\n",
+           "cut": noise.getvalue()[:400]}  # the header, then part of the pixel data
+    for kind, content in bad.items():
+        write_image(d / f"{kind}-folder" / "a" / "0.png")
+        write_image(d / f"{kind}-folder" / "b" / "1.png")  # after the first: only training would read it
+        (d / f"{kind}-folder" / "b" / "0.png").write_bytes(content)
     write_image(d / "flat-folder" / "0.png")
     index = {"format": "mixer-shards/1", "num_samples": 2, "classes": ["a", "b"], "counts": [1, 1],
              "shards": [{"file": "shard-000000.tar", "samples": 2}]}
@@ -137,11 +151,6 @@ def shards(folder: str) -> list[str]:
 
 def folder(name: str) -> list[str]:
     return [a.replace("%s", name) for a in FOLDER]
-
-
-def needs_fix(where: str):
-    """A bad file that still ends in a traceback or a written run: strict, so the fix shows up."""
-    return pytest.mark.xfail(reason=f"needs a fix in {where}", strict=True)
 
 
 # (command line, expected error line without the "error: " prefix)
@@ -225,8 +234,15 @@ CASES = [
     (["pretrain", *folder("flat-folder")], Match(r"data\.train_path={files}/flat-folder: .*class folder.*")),
     (["pretrain", *folder("folder"), "data.num_classes=3"],
      "data.train_path={files}/folder has 2 classes, data.num_classes=3; set data.num_classes=2"),
-    pytest.param(["pretrain", *folder("corrupt-folder")], names("corrupt-folder/b/0.png"),
-                 marks=needs_fix("data/folder.py image_folder")),
+    (["pretrain", *folder("corrupt-folder")],
+     "data.train_path={files}/corrupt-folder: cannot read the first image of class b, {files}/corrupt-folder/b/0.png "
+     "(empty: 0 bytes)"),
+    (["pretrain", *folder("lfs-folder")],
+     "data.train_path={files}/lfs-folder: cannot read the first image of class b, {files}/lfs-folder/b/0.png "
+     "(not an image file PIL reads)"),
+    (["pretrain", *folder("folder"), "data.eval_path={files}/cut-folder"],  # the later value wins
+     "data.eval_path={files}/cut-folder: cannot read the first image of class b, {files}/cut-folder/b/0.png "
+     "(image file is truncated)"),
     (["pretrain", "--resume={files}/run", "optim.lr=-1"], "optim.lr must be a number > 0, got -1"),
     (["pretrain", "--resume={files}/run-no-ckpt"], "nothing to resume in {files}/run-no-ckpt: no last.ckpt there"),
     pytest.param(["pretrain", "--resume={files}/run-empty-config"], names("run-empty-config/config.yaml")),
@@ -248,6 +264,12 @@ CASES = [
     (["finetune", "--from={files}/mismatch.pth"], names("mismatch.pth")),
     (["finetune", "--from={files}/missing.ckpt"], names("missing.ckpt")),
     (["finetune", "--resume={files}/run-empty-ckpt"], names("run-empty-ckpt/last.ckpt")),
+    (["finetune", "--from={files}/pickle-2.ckpt"],
+     "{files}/pickle-2.ckpt holds pickled Python objects besides tensors (shutil.which); unpickling them could "
+     "run code, so the file is refused"),
+    (["finetune", "--from={files}/pickle.ckpt"],
+     "{files}/pickle.ckpt is pickled with protocol 4, which torch's safe loader does not read (torch.save writes "
+     "protocol 2); unpickling it otherwise could run code, so it is refused"),
     # ---- fewshot
     (["fewshot", CKPT, "fewshot.l2=-1"], "fewshot.l2 must be a number > 0 or 'select', got -1"),
     (["fewshot", CKPT, "fewshot.seeds=0"], "fewshot.seeds must be a whole number >= 1, got 0"),
@@ -327,11 +349,59 @@ def test_there_are_forty_bad_inputs_across_every_command():
                         "benchmark", "recipes"}
 
 
+def grey_folder(root: Path, per_class: dict[str, int], unreadable: str, *overrides: str) -> DictConfig:
+    """PNGs of one grey level each (which tells them apart), an empty file at `unreadable`; the config."""
+    level = 0
+    for cls, n in per_class.items():
+        for i in range(n):
+            level += 15
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((28, 28), level, np.uint8)).save(root / cls / f"{i:02d}.png")  # in index order
+    (root / unreadable).write_bytes(b"")
+    return compose([*(a.replace("{files}/%s", str(root)) for a in FOLDER), *overrides])
+
+
+def seeded(dataset, i: int):
+    L.seed_everything(0, verbose=False)  # the augmentation's draws
+    return dataset[i]
+
+
+def test_training_puts_the_next_image_in_place_of_an_unreadable_one_and_evaluation_names_it(tmp_path, caplog):
+    cfg = grey_folder(tmp_path, {"a": 3, "b": 2}, "a/01.png")  # not the first of its class: not checked up front
+    train = build_dataset(cfg.data, cfg.aug, "train")
+    with caplog.at_level(logging.WARNING, logger="mixer_cli.data.folder"):
+        x, y = seeded(train, 1)
+    x2, y2 = seeded(train, 2)
+    assert torch.equal(x, x2) and y == y2 == 0
+    assert (f"data: skipped unreadable image {tmp_path}/a/01.png (empty: 0 bytes); the next training image takes its "
+            "place (1 skipped in this loader worker)") in caplog.messages
+
+    test = build_dataset(cfg.data, cfg.aug, "test")
+    line = (f"cannot read image {tmp_path}/a/01.png (empty: 0 bytes); an evaluation reads every image of "
+            "data.eval_path: replace or remove it")
+    with pytest.raises(UnreadableImage) as e:
+        test[1]
+    assert str(e.value) == line
+    with pytest.raises(UnreadableImage) as e:  # a loader worker's: torch re-raises it with its traceback
+        list(DataLoader(test, batch_size=5, num_workers=1))
+    assert str(e.value) == line
+
+
+def test_the_image_put_in_place_of_an_unreadable_one_is_never_of_the_dev_split(tmp_path):
+    kept = Selection("train", dev_fraction=0.5).keeps  # data.subset_seed=0
+    bad = next(i for i in range(1, 11) if kept(i) and not kept(i + 1))  # the image after it is a dev image
+    cfg = grey_folder(tmp_path, {"a": 12, "b": 1}, f"a/{bad:02d}.png", "data.dev_fraction=0.5")
+    train = build_dataset(cfg.data, cfg.aug, "train")
+    everything = build_dataset(OmegaConf.merge(cfg.data, {"dev_fraction": 0}), cfg.aug, "train")
+    substitute = next(i for i in range(bad + 1, 13) if kept(i))
+    assert torch.equal(seeded(train, train.indices.index(bad))[0], seeded(everything, substitute)[0])
+    assert not torch.equal(seeded(everything, bad + 1)[0], seeded(everything, substitute)[0])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["pretrain", "optim.lr=-0.1"],
-    pytest.param(["finetune", "--from={files}/pickle.ckpt"],
-                 marks=needs_fix("models/checkpoints.py read_torch_file: silence torch.load's UserWarning")),
+    ["finetune", "--from={files}/pickle.ckpt"],  # torch warns before it refuses the file
 ])
 def test_the_installed_command_prints_only_the_error_line(files, tmp_path, args):
     """In a process of its own (warnings reach stderr there, unlike under pytest's capture)."""

@@ -19,6 +19,7 @@ from mixer_cli.benchmark import (
 from mixer_cli.config import compose
 from mixer_cli.errors import UserError
 from mixer_cli.models import build_mixer
+from mixer_cli.models import mixer as mixer_module
 
 TINY = dict(patch_size=8, hidden_dim=32, num_blocks=3, tokens_mlp_dim=8, channels_mlp_dim=64)
 
@@ -27,7 +28,7 @@ def _plan(*overrides):
     return plan_from_config(compose(list_overrides(list(overrides)), config_name="benchmark"))
 
 
-# --- the model: token-major internals, same function as timm's ------------------------------------
+# --- the model: same function as timm's, in fp32 and in CPU bf16 training ---------------------------
 
 def _pair(drop_path=0.0):
     # timm's DropPath rescales kept samples by 1/keep: our option for it (the default is the paper's code's)
@@ -54,8 +55,43 @@ def test_logits_and_gradients_equal_timms_mixer():
         torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _bf16_step(model, x, y):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def test_bf16_training_step_matches_timms_and_takes_the_fast_input_gradient(monkeypatch):
+    """On a CPU that emulates bf16 the MLPs multiply the input gradient by a copy of W^T: the loss
+    and every gradient must still be timm's to bf16 rounding (a wrong transpose or cast would not be)."""
+    monkeypatch.setattr(mixer_module, "cpu_has_bf16_instructions", lambda: False)
+    ours, ref = _pair()
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([0, 4, 2, 1])
+    torch.testing.assert_close(_bf16_step(ours, x, y), _bf16_step(ref, x, y), atol=0, rtol=0)
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, theirs[name].grad, atol=2e-2, rtol=2e-2, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mixer_module.linear(torch.randn(2, 16, requires_grad=True), ours.blocks[0].mlp_tokens.fc1)
+    assert type(out.grad_fn).__name__ == "LinearFastInputGradBackward"
+
+
+def test_the_fast_input_gradient_is_left_out_where_it_does_not_pay(monkeypatch):
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8, requires_grad=True)
+    monkeypatch.setattr(mixer_module, "cpu_has_bf16_instructions", lambda: False)
+    assert type(mixer_module.linear(x, layer).grad_fn).__name__ == "AddmmBackward0"  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert mixer_module.linear(x, layer).grad_fn is None  # inference
+    monkeypatch.setattr(mixer_module, "cpu_has_bf16_instructions", lambda: True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(mixer_module.linear(x, layer).grad_fn).__name__ == "AddmmBackward0"  # native bf16
+
+
 def test_stochastic_depth_drops_whole_samples_like_timm():
-    """Blocks run on (S, B, C): the drop-path mask must still be per sample, as timm's on (B, S, C)."""
     ours, ref = _pair(drop_path=0.5)
     ours_block, ref_block = ours.blocks[2], ref.blocks[2]  # ours: rate 0.5 at the last block, as timm's
     ours_block.train(), ref_block.train()

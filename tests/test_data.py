@@ -63,7 +63,7 @@ def test_written_shards_read_back_to_the_same_images_and_labels(tmp_path):
     assert report.num_samples == 12
 
     by_key = {s.name: Path(s.name).name for s in samples}
-    keys = {f"{i:09d}": by_key[s.name] for i, s in enumerate(samples)}
+    keys = {f"{i:09d}_{Path(s.name).stem}": by_key[s.name] for i, s in enumerate(samples)}  # number, then stem
     seen = set()
     for raw in read_raw(tmp_path / "shards"):
         name = keys[raw["__key__"]]

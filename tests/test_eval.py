@@ -8,8 +8,7 @@ from PIL import Image
 
 from mixer_cli.config import compose
 from mixer_cli.errors import UserError
-from mixer_cli.evaluate.checkpoint_eval import evaluate, evaluate_checkpoint, with_checkpoint_preprocessing
-from mixer_cli.evaluate.real_labels import RealTop1
+from mixer_cli.evaluate.checkpoint_eval import evaluate_checkpoint, with_checkpoint_preprocessing
 from mixer_cli.models import build_mixer
 
 NUM_CLASSES = 6
@@ -22,17 +21,20 @@ IMAGES = {1: 0, 2: 1, 3: 2, 4: 1, 5: 3, 6: 4, 7: 5, 8: 0}
 REAL = [[0, 1], [1], [], [2], [3], [1, 4], [5], [0], [1]]
 
 
-@pytest.fixture()
-def constant_checkpoint(tmp_path):
-    """A timm-format state dict of a tiny Mixer whose logits are BIAS for every image."""
+def constant_model_file(path):
+    """A timm-format state dict of a tiny Mixer whose logits are BIAS for every image, at `path`."""
     model = build_mixer(None, num_classes=NUM_CLASSES, img_size=16, in_chans=3, patch_size=8, hidden_dim=8,
                         num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=8)
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.copy_(torch.tensor(BIAS))
-    path = tmp_path / "tiny.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture()
+def constant_checkpoint(tmp_path):
+    return constant_model_file(tmp_path / "tiny.pth")
 
 
 @pytest.fixture()
@@ -47,7 +49,7 @@ def val_folder(tmp_path):
 
 def eval_config(tmp_path, *overrides):
     return compose(["data=folder", f"data.eval_path={tmp_path / 'val'}", f"data.num_classes={NUM_CLASSES}",
-                    "data.num_workers=0", f"run_root={tmp_path / 'runs'}", "eval.device=cpu", *overrides],
+                    "data.num_workers=0", f"run_root={tmp_path / 'runs'}", "eval.accelerator=cpu", *overrides],
                    config_name="eval")
 
 
@@ -104,28 +106,6 @@ def test_an_image_beyond_the_labels_file_stops_before_anything_is_written(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
-class KeyedImages(torch.utils.data.Dataset):
-    """(image, label, shard key) samples, as webdataset shards written from ImageNet's val folder give."""
-
-    def __len__(self):
-        return 5
-
-    def __getitem__(self, i):
-        return torch.zeros(3, 16, 16), [1, 1, 0, 3, 2][i], f"ILSVRC2012_val_{i + 1:08d}"
-
-
-def test_evaluate_reads_image_numbers_from_shard_keys():
-    model = build_mixer(None, num_classes=NUM_CLASSES, img_size=16, in_chans=3, patch_size=8, hidden_dim=8,
-                        num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=8)
-    with torch.no_grad():
-        model.head.bias.copy_(torch.tensor(BIAS))
-    loader = torch.utils.data.DataLoader(KeyedImages(), batch_size=2)
-    measured = evaluate(model, loader, NUM_CLASSES, torch.device("cpu"), RealTop1(REAL))
-    # class 1 always: labels 1, 1 right (2 of 5); ReaL lists of images 1-5: [0, 1] [1] [] [2] [3] -> 2 of 4
-    assert measured == pytest.approx({"top1": 2 / 5, "top5": 4 / 5, "num_samples": 5, "real_top1": 2 / 4,
-                                      "real_num_samples": 4})
-
-
 # ---- VTAB-1k ------------------------------------------------------------------------------------
 
 # The reference task definitions (google-research/task_adaptation): classes per task.
@@ -176,3 +156,53 @@ def test_a_partial_vtab_suite_has_no_mean_and_an_unknown_task_is_an_error():
     assert (scores["natural"], scores["specialized"], scores["structured"], scores["mean"]) == (0.5, None, None, None)
     with pytest.raises(UserError, match="unknown VTAB-1k task 'pets'; tasks: caltech101, cifar100, "):
         vtab_scores({"pets": 0.9})
+
+
+# ---- exact under DDP --------------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+
+from mixer_cli.config import compose
+from mixer_cli.evaluate.checkpoint_eval import evaluate_checkpoint
+
+results = evaluate_checkpoint(compose(sys.argv[3:], config_name="eval"), Path(sys.argv[2]))
+Path(sys.argv[1], f"rank{os.environ.get('LOCAL_RANK', '0')}.json").write_text(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_every_image_once_and_agree_with_one_process(tmp_path, val_folder):
+    """2 CPU processes (gloo): 8 images in shards of 3, 3, 2, so rank 0 reads 5 and rank 1 reads 3; the
+    counts and accuracies are those of one process (a padded sampler would count 10 images, or 6)."""
+    import subprocess
+    import sys
+
+    from mixer_cli.data.writer import folder_samples, write_shards
+
+    write_shards(*folder_samples(val_folder), tmp_path / "shards", shard_size=3)
+    model = build_mixer(None, num_classes=NUM_CLASSES, img_size=16, in_chans=3, patch_size=8, hidden_dim=8,
+                        num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=8)
+    torch.nn.init.normal_(model.head.weight)  # the zero head would give every image class 0
+    torch.save(model.state_dict(), tmp_path / "random.pth")
+    (tmp_path / "real.json").write_text(json.dumps(REAL))
+    args = ["data=shards", f"data.eval_path={tmp_path / 'shards'}", f"data.num_classes={NUM_CLASSES}",
+            "data.num_workers=0", f"data.real_labels={tmp_path / 'real.json'}", "eval.accelerator=cpu",
+            "eval.batch_size=2"]
+    one = evaluate_checkpoint(compose([*args, f"run_root={tmp_path / 'one'}"], config_name="eval"),
+                              tmp_path / "random.pth")
+    (tmp_path / "run.py").write_text(DDP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "random.pth"),
+                           *args, "eval.devices=2", f"run_root={tmp_path / 'two'}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+
+    measured = ("top1", "top5", "num_samples", "real_top1", "real_num_samples")
+    assert r0["devices"] == 2 and one["devices"] == 1
+    assert r0["num_samples"] == 8 and r0["real_num_samples"] == 7  # the split's size; image 3's list is empty
+    assert {k: r0[k] for k in measured} == {k: r1[k] for k in measured} == pytest.approx({k: one[k] for k in measured})
+    assert 0 < one["top1"] < 1  # the images get different classes: the two passes had something to disagree on
+    (written,) = (tmp_path / "two" / "eval").iterdir()  # one run directory for both ranks, written by rank 0
+    assert json.loads((written / "results.json").read_text()) == r0 and r1["run_dir"] == str(written)

@@ -84,36 +84,36 @@ def test_rotation_measured_on_a_bar_is_m_times_3_degrees_either_way(m, monkeypat
     assert min(angles) < 0 < max(angles)
 
 
-@pytest.mark.parametrize("m", [10, 15, 20])
-@pytest.mark.parametrize("axis", ["X", "Y"])
-def test_translation_measured_is_m_times_10_pixels_either_way(m, axis, monkeypatch):
-    only(monkeypatch, f"Translate{axis}")
-    img = line_image(9, 512, col=256)
+def line_after(monkeypatch, op: str, axis: str, m: int, h: int, w: int, col: int) -> list[tuple]:
+    """Twelve draws of RandAugment(1, m) doing only `op` along `axis` to a line across it (column `col`
+    of an h x w image, transposed for Y): each the (along, across) coordinates of the line's pixels."""
+    only(monkeypatch, f"{op}{axis}")
+    img = line_image(h, w, col=col)
     if axis == "Y":
         img = img.transpose(Image.Transpose.TRANSPOSE)
     torch.manual_seed(0)
-    shifts = set()
+    lines = []
     for a in draws(RandAugment(1, m), img, 12):
         rows, cols = white(a)
-        moved = (cols if axis == "X" else rows)[0] - 256
-        assert np.all((cols if axis == "X" else rows) == 256 + moved)
-        shifts.add(int(moved))
+        lines.append((rows, cols) if axis == "X" else (cols, rows))
+    return lines
+
+
+@pytest.mark.parametrize("m", [10, 15, 20])
+@pytest.mark.parametrize("axis", ["X", "Y"])
+def test_translation_measured_is_m_times_10_pixels_either_way(m, axis, monkeypatch):
+    shifts = set()
+    for _, across in line_after(monkeypatch, "Translate", axis, m, 9, 512, col=256):
+        assert np.all(across == across[0])  # the whole line moved, unbent
+        shifts.add(int(across[0]) - 256)
     assert shifts == {EXTENTS[m][2], -EXTENTS[m][2]}
 
 
 @pytest.mark.parametrize("m", [10, 15, 20])
 @pytest.mark.parametrize("axis", ["X", "Y"])
 def test_shear_measured_on_a_line_is_m_times_0_03_either_way(m, axis, monkeypatch):
-    only(monkeypatch, f"Shear{axis}")
-    img = line_image(101, 301, col=150)
-    if axis == "Y":
-        img = img.transpose(Image.Transpose.TRANSPOSE)
-    torch.manual_seed(0)
-    slopes = []
-    for a in draws(RandAugment(1, m), img, 12):
-        rows, cols = white(a)
-        along, across = (rows, cols) if axis == "X" else (cols, rows)
-        slopes.append(np.polyfit(along, across, 1)[0])
+    lines = line_after(monkeypatch, "Shear", axis, m, 101, 301, col=150)
+    slopes = [np.polyfit(along, across, 1)[0] for along, across in lines]
     assert np.allclose(np.abs(slopes), EXTENTS[m][1], atol=0.01)
     assert min(slopes) < 0 < max(slopes)
 

@@ -2,9 +2,9 @@
 bit for bit with the same run left alone (same seed, CPU, one thread: torch.equal, a tolerance of zero).
 
 The demo test runs `mixer pretrain` processes as a cluster does (SIGUSR1 under a stand-in SLURM job,
-the requeued job continuing by itself, SIGINT), each interrupted once it has written a periodic
-last.ckpt (so trainer.checkpoint_every_steps / _minutes are exercised on the way); batches are small
-so that a run lasts long enough. The shard test signals its own process at a known step, to stay
+the requeued job continuing by itself, SIGINT, then --resume), each interrupted once it has written a
+periodic last.ckpt (so trainer.checkpoint_every_steps / _minutes are exercised on the way); batches
+are small so that a run lasts long enough. The shard test signals its own process at a known step, to stay
 short. Both runs end inside their epoch, and still end with an evaluation. The loader test checks
 the piece that makes the data exact: a training loader rebuilt from its state gives the very batches
 the one left alone gives, for in-memory data and shards, with and without loader workers."""
@@ -21,7 +21,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from mixer_cli.config import compose
+from mixer_cli.config import compose, make_run_dir, save_config
 from mixer_cli.data import build_dataset
 from mixer_cli.data.shards import rng_states, set_rng_states
 from mixer_cli.data.writer import demo_samples, write_shards
@@ -137,38 +137,77 @@ def assert_same_run(run: Path, ref: Path, steps: int) -> None:
 
 
 def slurm_job(tmp_path: Path) -> dict:
-    """The environment of a one-task SLURM job 4242 whose scontrol only notes what it is asked. The run
-    directory is named after the job through TORCHELASTIC_RUN_ID: make_run_dir names it after SLURM's
-    job id only for jobs of several tasks."""
+    """The environment of a one-task SLURM job 4242 whose scontrol only notes what it is asked."""
     (tmp_path / "bin").mkdir()
     scontrol = tmp_path / "bin" / "scontrol"
     scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
     scontrol.chmod(0o755)
     return {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mixer", "SLURM_PROCID": "0",
-            "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "TORCHELASTIC_RUN_ID": "job4242",
-            "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+            "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+
+
+def requeued(job: dict, times: int) -> dict:
+    return {**job, "SLURM_RESTART_COUNT": str(times)}
 
 
 @pytest.mark.slow
-def test_sigusr1_requeues_the_slurm_job_which_continues_then_sigint_and_resume_match_the_run_left_alone(tmp_path):
+def test_sigusr1_requeues_the_slurm_job_which_continues_its_run_by_itself_and_ends_as_the_run_left_alone(tmp_path):
     runs, slurm = tmp_path / "runs", slurm_job(tmp_path)
-    first = mixer(["pretrain", *DEMO, "trainer.checkpoint_every_steps=10", f"run_root={runs}"], tmp_path, slurm)
+    command = ["pretrain", *DEMO, f"run_root={runs}"]
+    first = mixer([*command, "trainer.checkpoint_every_steps=10"], tmp_path, slurm)
     ref, run, step = while_running_reference(tmp_path, DEMO, first, signal.SIGUSR1)
     assert step % 10 == 0  # written by checkpoint_every_steps, inside the first epoch
     rc, err = stopped(first, signal.SIGUSR1)
     stop1 = assert_stopped(rc, err, signal.SIGUSR1, run, 0, 100)
     assert "SLURM requeued job 4242, which continues from it" in err
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert run.name == "slurm4242-demo"
 
-    # The requeued job finds its run directory and continues by itself. Here it checkpoints by the
-    # timer instead of the step count, so only checkpoint_every_minutes can write its next last.ckpt.
-    second = mixer(["pretrain", *DEMO, "trainer.checkpoint_every_minutes=0.005", f"run_root={runs}"], tmp_path, slurm)
+    # The requeued job runs the same command, finds its run directory and continues from its last.ckpt.
+    second = mixer(command, tmp_path, requeued(slurm, 1))
     wait_for_checkpoint(runs, second, after=stop1)
-    assert_stopped(*interrupt(second, signal.SIGINT), signal.SIGINT, run, stop1, 100)
+    stop2 = assert_stopped(*interrupt(second, signal.SIGINT), signal.SIGINT, run, stop1, 100)
     assert [p.name for p in (runs / "pretrain").iterdir()] == [run.name]
 
-    one_thread(resume, run, [], "pretrain")  # what `mixer pretrain --resume RUN` runs
+    # By hand, with the timer instead of the step count: only checkpoint_every_minutes can write the
+    # next last.ckpt before the end; then the run goes on to its end.
+    third = mixer(["pretrain", f"--resume={run}", "trainer.checkpoint_every_steps=null",
+                   "trainer.checkpoint_every_minutes=0.005"], tmp_path)
+    assert wait_for_checkpoint(runs, third, after=stop2)[1] < 100
+    finish(third)
     assert_same_run(run, ref, steps=100)
+
+
+def test_a_one_task_slurm_job_names_its_runs_and_only_a_requeued_one_continues_one(tmp_path, monkeypatch):
+    import mixer_cli.config as config
+
+    for v in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_RESTART_COUNT",
+              "TORCHELASTIC_RUN_ID", config.SESSION_ENV):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv(config.SESSION_ENV, "")  # recorded, so what make_run_dir sets is undone after the test
+    cfg, other = compose([f"run_root={tmp_path}"]), compose([f"run_root={tmp_path}", "seed=1"])
+
+    def run_dir(cfg, restarts: int, *files: str) -> Path:
+        """The directory a command of the job gets (its first one in its process), with its config and `files`."""
+        monkeypatch.setattr(config, "_runs_made", 0)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+        path = make_run_dir(cfg, "pretrain")
+        save_config(cfg, path)
+        for name in files:
+            (path / name).touch()
+        return path
+
+    done = run_dir(cfg, 0, "last.ckpt", "results.json")
+    stopped_run = run_dir(other, 0, "last.ckpt")  # another command of the job, same name
+    again = run_dir(cfg, 0)  # a job's first start never continues a run, even one of the same config
+    assert [p.name for p in (done, stopped_run, again)] == ["slurm4242-demo", "slurm4242-1-demo", "slurm4242-2-demo"]
+    assert run_dir(other, 1) == stopped_run  # requeued: the run of this very config
+    assert run_dir(cfg, 1) == again  # of two, the unfinished one
+    (again / "results.json").touch()
+    (again / "config.yaml").write_text("")  # damaged: not a run to continue
+    assert run_dir(cfg, 2) == done
+    assert run_dir(compose([f"run_root={tmp_path}", "seed=2"]), 1).name == "slurm4242-3-demo"  # none: a new one
 
 
 def write_demo_shards(root: Path) -> list[str]:
@@ -207,30 +246,30 @@ def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_lef
     assert_same_run(run, reference(tmp_path, shards), steps=50)
 
 
-class SigtermInTheSanityCheck(Callback):
-    def __init__(self):
-        self.sent = False
+class SigtermInEvaluation(Callback):
+    """Sends SIGTERM to this process at the first evaluation batch of the trainer state `when` holds for."""
+
+    def __init__(self, when):
+        self.when, self.sent = when, False
 
     def on_validation_batch_start(self, trainer, *args):
-        if trainer.sanity_checking and not self.sent:
+        if self.when(trainer) and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-class SigtermInTheFinalEvaluation(Callback):
-    def __init__(self):
-        self.sent = False
+def in_the_sanity_check(trainer) -> bool:
+    return trainer.sanity_checking
 
-    def on_validation_batch_start(self, trainer, *args):
-        if trainer.state.fn == "validate" and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+
+def in_the_final_evaluation(trainer) -> bool:
+    return trainer.state.fn == "validate"
 
 
 def test_a_signal_before_the_first_step_stops_the_run_after_it_with_a_checkpoint(tmp_path, capsys):
     cfg = compose([*TINY, "data.global_batch=100", "trainer.steps=3", f"run_root={tmp_path}"])
     with pytest.raises(Stopped) as stop:  # not Lightning's SIGTERMException, which exits with status 0
-        fit(cfg, build_model(cfg), "pretrain", callbacks=[SigtermInTheSanityCheck()], progress=False)
+        fit(cfg, build_model(cfg), "pretrain", callbacks=[SigtermInEvaluation(in_the_sanity_check)], progress=False)
     assert stop.value.code == 128 + signal.SIGTERM
     (run,) = (tmp_path / "pretrain").iterdir()
     assert checkpoint(run / "last.ckpt")["global_step"] == 1
@@ -240,7 +279,7 @@ def test_a_signal_before_the_first_step_stops_the_run_after_it_with_a_checkpoint
 def test_a_signal_during_the_final_evaluation_lets_it_finish_and_write_its_results(tmp_path):
     # 3 steps of an epoch of 40: no evaluation during training, so the final one is the run's only one.
     cfg = compose([*TINY, "data.global_batch=100", "trainer.steps=3", f"run_root={tmp_path}"])
-    signal_it = SigtermInTheFinalEvaluation()
+    signal_it = SigtermInEvaluation(in_the_final_evaluation)
     results = fit(cfg, build_model(cfg), "pretrain", callbacks=[signal_it], progress=False)
     assert signal_it.sent and results["steps"] == 3 and results["num_samples"] == 1000
     assert json.loads(Path(results["run_dir"], "results.json").read_text())["top1"] == results["top1"]

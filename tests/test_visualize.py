@@ -57,7 +57,8 @@ def test_unit_image_follows_the_patch_layout():
 
 
 def _checkpoint(path, in_chans=1):
-    """A file as `mixer pretrain` writes it: spec and preprocessing under "mixer", weights under "model."."""
+    """A file as `mixer pretrain` wrote it before `pretrained_cfg`: spec and `preprocess` under "mixer",
+    weights under "model." (such files must keep loading)."""
     model = build_mixer(None, num_classes=10, img_size=28, in_chans=in_chans, patch_size=4, hidden_dim=16,
                         num_blocks=2, tokens_mlp_dim=9, channels_mlp_dim=32)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}

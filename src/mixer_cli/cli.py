@@ -325,7 +325,8 @@ def benchmark(
 @app.command(
     epilog="Examples: [bold]mixer finetune --from runs/pretrain/20261125-101500-demo/last.ckpt[/] (the demo) · "
     "[bold]mixer finetune --from Mixer-L_16.npz --res 448 recipe=ft_imagenet[/] · "
-    "[bold]mixer finetune --from CKPT recipe=ft_cifar10 --multirun[/] (the target's lr grid)"
+    "[bold]mixer finetune --from CKPT recipe=ft_cifar10 --multirun[/] (the target's lr grid) · "
+    "[bold]mixer finetune --from CKPT recipe=ft_vtab[/] (the 19 VTAB-1k tasks; data.tasks=\\[dtd,svhn] for some)"
 )
 @user_errors
 def finetune(
@@ -349,7 +350,7 @@ def finetune(
     from mixer_cli.config import compose
     from mixer_cli.models import load_mixer
     from mixer_cli.train.finetune import finetune as run_finetune
-    from mixer_cli.train.finetune import with_lr_grid
+    from mixer_cli.train.finetune import finetune_vtab, is_vtab_suite, with_lr_grid
     from mixer_cli.train.fit import resume as resume_run
     from mixer_cli.train.sweep import multirun as run_sweep
 
@@ -361,7 +362,12 @@ def finetune(
         overrides.append(f"checkpoint='{checkpoint.resolve()}'")  # quoted: any path is one Hydra value
     if res is not None:
         overrides.append(f"data.img_size={res}")
-    if multirun:
+    if is_vtab_suite(overrides):
+        if multirun:
+            raise UserError("the VTAB-1k suite picks each task's lr itself (targets.vtab.lr_grid, on the 200 "
+                            "val examples); drop --multirun")
+        finetune_vtab(overrides)
+    elif multirun:
         if checkpoint is not None:
             load_mixer(checkpoint)  # a bad --from fails before the sweep starts
         run_sweep("finetune", "finetune", with_lr_grid(overrides))

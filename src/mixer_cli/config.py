@@ -163,7 +163,7 @@ def is_global_zero_process() -> bool:
 
 
 def launcher_job_id() -> str | None:
-    """The id every rank of a SLURM or torchrun job shares; None for a local start."""
+    """The id every rank of a SLURM job of several tasks or a torchrun job shares; None otherwise."""
     if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return f"slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
@@ -174,11 +174,13 @@ def launcher_job_id() -> str | None:
 
 def make_run_dir(cfg: DictConfig, command: str) -> Path:
     """runs/<command>/<session>-<name>[-n]: rank 0 creates it, new and empty (never an existing one;
-    under SLURM/torchrun the job id names it); the other ranks of the run wait for the same directory."""
+    under SLURM/torchrun the job id names it); the other ranks of the run wait for the same directory.
+    A requeued SLURM job gets the directory of the run it continues."""
     global _runs_made
     root = Path(cfg.run_root) / command
     job = launcher_job_id()
     suffix = f"-{_runs_made}" if _runs_made else ""
+    slurm_job = os.environ.get("SLURM_JOB_ID")
     if not is_global_zero_process():
         session = os.environ.get(SESSION_ENV) or job
         if session is None:
@@ -189,21 +191,47 @@ def make_run_dir(cfg: DictConfig, command: str) -> Path:
         path = root / f"{job}-{cfg.name}{suffix}"
         path.mkdir(parents=True, exist_ok=True)  # a requeued job continues in its directory
         os.environ[SESSION_ENV] = job
+    elif slurm_job:
+        # One task: no rank to agree with, but a job may run several commands (or be an interactive
+        # session), so the job id alone does not tell the run a requeued job continues.
+        session = f"slurm{slurm_job}"
+        path = _requeued_run(root, session, cfg, suffix) or _new_dir(root, cfg.name, suffix, session)
     else:
-        path = _new_dir(root, cfg.name, suffix)
+        path = _new_dir(root, cfg.name, suffix, _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     _runs_made += 1
     return path
 
 
-def _new_dir(root: Path, name: str, suffix: str) -> Path:
-    """A new directory; the first of a process picks a session no other run uses, the later ones
-    (sweeps) reuse it with a counter, so launched ranks can follow."""
+def _requeued_run(root: Path, session: str, cfg: DictConfig, suffix: str) -> Path | None:
+    """Under a requeued SLURM job (SLURM_RESTART_COUNT >= 1), the directory of the run this command
+    started before: one of this job's with this very config, the unfinished one first (fit continues
+    from its last.ckpt); None on a job's first start or when there is none."""
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+        return None
+    name = re.compile(rf"{re.escape(session)}(-\d+)?-{re.escape(cfg.name + suffix)}")
+    runs = [d for d in root.glob(f"{session}*") if name.fullmatch(d.name) and _same_config(d, cfg)]
+    if not runs:
+        return None
+    path = min(runs, key=lambda d: ((d / "results.json").is_file(), -d.stat().st_mtime))
+    os.environ[SESSION_ENV] = path.name.removesuffix(f"-{cfg.name}{suffix}")  # for later runs and launched ranks
+    return path
+
+
+def _same_config(run_dir: Path, cfg: DictConfig) -> bool:
+    try:
+        return OmegaConf.to_container(load_run_config(run_dir)) == OmegaConf.to_container(cfg, resolve=True)
+    except UserError:  # no config.yaml yet, or a damaged one: not a run to continue
+        return False
+
+
+def _new_dir(root: Path, name: str, suffix: str, stamp: str) -> Path:
+    """A new directory; the first of a process picks a session (`stamp`, or `stamp-k` if another run
+    has it) no other run uses, the later ones (sweeps) reuse it with a counter, so launched ranks can follow."""
     root.mkdir(parents=True, exist_ok=True)
     if suffix and os.environ.get(SESSION_ENV):
         path = root / f"{os.environ[SESSION_ENV]}-{name}{suffix}"
         path.mkdir()
         return path
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for k in range(1000):
         session = stamp if k == 0 else f"{stamp}-{k}"
         path = root / f"{session}-{name}{suffix}"

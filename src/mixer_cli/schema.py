@@ -183,6 +183,9 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "data.num_workers": whole(0),
     "data.root": TEXT,
     "data.task": TEXT,
+    "data.tasks": list_of(TEXT, "a non-empty list of VTAB-1k task names") | NULL,  # evaluate/vtab.py checks the names
+    "data.resolutions.small": whole(1),
+    "data.resolutions.large": whole(1),
     "data.train_path": TEXT | NULL,
     "data.eval_path": TEXT | NULL,
     "data.train_size": whole(1) | NULL,
@@ -271,7 +274,10 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "shuffle.progress": FLAG,
     # eval
     "eval.batch_size": whole(1),
-    "eval.device": DEVICE,
+    "eval.accelerator": lambda: one_of(*lightning_accelerators()),
+    "eval.devices": DEVICES,
+    "eval.num_nodes": whole(1),
+    "eval.precision": lambda: one_of(*lightning_precisions()),
     # benchmark (plan_from_config checks the names and the device)
     "models": list_of(TEXT, "a non-empty list of model names"),
     "res": list_of(whole(1), "a non-empty list of whole numbers >= 1"),

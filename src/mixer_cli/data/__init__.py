@@ -48,7 +48,8 @@ def build_dataset(data: DictConfig, aug: DictConfig, split: str, seed: int = 0, 
     if data.source == "folder":
         from mixer_cli.data.folder import image_folder
 
-        return subset(image_folder(data, key, transform, decoded=decode == "pil"), chosen)
+        folder = image_folder(data, key, transform, decoded=decode == "pil", training=chosen if augment else None)
+        return subset(folder, chosen)
     from mixer_cli.data.shards import eval_shards, train_shards
 
     return train_shards(data, transform, seed, chosen) if augment else eval_shards(data, transform, key, chosen)

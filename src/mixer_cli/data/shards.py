@@ -9,7 +9,8 @@ DDP hang). The stream is resumable (`state_dict`): a continued run rebuilds the 
 its seed and skips, before decoding, the samples the stopped run had taken, so it yields exactly
 the batches the stopped run would have yielded next.
 Evaluation (`EvalShards`): every shard is read exactly once, split by node and by worker, last
-batch partial: no sample is dropped or duplicated across ranks.
+batch partial: no sample is dropped or duplicated across ranks. With `with_keys` its batches carry
+the samples' keys as a third element (the ReaL labels read ImageNet's validation image numbers from them).
 A corrupt sample (bad image, truncated tar) is skipped, counted and logged; the run goes on.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import glob
 import itertools
 import logging
 import random
+import re
+import tarfile
 from functools import partial
 from pathlib import Path
 
@@ -122,18 +125,19 @@ class SkipCorrupt:
 
 
 def decoded_samples(transform, channels: int, handler: SkipCorrupt, selection: Selection | None = None,
-                    num_classes: int | None = None, decoded: bool = True):
+                    num_classes: int | None = None, decoded: bool = True, keys: bool = False):
     """Pipeline stages: tar streams -> (image, label) pairs, of the samples that `selection` keeps (by
     key, before anything is decoded). The image is decoded to PIL (decoded=False: its bytes, for the
     uint8 and GPU-decode paths) and transformed; the label is `.cls` (one class) or `.labels` (several,
-    e.g. "3,17,42" for multi-label data such as JFT-300M), which becomes a multi-hot row."""
+    e.g. "3,17,42" for multi-label data such as JFT-300M), which becomes a multi-hot row. keys=True:
+    (image, label, key) triples."""
     keep = [] if selection is None or selection.everything else [wds.select(lambda s: selection.keeps(s["__key__"]))]
     images = ["pil" if channels == 3 else "pill"] if decoded else []
     return [
         wds.tarfile_to_samples(handler=handler),
         *keep,
         wds.decode(*images, handler=handler),
-        wds.to_tuple(IMAGE_KEYS, "cls;labels", handler=handler),
+        wds.to_tuple(IMAGE_KEYS, "cls;labels", *(["__key__"] if keys else []), handler=handler),
         wds.map_tuple(transform or encoded_bytes, partial(parse_label, num_classes=num_classes), handler=handler),
         handler.good,
     ]
@@ -269,7 +273,8 @@ class TrainShards(IterableDataset):
 
 
 class EvalShards(IterableDataset):
-    """Every sample of the split exactly once over all ranks and workers, in batches."""
+    """Every sample of the split exactly once over all ranks and workers, in batches: (images, labels),
+    and with `with_keys` the list of the samples' keys after them."""
 
     def __init__(self, urls: list[str], num_samples: int | None, transform, channels: int,
                  selection: Selection | None = None, num_classes: int | None = None, decoded: bool = True):
@@ -277,6 +282,7 @@ class EvalShards(IterableDataset):
         self.urls, self.num_samples, self.selection = urls, num_samples, selection
         self.transform, self.channels = transform, channels
         self.batch_size = 1
+        self.with_keys = False
         self.corrupt = SkipCorrupt()
         self.placed: tuple[int, int] | None = None  # (rank, world size), set by the DataModule
 
@@ -291,10 +297,34 @@ class EvalShards(IterableDataset):
                 self.my_rank_shards,
                 wds.split_by_worker,
                 *decoded_samples(self.transform, self.channels, self.corrupt, self.selection, self.num_classes,
-                                 self.decoded),
+                                 self.decoded, self.with_keys),
                 wds.batched(self.batch_size, partial=True),
             )
         )
+
+    def keys(self) -> list[str] | None:
+        """The keys of the samples the pass will read, from the tar headers alone (no image is read);
+        None when a shard is not a local file (a URL or a pipe: only a pass can tell)."""
+        if any("://" in url or url.startswith("pipe:") for url in self.urls):
+            return None
+        keys = [key for url in self.urls for key in tar_keys(url)]
+        if self.selection is not None and not self.selection.everything:
+            keys = [k for k in keys if self.selection.keeps(k)]
+        return keys
+
+
+def tar_keys(path: str) -> list[str]:
+    """The sample keys of one tar file in order, as webdataset groups its members: a member's key is
+    its name up to the first dot of its base name. A truncated file gives the keys before the damage."""
+    names = []
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:  # one header at a time: what precedes a damaged one is kept
+                if member.isfile():
+                    names.append(member.name)
+    except tarfile.TarError:
+        pass  # the pass skips the rest of a truncated shard too (SkipCorrupt)
+    return list(dict.fromkeys(re.sub(r"\.[^/]*$", "", n) for n in names if "." in n.rsplit("/", 1)[-1]))
 
 
 def train_shards(data: DictConfig, transform, seed: int, selection: Selection | None = None) -> TrainShards:

@@ -1,11 +1,14 @@
 """`mixer data write`: an image folder (one sub-folder per class) or the bundled demo -> webdataset shards.
 
 Each sample is `<key>.jpg|png|webp` (the original bytes; other formats re-encoded as PNG) and
-`<key>.cls` (the class index). Beside the shards, `index.json` records the classes, the per-class
-counts, the shards with their sample counts, and the files skipped as unreadable. Every image is
-fully decoded once while writing, so a corrupt file is reported and skipped here, not mid-training.
-Shards are written under temporary names and renamed when complete; index.json comes last, so a
-folder with an index.json is always a complete set.
+`<key>.cls` (the class index). The key is the sample's number in the sorted input, and for an image
+folder the file's stem after it (`000000042_ILSVRC2012_val_00000001`): the number keeps keys unique
+when two class folders hold files of the same name, the stem keeps what the name says (ImageNet's
+validation image number, which the ReaL labels need). Beside the shards, `index.json` records the
+classes, the per-class counts, the shards with their sample counts, and the files skipped as
+unreadable. Every image is fully decoded once while writing, so a corrupt file is reported and
+skipped here, not mid-training. Shards are written under temporary names and renamed when complete;
+index.json comes last, so a folder with an index.json is always a complete set.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ class Sample:
     name: str  # where it came from, for the report of skipped files
     label: int
     read: Callable[[], bytes]  # the encoded image, read only when written
+    stem: str = ""  # the file's name without its suffix; kept in the sample's key
 
 
 @dataclass
@@ -66,7 +70,7 @@ def folder_samples(root: Path) -> tuple[list[str], list[Sample]]:
     if not classes:
         raise UserError(f"{root} has no class sub-folders; expected {root}/<class>/<image files>")
     samples = [
-        Sample(str(path), label, path.read_bytes)
+        Sample(str(path), label, path.read_bytes, path.stem)
         for label, name in enumerate(classes)
         for path in sorted((root / name).rglob("*"))
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
@@ -176,10 +180,15 @@ def _readable(samples, order, report: WriteReport, on_skip, workers: int) -> Ite
                     continue
                 ext, data = result
                 report.counts[s.label] += 1
-                yield {"__key__": f"{i:09d}", ext: data, "cls": s.label}
+                yield {"__key__": sample_key(i, s.stem), ext: data, "cls": s.label}
     finally:
         if pool:
             pool.terminate()
+
+
+def sample_key(number: int, stem: str) -> str:
+    """`000000042` or `000000042_<stem>`; webdataset ends a key at its first dot, so dots become `_`."""
+    return f"{number:09d}_{stem.replace('.', '_')}" if stem else f"{number:09d}"
 
 
 def _chunks(records: Iterator[dict], size: int) -> Iterator[list[dict]]:

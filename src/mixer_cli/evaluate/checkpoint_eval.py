@@ -2,9 +2,11 @@
 
 Any file `load_mixer` reads is evaluated with the preprocessing it records (resolution, mean/std,
 interpolation, crop); conf/eval.yaml leaves those values null so that the checkpoint's fill them,
-and a value the user sets wins. Every image of the split is counted exactly once: no padding, no
-dropped last batch. With `data.real_labels=real.json` the ImageNet validation images are scored
-against the reassessed labels as well (evaluate/real_labels.py).
+and a value the user sets wins. The pass is the training's evaluation (the Classifier's metrics over
+the DataModule's `eval_loader`, run by a Lightning Trainer): every image of the split is counted
+exactly once however many devices share it, no padding, no dropped last batch. With
+`data.real_labels=real.json` the ImageNet validation images are scored against the reassessed
+labels as well (evaluate/real_labels.py).
 """
 from __future__ import annotations
 
@@ -14,20 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from torchmetrics.classification import MulticlassAccuracy
+from torch import nn
 
 from mixer_cli.config import make_run_dir, save_config, write_atomic
 from mixer_cli.errors import UserError
-from mixer_cli.evaluate.real_labels import (
-    FolderWithImageNumbers,
-    RealTop1,
-    image_numbers,
-    read_real_labels,
-    with_image_numbers,
-)
 from mixer_cli.report import console, print_summary
 
 
@@ -85,45 +81,39 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
-             real: RealTop1 | None = None) -> dict:
-    """One pass over the loader: top-1, top-5 and the number of images (and ReaL top-1 when `real`
-    is given, for batches of (image, label, image number or key))."""
-    top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
-    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
-    real = real.to(device) if real is not None else None
-    seen = 0
-    model.eval().to(device)
-    columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("images"))
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("eval", total=getattr(loader.dataset, "num_samples", None) or _len(loader.dataset))
-        for x, y, *names in loader:
-            logits = model(x.to(device))
-            y = y.to(device)
-            top1.update(logits, y)
-            top5.update(logits, y)
-            if real is not None:
-                if not names:
-                    raise UserError("this data source yields no image names, which ReaL labels need")
-                numbers = names[0] if isinstance(names[0], torch.Tensor) else image_numbers(names[0])
-                real.update(logits, numbers)
-            seen += len(y)
-            progress.advance(task, len(y))
-    if seen == 0:
+class PassingBar(RichProgressBar):
+    """Lightning's bar, gone once the pass ends (Lightning hides it only inside `fit`): the table follows."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        if self.progress is not None and self.val_progress_bar_id is not None:
+            self.progress.update(self.val_progress_bar_id, visible=False)
+
+
+def eval_trainer(e: DictConfig) -> L.Trainer:
+    """A Trainer that only evaluates, on `eval.devices` devices (several: one process each, DDP)."""
+    from mixer_cli.train.trainer import quiet_lightning
+
+    quiet_lightning()
+    return L.Trainer(accelerator=e.accelerator, devices=e.devices, num_nodes=e.num_nodes, precision=e.precision,
+                     logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[PassingBar()])
+
+
+def measure(trainer: L.Trainer, module, dataset, batch_size: int, num_workers: int) -> dict:
+    """top1, top5 and num_samples (and real_top1, real_num_samples when the module has the ReaL metric)
+    of one exact pass over `dataset`, `batch_size` images per device; the same on every rank."""
+    from mixer_cli.train.datamodule import ImageDataModule
+
+    datamodule = ImageDataModule(None, dataset, batch_size, num_workers, micro_batches_per_epoch=1)
+    (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=False)
+    if not metrics["val/num_samples"]:
         raise UserError("the evaluation split holds no images; check data.eval_path")
-    measured = {"top1": float(top1.compute()), "top5": float(top5.compute()), "num_samples": seen}
-    if real is not None:
-        counted = int(real.total)
-        measured |= {"real_top1": float(real.compute()) if counted else None, "real_num_samples": counted}
+    measured = {"top1": metrics["val/top1"], "top5": metrics["val/top5"],
+                "num_samples": int(metrics["val/num_samples"])}
+    if "val/real_top1" in metrics:
+        counted = int(metrics["val/real_num_samples"])
+        measured |= {"real_top1": metrics["val/real_top1"] if counted else None, "real_num_samples": counted}
     return measured
-
-
-def _len(dataset) -> int | None:
-    try:
-        return len(dataset)
-    except TypeError:  # a stream (shards) knows its length only when its index says so
-        return None
 
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
@@ -132,42 +122,46 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
     from timm.data import resolve_data_config
 
     from mixer_cli.data import build_dataset
-    from mixer_cli.evaluate.fewshot import make_loader
+    from mixer_cli.evaluate.real_labels import real_labels_for
     from mixer_cli.models import load_mixer
+    from mixer_cli.train.fit import device_preprocessing
+    from mixer_cli.train.module import Classifier
 
     checkpoint = Path(checkpoint).resolve()
     model = load_mixer(checkpoint)
     cfg = with_checkpoint_preprocessing(cfg, resolve_data_config({}, model=model))
     cfg.name = cfg.name or default_name(checkpoint)
     check_fits(model.pretrained_cfg, cfg.data, checkpoint)
-    real = RealTop1(read_real_labels(cfg.data.real_labels)) if cfg.data.get("real_labels") else None
-    dataset = build_dataset(cfg.data, cfg.aug, "test")
-    if real is not None:
-        dataset = with_image_numbers(dataset)
-        if isinstance(dataset, FolderWithImageNumbers):  # a folder's names are known now: check before the pass
-            real.check(torch.tensor(dataset.numbers))
-    start = time.perf_counter()
-    loader = make_loader(dataset, cfg.eval.batch_size, cfg.data.get("num_workers", 0))
-    measured = evaluate(model, loader, cfg.data.num_classes, pick_device(cfg.eval.device), real)
-    results = {
-        "command": "eval", "name": cfg.name, "from": str(checkpoint),
-        "model": variant_of(model), "parameters": sum(p.numel() for p in model.parameters()),
-        "data": cfg.data.source, "eval_path": cfg.data.get("eval_path"), "num_classes": cfg.data.num_classes,
-        "preprocessing": {"img_size": cfg.data.img_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-                          "interpolation": cfg.data.interpolation, "crop_mode": cfg.aug.eval_crop_mode,
-                          "crop_pct": cfg.aug.eval_crop_pct},
-        **measured,
-        "eval_seconds": round(time.perf_counter() - start, 1),
-    }
-    run_dir = make_run_dir(cfg, "eval")
-    try:  # written only once everything is measured; results.json last: its presence means complete
-        results["run_dir"] = str(run_dir)
-        save_config(cfg, run_dir)
-        write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    dataset, real = real_labels_for(cfg.data, build_dataset(cfg.data, cfg.aug, "test"))
+    # The training's module, for its evaluation: metrics, and device-side decoding (data.decode).
+    module = Classifier(model, loss=nn.CrossEntropyLoss(), optimizer=None, scheduler=None,
+                        num_classes=cfg.data.num_classes, real_top1=real, **device_preprocessing(cfg))
+    trainer = eval_trainer(cfg.eval)
+    run_dir = make_run_dir(cfg, "eval")  # before the launch of other ranks: they find it through the environment
+    try:  # results.json last: its presence means complete; nothing is left behind by a failed pass
+        start = time.perf_counter()
+        measured = measure(trainer, module, dataset, cfg.eval.batch_size, cfg.data.get("num_workers", 0))
+        results = {
+            "command": "eval", "name": cfg.name, "from": str(checkpoint),
+            "model": variant_of(model), "parameters": sum(p.numel() for p in model.parameters()),
+            "data": cfg.data.source, "eval_path": cfg.data.get("eval_path"), "num_classes": cfg.data.num_classes,
+            "preprocessing": {"img_size": cfg.data.img_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+                              "interpolation": cfg.data.interpolation, "crop_mode": cfg.aug.eval_crop_mode,
+                              "crop_pct": cfg.aug.eval_crop_pct},
+            **measured,
+            "devices": trainer.world_size,
+            "eval_seconds": round(time.perf_counter() - start, 1),
+            "run_dir": str(run_dir),
+        }
+        if trainer.is_global_zero:
+            save_config(cfg, run_dir)
+            write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if trainer.is_global_zero:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    print_eval(results)
+    if trainer.is_global_zero:
+        print_eval(results)
     return results
 
 

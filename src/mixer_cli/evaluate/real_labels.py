@@ -90,8 +90,9 @@ def label_table(labels: Sequence[Sequence[int]]) -> torch.Tensor:
 class RealTop1(Metric):
     """ReaL top-1 over the images seen, exact under DDP (counts are summed over ranks).
 
-    update(logits (B, 1000), image_numbers (B,), 1-based as in the file names); compute() -> the
-    fraction of images with a non-empty label list whose top-1 class is in that list.
+    update(logits (B, 1000), image_numbers): (B,) numbers, 1-based as in the file names, or the images'
+    names (shard keys, file names) to read them from; compute() -> the fraction of images with a
+    non-empty label list whose top-1 class is in that list.
     """
 
     higher_is_better = True
@@ -110,8 +111,10 @@ class RealTop1(Metric):
             raise UserError(f"validation image number {int(beyond[0])} is beyond the ReaL labels file, which has "
                             f"{len(self.table)} entries; the full real.json has 50,000")
 
-    def update(self, logits: torch.Tensor, image_numbers: torch.Tensor) -> None:
-        numbers = torch.as_tensor(image_numbers, device=self.table.device).long()
+    def update(self, logits: torch.Tensor, numbers_or_names: torch.Tensor | Sequence[str]) -> None:
+        if not isinstance(numbers_or_names, torch.Tensor):
+            numbers_or_names = image_numbers(numbers_or_names)
+        numbers = numbers_or_names.to(self.table.device).long()
         self.check(numbers)
         real = self.table[numbers - 1]
         counted = (real >= 0).any(dim=1)
@@ -121,3 +124,33 @@ class RealTop1(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.correct.float() / self.total  # NaN when every image seen had an empty list
+
+    def num_counted(self) -> int:
+        """The images with a non-empty list seen, over all processes (compute() gives the fraction only)."""
+        with self.sync_context():
+            return int(self.total)
+
+
+def check_image_numbers(dataset, metric: RealTop1) -> None:
+    """Every image of `with_image_numbers(dataset)` must have a number within the labels file: checked
+    from the names alone (a folder's files, the shards' tar headers) before any image is read."""
+    if isinstance(dataset, FolderWithImageNumbers):
+        numbers = torch.tensor(dataset.numbers, dtype=torch.long)
+    else:
+        keys = dataset.keys()
+        if keys is None:  # remote shards: each batch is checked as it comes
+            return
+        numbers = image_numbers(keys)
+    metric.check(numbers)
+
+
+def real_labels_for(data, dataset) -> tuple[Dataset, RealTop1 | None]:
+    """(the evaluation set, yielding image numbers or keys after image and label; its ReaL metric) when
+    the data config names a labels file (`data.real_labels`), else (the set as given, None). The
+    images' numbers are checked against the file here, before a run starts."""
+    if not data.get("real_labels"):
+        return dataset, None
+    metric = RealTop1(read_real_labels(data.real_labels))
+    dataset = with_image_numbers(dataset)
+    check_image_numbers(dataset, metric)
+    return dataset, metric

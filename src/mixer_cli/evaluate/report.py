@@ -8,7 +8,8 @@ file's own row (e.g. imported official weights). Per pre-training recipe the rep
   fine-tune itself or from `mixer eval --from` its checkpoint with `data.real_labels`);
 - Avg 5: the mean top-1 of the fine-tunes on ImageNet, CIFAR-10, CIFAR-100, Pets and Flowers-102,
   only when all five were measured;
-- VTAB-1k: the 19-task mean of a VTAB-1k suite fine-tuned from the model;
+- VTAB-1k: the 19-task mean of a VTAB-1k suite fine-tuned from the model (`mixer finetune recipe=ft_vtab`:
+  its results.json's `vtab1k.mean`);
 - throughput: img/s per device of the row's model at its resolution from the latest `mixer benchmark`;
 - pre-training cost: the device-hours the pre-training run measured.
 Each beside the paper's number (the recipe's `paper:` block) and the difference; a cell we have not
@@ -273,9 +274,14 @@ class Measure:
             return "-"
         shown = {}
         for run in sorted(self.finetunes(source), key=lambda r: r.mtime):  # the latest of each target wins
-            if run.results.get("top1") is not None:
+            if run.results.get("top1") is not None and not vtab_task(run):
                 shown[f"{run.config.get('target', run.name)}@{run.img_size}"] = 100 * run.results["top1"]
         return ", ".join(f"{k} {v:.2f}" for k, v in sorted(shown.items())) or "-"
+
+
+def vtab_task(run: Run) -> bool:
+    """One task's run of a VTAB-1k suite: it counts through the suite's score (`vtab1k`), not alone."""
+    return OmegaConf.select(run.config, "data.task") is not None
 
 
 def variant_of(run: Run) -> str | None:
@@ -318,7 +324,7 @@ def other_models(runs: Runs, used: set) -> list[tuple]:
     files: dict[str, set] = {}
     for run in runs.of("finetune") + runs.of("eval"):
         source = runs.pretrained(run)
-        if isinstance(source, str) and source not in used:
+        if isinstance(source, str) and source not in used and not vtab_task(run):
             files.setdefault(source, set()).add(run.img_size)
     for source, sizes in sorted(files.items()):
         measured = [r for r in runs.runs if runs.pretrained(r) == source]

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -40,7 +41,7 @@ TIMM_EVAL = {"interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center
 EVAL_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
 
 
-def unreadable(path: Path, kind: str, error: BaseException) -> UserError:
+def unreadable(path: Path, kind: str, error: BaseException | str) -> UserError:
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return UserError(f"{path}: cannot read this {kind} ({detail})")
 
@@ -128,15 +129,33 @@ def read_flax_npz(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_torch_file(path: Path):
-    try:
-        with open(path, "rb") as f:  # a file object: torch.load would treat a `.safetensors` name as safetensors
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        if "Unsupported global" in str(e) or "Unsupported operand" in str(e):
-            raise UserError(
-                f"{path} holds pickled Python objects besides tensors; they could run code, so the file is refused"
-            ) from None
-        raise unreadable(path, "PyTorch file", e) from None
+    # torch warns of a pickle protocol other than its own before it reads or refuses the file: the
+    # warning is kept here, so the user sees the file's one error line, or nothing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with open(path, "rb") as f:  # a file object: torch.load would treat a `.safetensors` name as safetensors
+                return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a file that is not a checkpoint
+            protocol = re.search(r"Detected pickle protocol (\d+)", " ".join(str(w.message) for w in caught))
+            raise torch_file_error(path, e, protocol and protocol.group(1)) from None
+
+
+def torch_file_error(path: Path, error: Exception, protocol: str | None) -> UserError:
+    """One line for torch.load's error; its weights-only refusals are paragraphs of advice around
+    the unpickler's own message."""
+    message = str(error)
+    if found := re.search(r"GLOBAL (\S+)", message):
+        return UserError(f"{path} holds pickled Python objects besides tensors ({found.group(1)}); "
+                         "unpickling them could run code, so the file is refused")
+    if protocol and "Unsupported operand" in message:
+        return UserError(f"{path} is pickled with protocol {protocol}, which torch's safe loader does not read "
+                         "(torch.save writes protocol 2); unpickling it otherwise could run code, so it is refused")
+    if message.startswith("Weights only load failed"):
+        advice = ("Weights only load failed", "Check the documentation")
+        return unreadable(path, "PyTorch file", next(
+            (p.strip() for p in message.split("\n\n") if p.strip() and not p.startswith(advice)), message))
+    return unreadable(path, "PyTorch file", error)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

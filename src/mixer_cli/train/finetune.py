@@ -3,17 +3,25 @@
 The body comes from the checkpoint; the head is new and zero-initialised for the target's classes;
 a higher resolution grows the token-mixing MLPs by Appendix C. Optimiser, schedule and clipping
 come from the config (conf/finetune.yaml: momentum SGD, warmup + cosine, no weight decay, clip 1).
+`recipe=ft_vtab` fine-tunes the same checkpoint on each VTAB-1k task (`finetune_vtab`).
 """
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from mixer_cli.config import compose, is_global_zero_process, make_run_dir, write_atomic
 from mixer_cli.errors import UserError
+from mixer_cli.evaluate import vtab
 from mixer_cli.models import grow_resolution, load_mixer
+from mixer_cli.models.growth import growth_factor
 from mixer_cli.models.mixer import VARIANTS, Mixer
+from mixer_cli.report import console
 from mixer_cli.train.fit import fit, probes
+from mixer_cli.train.sweep import best_point
 
 
 def check_variant(model: Mixer, variant: str | None, path: Path) -> None:
@@ -28,8 +36,8 @@ def check_variant(model: Mixer, variant: str | None, path: Path) -> None:
         )
 
 
-def finetune_model(cfg: DictConfig) -> Mixer:
-    """The checkpoint's Mixer with a new zero head for the target, grown to data.img_size."""
+def pretrained_model(cfg: DictConfig) -> Mixer:
+    """The checkpoint's Mixer, checked against the recipe and the data."""
     if not cfg.checkpoint:
         raise UserError("fine-tuning needs a pre-trained model: --from CKPT (.ckpt, .npz, .pth or .safetensors)")
     path, m = Path(cfg.checkpoint), cfg.model
@@ -39,14 +47,24 @@ def finetune_model(cfg: DictConfig) -> Mixer:
     check_variant(model, m.variant, path)
     if model.spec.in_chans != cfg.data.channels:
         raise UserError(f"{path} takes {model.spec.in_chans}-channel images, the data has {cfg.data.channels}")
+    return model
+
+
+def for_target(model: Mixer, cfg: DictConfig) -> Mixer:
+    """`model` (changed in place) with a new zero head for the target, grown to data.img_size."""
     model.reset_classifier(cfg.data.num_classes)
     if cfg.data.img_size != model.spec.img_size:
         model = grow_resolution(model, cfg.data.img_size)
     return model
 
 
-def finetune(cfg: DictConfig, progress: bool = True, run_dir: Path | None = None) -> dict:
-    return fit(cfg, finetune_model(cfg), "finetune", run_dir=run_dir, progress=progress,
+def finetune_model(cfg: DictConfig) -> Mixer:
+    """The checkpoint's Mixer with a new zero head for the target, grown to data.img_size."""
+    return for_target(pretrained_model(cfg), cfg)
+
+
+def finetune(cfg: DictConfig, progress: bool = True, run_dir: Path | None = None, model: Mixer | None = None) -> dict:
+    return fit(cfg, finetune_model(cfg) if model is None else model, "finetune", run_dir=run_dir, progress=progress,
                extra_results={"from": str(cfg.checkpoint)}, callbacks=probes(cfg))
 
 
@@ -55,7 +73,122 @@ def with_lr_grid(overrides: list[str]) -> list[str]:
     user sweeps optim.lr themselves."""
     if any(o.startswith("optim.lr=") for o in overrides):
         return overrides
-    from mixer_cli.config import compose
-
     cfg = compose([o for o in overrides if o.startswith(("recipe=", "target="))], "finetune", resolve=False)
     return [*overrides, "optim.lr=" + ",".join(map(str, cfg.targets[cfg.target].lr_grid))]
+
+
+# ---- VTAB-1k: one fine-tune per task --------------------------------------------------------------
+
+SET_PER_TASK = ("data.task", "data.num_classes", "data.img_size")
+
+
+def is_vtab_suite(overrides: list[str]) -> bool:
+    """The data config (recipe ft_vtab: data/vtab.yaml) lists tasks: fine-tune a suite, not one run."""
+    cfg = compose([o for o in overrides if o.startswith(("recipe=", "data="))], "finetune", resolve=False)
+    return "tasks" in cfg.data
+
+
+def vtab_configs(overrides: list[str]) -> dict[str, DictConfig]:
+    """One checked config per task of the suite: the user's overrides, then the task's folder, class
+    count and resolution (the BiT-HyperRule's choice of data.resolutions.small or .large)."""
+    for o in overrides:
+        if o.split("=", 1)[0].lstrip("+~") in SET_PER_TASK:
+            raise UserError(f"the VTAB-1k suite sets {', '.join(SET_PER_TASK)} (--res) per task; drop {o} "
+                            "(tasks: data.tasks=[...]; resolutions: data.resolutions.small=... .large=...)")
+    names = OmegaConf.select(compose(overrides, "finetune", resolve=False), "data.tasks")
+    return {t.name: compose([*overrides, f"data.task={t.name}", f"data.num_classes={t.num_classes}",
+                             f"data.img_size=${{data.resolutions.{t.images}}}"], "finetune")
+            for t in vtab.select_tasks(None if names is None else list(names))}
+
+
+def check_vtab_data(cfgs: dict[str, DictConfig]) -> None:
+    """Every task's shards exist: a suite should not stop at its 12th task for want of data."""
+    from mixer_cli.data.shards import resolve_shards
+
+    missing = []
+    for cfg in cfgs.values():
+        for key in ("train_path", "eval_path"):
+            try:
+                resolve_shards(cfg.data[key], None, key)
+            except UserError:
+                missing.append(cfg.data[key])
+    if missing:
+        raise UserError(f"no VTAB-1k shards in {', '.join(missing)}; write each split with "
+                        "`mixer data write --from FOLDER --to PATH` (the root is $MIXER_DATA/vtab/<task>/)")
+
+
+def lr_grid(cfg: DictConfig) -> list[float]:
+    """The lrs a task tries: the target's grid where it has several values (picked on the dev
+    split), else optim.lr (which is the grid's one value unless overridden)."""
+    grid = list(cfg.targets[cfg.target].lr_grid)
+    if len(grid) == 1:
+        return [cfg.optim.lr]
+    if not cfg.data.dev_fraction:
+        raise UserError("picking the lr from several needs a dev split: set data.dev_fraction (VTAB-1k: 0.2, "
+                        "the 200 val examples of 1,000)")
+    return grid
+
+
+def with_values(cfg: DictConfig, values: dict) -> DictConfig:
+    out = copy.deepcopy(cfg)
+    for key, value in values.items():
+        OmegaConf.update(out, key, value)
+    return out
+
+
+def say(text: str) -> None:
+    if is_global_zero_process():
+        console.print(text, highlight=False, soft_wrap=True)
+
+
+def finetune_vtab(overrides: list[str]) -> dict:
+    """VTAB-1k as the paper runs it: each task fine-tuned from the same checkpoint at its resolution;
+    where the lr grid has several values, each trains on the 800 and is scored on the 200 held out
+    (data.dev_fraction), the best is trained again on all 1,000; top-1 on the test split. Writes
+    runs/finetune/<stamp>-<name>/: a run directory per task (and per lr tried), vtab.json,
+    vtab.csv and results.json; returns results.json's content."""
+    cfgs = vtab_configs(overrides)
+    check_vtab_data(cfgs)
+    first = next(iter(cfgs.values()))
+    pretrained = pretrained_model(first)
+    grids = {name: lr_grid(cfg) for name, cfg in cfgs.items()}
+    for cfg in cfgs.values():
+        growth_factor(pretrained, cfg.data.img_size)  # every resolution is reachable before anything trains
+    suite_dir = make_run_dir(first, "finetune")
+    say(f"VTAB-1k: {len(cfgs)} task(s) from {first.checkpoint} -> {suite_dir}")
+    results = [vtab_task(cfg, pretrained, grids[name], suite_dir, f"{i}/{len(cfgs)}")
+               for i, (name, cfg) in enumerate(cfgs.items(), 1)]
+    scores = vtab.write_suite(suite_dir, str(first.checkpoint), results) if is_global_zero_process() else None
+    seconds = sum(r.train_seconds for r in results)
+    record = {"command": "finetune", "name": first.name, "from": str(first.checkpoint), "tasks": len(results),
+              "vtab1k": scores, "train_seconds": round(seconds, 1),
+              "device_hours": round(sum(r.device_hours for r in results), 4), "run_dir": str(suite_dir)}
+    if is_global_zero_process():
+        write_atomic(suite_dir / "results.json", json.dumps(record, indent=2))
+    return record
+
+
+def vtab_task(cfg: DictConfig, pretrained: Mixer, lrs: list[float], suite_dir: Path, step: str) -> vtab.TaskResult:
+    """One task: the lr pick (if any), then the run on all 1,000 examples that gives its score."""
+    t = vtab.task(cfg.data.task)
+    tried = f"picking the lr of {', '.join(f'{lr:g}' for lr in lrs)} on the dev split" if len(lrs) > 1 \
+        else f"lr {lrs[0]:g}"
+    say(f"[{step}] {t.name} ({t.group}, {t.num_classes} classes, {cfg.data.img_size}px): {tried}, "
+        f"{cfg.trainer.steps:,} steps")
+    runs = [train_vtab(with_values(cfg, {"optim.lr": lr}), pretrained, suite_dir / f"{t.name}-lr{lr:g}")
+            for lr in lrs] if len(lrs) > 1 else []
+    picks = [{"lr": lr, "dev_top1": r["dev_top1"], "run_dir": r["run_dir"]} for lr, r in zip(lrs, runs)]
+    lr = lrs[best_point(runs)] if runs else lrs[0]
+    final = train_vtab(with_values(cfg, {"optim.lr": lr, "data.dev_fraction": 0.0}), pretrained, suite_dir / t.name)
+    runs.append(final)
+    say(f"[{step}] {t.name}: test top-1 {100 * final['top1']:.2f}% at lr {lr:g} "
+        f"({sum(r['train_seconds'] for r in runs):.0f} s) -> {final['run_dir']}")
+    return vtab.TaskResult(t, cfg.data.img_size, lr, final["top1"], final["num_samples"], final["run_dir"], picks,
+                           train_seconds=sum(r["train_seconds"] for r in runs),
+                           device_hours=sum(r["device_hours"] for r in runs))
+
+
+def train_vtab(cfg: DictConfig, pretrained: Mixer, run_dir: Path) -> dict:
+    """A normal fine-tuning run in `run_dir`, from a copy of the pre-trained model."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return finetune(cfg, progress=False, run_dir=run_dir, model=for_target(copy.deepcopy(pretrained), cfg))

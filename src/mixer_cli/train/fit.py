@@ -22,6 +22,7 @@ from torch import nn
 from mixer_cli.config import make_run_dir, save_config, write_atomic
 from mixer_cli.data import build_dataset
 from mixer_cli.data.transforms import eval_data_config
+from mixer_cli.evaluate.real_labels import real_labels_for
 from mixer_cli.models.mixer import Mixer
 from mixer_cli.report import plot_curves, print_summary
 from mixer_cli.train.batching import devices_per_node, plan_batches
@@ -100,6 +101,7 @@ def fit(
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the data order; the caller seeded the model
     t = cfg.trainer
     train_set, eval_set = datasets or build_datasets(cfg)
+    eval_set, real_top1 = real_labels_for(cfg.data, eval_set)  # data.real_labels: ReaL top-1 as well
     dev_set = build_dev_set(cfg)
     plan = plan_batches(cfg.data.global_batch, world_size(t), t.device_batch)
     steps_per_epoch = max(num_samples(train_set) // cfg.data.global_batch, 1)
@@ -120,6 +122,7 @@ def fit(
         num_classes=cfg.data.num_classes,
         mixup=BatchMixup(cfg.aug.mixup) if cfg.aug.get("mixup") else None,
         checkpoint_extras=partial(mixer_record, model),
+        real_top1=real_top1,
         **device_preprocessing(cfg),
     )
     fresh = run_dir is None
@@ -196,7 +199,8 @@ def summarise(cfg, command, trainer, model, plan, steps, steps_per_epoch, second
         "top1": metrics["val/top1"],
         "top5": metrics["val/top5"],
         "num_samples": int(metrics["val/num_samples"]),  # = the split's size: exact, unpadded
-        **({"real_top1": metrics["val/real_top1"]} if "val/real_top1" in metrics else {}),
+        **({"real_top1": metrics["val/real_top1"], "real_num_samples": int(metrics["val/real_num_samples"])}
+           if "val/real_top1" in metrics else {}),
         # the last linear few-shot accuracies, when `fewshot.every_n_steps` logged them (Figure 4)
         **{f"fewshot_{k.removeprefix('fewshot/')}": v for k, v in metrics.items() if k.startswith("fewshot/")},
         "run_dir": str(run_dir),

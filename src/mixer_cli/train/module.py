@@ -1,8 +1,9 @@
 """The LightningModule: a classifier that receives its network, loss, mixup and optimiser factories.
 
 It never reads the config tree; `train/fit.py` builds every piece and hands them over, as in
-lightning-hydra-template. The network is any image classifier (a Mixer, or the ResNet of the
-shuffle experiment).
+lightning-hydra-template (the ReaL metric too, with its labels: evaluation batches then carry each
+image's number or key after image and label). The network is any image classifier (a Mixer, or the
+ResNet of the shuffle experiment).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import MeanMetric, Metric, SumMetric
 
 from mixer_cli.train.losses import target_rows
 from mixer_cli.train.mixup import BatchMixup
@@ -39,6 +40,7 @@ class Classifier(L.LightningModule):
         checkpoint_extras: Callable[[], dict] | None = None,
         normalize: nn.Module | None = None,
         device_decode: tuple[Callable, Callable] | None = None,
+        real_top1: Metric | None = None,
     ):
         super().__init__()
         self.model = model
@@ -54,23 +56,24 @@ class Classifier(L.LightningModule):
         self.val_top5 = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_num_samples = SumMetric()  # equals the split's size: nothing dropped or counted twice
+        self.val_real_top1 = real_top1  # RealTop1 of the eval split's images (evaluate/real_labels.py), or None
         self.validated_at_step = -1
         self.eval_split = "val"  # the prefix of the evaluation metrics: "dev" while the dev split is read
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        x, y = batch
+        x, y, *names = batch
         if isinstance(x, (list, tuple)):  # encoded images: decode (nvJPEG on a GPU), crop and flip on the device
             from mixer_cli.data.device_transforms import decode_on_device, encoded
 
             transform = self.device_decode[0 if self.trainer.training else 1]
             x = decode_on_device([encoded(b) if isinstance(b, bytes) else b for b in x], transform, self.device)
-        return x, y
+        return x, y, *names
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y = batch
+        x, y, *names = batch
         if x.dtype == torch.uint8:  # one batched conversion and normalisation instead of one per image on the CPU
             x = self.normalize(x)
-        return x, y
+        return x, y, *names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -85,8 +88,10 @@ class Classifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
+        x, y, *names = batch
         logits = self(x)
+        if self.real_top1_wanted() and names:  # the dev split (train images) has no ReaL labels
+            self.val_real_top1.update(logits, names[0])
         self.val_top1.update(top_k_hits(logits, y, 1))
         self.val_top5.update(top_k_hits(logits, y, min(5, self.num_classes)))
         self.val_loss.update(self.loss(logits, y), weight=len(y))
@@ -100,8 +105,16 @@ class Classifier(L.LightningModule):
         for name, metric in metrics.items():
             self.log(f"{self.eval_split}/{name}", metric.compute(), prog_bar=name == "top1")
             metric.reset()
+        if self.real_top1_wanted():
+            real = self.val_real_top1
+            self.log("val/real_top1", real.compute())  # NaN if every image's list was empty
+            self.log("val/real_num_samples", float(real.num_counted()))
+            real.reset()
         if self.eval_split == "val":
             self.validated_at_step = self.global_step
+
+    def real_top1_wanted(self) -> bool:
+        return self.val_real_top1 is not None and self.eval_split == "val"
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.model))

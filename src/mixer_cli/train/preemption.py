@@ -7,8 +7,8 @@ with `sbatch --signal=USR1@90`) and SIGTERM when it pre-empts or cancels; a user
 gradient-accumulation cycle, whose gradients no checkpoint holds), writes run_dir/last.ckpt, says how
 to continue and exits with status 128 + the signal's number, as a shell reports a process that a
 signal ended: 143 (SIGTERM), 130 (SIGINT), 138 (SIGUSR1). A second Ctrl+C stops at once. Under SLURM,
-SIGUSR1 also requeues the job; the requeued job finds last.ckpt in its run directory (named after the
-job id) and continues from it.
+SIGUSR1 also requeues the job; the requeued job (SLURM_RESTART_COUNT >= 1) finds its run directory
+(named after the job id; see config.make_run_dir) and continues from its last.ckpt.
 
 Lightning's own handling does not do this: its SIGTERM handler ends the loop after any micro-batch
 and saves nothing, and its SLURM handler writes hpc_ckpt_N.ckpt from inside the signal handler, in
@@ -134,10 +134,12 @@ class StepCheckpoint(Checkpoint):
 
 def requeue_slurm_job() -> str | None:
     """Put this SLURM job back in the queue, as Lightning's SLURM environment does on SIGUSR1; the job
-    id, or None outside SLURM or when scontrol fails."""
-    if not SLURMEnvironment.detect():
-        return None
+    id, or None outside a SLURM batch job or when scontrol fails. Lightning's detection wants
+    SLURM_NTASKS, which a one-task job submitted without --ntasks lacks; its test for an interactive
+    session (a job named bash or interactive) is kept."""
     env = os.environ
+    if not env.get("SLURM_JOB_ID") or SLURMEnvironment.job_name() in ("bash", "interactive"):
+        return None
     array = env.get("SLURM_ARRAY_JOB_ID")
     job = f"{array}_{env['SLURM_ARRAY_TASK_ID']}" if array else env["SLURM_JOB_ID"]
     try:
