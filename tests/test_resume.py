@@ -153,8 +153,8 @@ def requeued(job: dict, times: int) -> dict:
 @pytest.mark.slow
 def test_sigusr1_requeues_the_slurm_job_which_continues_its_run_by_itself_and_ends_as_the_run_left_alone(tmp_path):
     runs, slurm = tmp_path / "runs", slurm_job(tmp_path)
-    command = ["pretrain", *DEMO, f"run_root={runs}"]
-    first = mixer([*command, "trainer.checkpoint_every_steps=10"], tmp_path, slurm)
+    command = ["pretrain", *DEMO, "trainer.checkpoint_every_steps=10", f"run_root={runs}"]
+    first = mixer(command, tmp_path, slurm)
     ref, run, step = while_running_reference(tmp_path, DEMO, first, signal.SIGUSR1)
     assert step % 10 == 0  # written by checkpoint_every_steps, inside the first epoch
     rc, err = stopped(first, signal.SIGUSR1)
@@ -182,10 +182,9 @@ def test_a_one_task_slurm_job_names_its_runs_and_only_a_requeued_one_continues_o
     import mixer_cli.config as config
 
     for v in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_RESTART_COUNT",
-              "TORCHELASTIC_RUN_ID", config.SESSION_ENV):
+              "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv(config.SESSION_ENV, "")  # recorded, so what make_run_dir sets is undone after the test
     cfg, other = compose([f"run_root={tmp_path}"]), compose([f"run_root={tmp_path}", "seed=1"])
 
     def run_dir(cfg, restarts: int, *files: str) -> Path:
@@ -206,8 +205,10 @@ def test_a_one_task_slurm_job_names_its_runs_and_only_a_requeued_one_continues_o
     assert run_dir(cfg, 1) == again  # of two, the unfinished one
     (again / "results.json").touch()
     (again / "config.yaml").write_text("")  # damaged: not a run to continue
-    assert run_dir(cfg, 2) == done
-    assert run_dir(compose([f"run_root={tmp_path}", "seed=2"]), 1).name == "slurm4242-3-demo"  # none: a new one
+    assert run_dir(cfg, 2) == done  # finished: continuing it evaluates the final weights again
+    (done / "last.ckpt").unlink()  # finished with nothing to continue from, as a few-shot evaluation
+    assert run_dir(cfg, 3).name == "slurm4242-3-demo"  # so a new one
+    assert run_dir(compose([f"run_root={tmp_path}", "seed=2"]), 1).name == "slurm4242-4-demo"  # none of its config
 
 
 def write_demo_shards(root: Path) -> list[str]:

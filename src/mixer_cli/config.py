@@ -204,12 +204,15 @@ def make_run_dir(cfg: DictConfig, command: str) -> Path:
 
 def _requeued_run(root: Path, session: str, cfg: DictConfig, suffix: str) -> Path | None:
     """Under a requeued SLURM job (SLURM_RESTART_COUNT >= 1), the directory of the run this command
-    started before: one of this job's with this very config, the unfinished one first (fit continues
-    from its last.ckpt); None on a job's first start or when there is none."""
+    started before: one of this job's with this very config that holds a last.ckpt (fit continues
+    from it) or no results.json (it never finished), the unfinished one first; None on a job's first
+    start or when there is none. A finished run with nothing to continue from (a few-shot
+    evaluation's) is left as it is."""
     if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
         return None
     name = re.compile(rf"{re.escape(session)}(-\d+)?-{re.escape(cfg.name + suffix)}")
-    runs = [d for d in root.glob(f"{session}*") if name.fullmatch(d.name) and _same_config(d, cfg)]
+    runs = [d for d in root.glob(f"{session}*") if name.fullmatch(d.name) and _same_config(d, cfg)
+            and ((d / "last.ckpt").is_file() or not (d / "results.json").is_file())]
     if not runs:
         return None
     path = min(runs, key=lambda d: ((d / "results.json").is_file(), -d.stat().st_mtime))

@@ -147,7 +147,7 @@ def percent(fraction: float | None) -> str:
 
 def print_suite(results: list[TaskResult], means: dict, suite_dir: Path) -> None:
     table = Table(title=f"VTAB-1k: {len(results)} of {len(TASKS)} tasks ({suite_dir})", title_style="bold",
-                  caption="a group's mean needs all its tasks, the VTAB-1k score all of them (else -)")
+                  caption="-: a group's mean needs all its tasks, VTAB-1k all of them")
     for column in ("group", "task", "classes", "res", "lr", "test top-1"):
         table.add_column(column, justify="left" if column in ("group", "task") else "right")
     for r in results:

@@ -79,6 +79,7 @@ def with_lr_grid(overrides: list[str]) -> list[str]:
 
 # ---- VTAB-1k: one fine-tune per task --------------------------------------------------------------
 
+# The suite sets these from its task table; a user's value would be overwritten without a word.
 SET_PER_TASK = ("data.task", "data.num_classes", "data.img_size")
 
 
