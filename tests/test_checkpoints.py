@@ -278,7 +278,8 @@ class _Payload:
 def test_loading_never_unpickles_code(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": _ours().state_dict(), "extra": _Payload(marker)}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match=r"evil\.pth holds pickled Python objects besides tensors \(io\.open\); .* refused$"):
+    refused = r"evil\.pth holds pickled Python objects besides tensors \(io\.open\); .* refused$"  # names the first
+    with pytest.raises(ValueError, match=refused):
         load_mixer(tmp_path / "evil.pth")
     np.save(tmp_path / "evil.npy", np.array([_Payload(marker)], dtype=object), allow_pickle=True)
     with zipfile.ZipFile(tmp_path / "evil.npz", "w") as z:  # an .npz whose member is a pickled object array
