@@ -3,6 +3,7 @@ per task from the same checkpoint at its resolution, the lr picked on the dev sp
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 from statistics import fmean
 
@@ -18,6 +19,8 @@ from mixer_cli.data.writer import Sample, write_shards
 from mixer_cli.evaluate import vtab
 from mixer_cli.evaluate.report import Measure, Runs, find_runs
 from mixer_cli.models import load_mixer
+from mixer_cli.train import finetune
+from mixer_cli.train.fit import fit
 from test_finetune import save_checkpoint, tiny_pretrained
 
 # A table of four tiny tasks in place of the 19: small images fine-tune at data.resolutions.small
@@ -136,6 +139,43 @@ def test_a_grid_of_two_lrs_is_picked_on_the_dev_split(tmp_path, data_root, ckpt,
     assert task["lr"] == best and [(p["lr"], p["dev_top1"]) for p in task["lr_pick"]] == list(zip(lrs, dev))
     assert task["top1"] == results(suite_dir / "alpha")["top1"]
     assert "picking the lr of 0.01, 0.3 on the dev split" in r.output
+
+
+def test_a_stopped_suite_continues_where_it_stopped(tmp_path, data_root, ckpt, fake_tasks, monkeypatch):
+    runs = tmp_path / "runs"
+    r = suite(runs, data_root, "--from", str(ckpt), *FAST, "data.tasks=[alpha,beta,gamma]")
+    assert r.exit_code == 0, r.output
+    (suite_dir,) = (runs / "finetune").iterdir()
+    assert f"(if stopped: mixer finetune --resume {suite_dir})" in r.output
+    whole = results(suite_dir)
+    # as a stop leaves it: alpha finished, beta stopped after writing its last.ckpt, gamma not begun
+    for name in ("results.json", "vtab.json", "vtab.csv", "beta/results.json"):
+        (suite_dir / name).unlink()
+    shutil.rmtree(suite_dir / "gamma")
+    alpha_written = (suite_dir / "alpha" / "results.json").stat().st_mtime_ns
+    trained = []
+
+    def spy(cfg, model, command, run_dir, resume, **kwargs):
+        trained.append((run_dir.name, resume))
+        return fit(cfg, model, command, run_dir=run_dir, resume=resume, **kwargs)
+
+    monkeypatch.setattr(finetune, "fit", spy)
+    r = suite(runs, data_root, "--resume", str(suite_dir))  # the suite's own overrides, kept in suite.json
+    assert r.exit_code == 0, r.output
+    assert trained == [("beta", True), ("gamma", False)]
+    assert (suite_dir / "alpha" / "results.json").stat().st_mtime_ns == alpha_written
+    assert [p.name for p in (runs / "finetune").iterdir()] == [suite_dir.name]  # no new suite
+    again = results(suite_dir)
+    assert again["vtab1k"]["per_task"] == whole["vtab1k"]["per_task"] and again["tasks"] == 3
+
+
+def test_a_damaged_suite_record_is_one_line(tmp_path):
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "suite.json").write_text("[]")
+    r = suite(tmp_path / "runs", tmp_path, "--resume", str(tmp_path / "suite"))
+    assert r.exit_code == 2, r.output
+    assert r.output == (f"error: {tmp_path}/suite/suite.json is damaged: not the JSON object with the overrides the "
+                        "suite started with, so the suite cannot be continued\n")
 
 
 @pytest.mark.parametrize("args,message", [

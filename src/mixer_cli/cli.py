@@ -343,18 +343,25 @@ def finetune(
         False, "--multirun", "-m",
         help="Sweep with Hydra: the target's lr grid, or one run per value of a=1,2,3 overrides.",
     ),
-    resume: Path | None = RESUME,
+    resume: Path | None = typer.Option(
+        None, "--resume", file_okay=False,
+        help="Continue the run in this directory from its last.ckpt, or a stopped VTAB-1k suite (overrides apply "
+             "on top).",
+    ),
 ):
     """Fine-tune a pre-trained Mixer on a target as a recipe says (no recipe: ft_demo, the bundled
     demo's checkpoint): momentum SGD, warmup + cosine, no weight decay, clip 1, a new zero head."""
     from mixer_cli.config import compose
     from mixer_cli.models import load_mixer
+    from mixer_cli.train.finetune import SUITE_FILE, finetune_vtab, is_vtab_suite, resume_vtab, with_lr_grid
     from mixer_cli.train.finetune import finetune as run_finetune
-    from mixer_cli.train.finetune import finetune_vtab, is_vtab_suite, with_lr_grid
     from mixer_cli.train.fit import resume as resume_run
     from mixer_cli.train.sweep import multirun as run_sweep
 
     overrides = overrides or []
+    if resume is not None and (resume / SUITE_FILE).is_file():
+        resume_vtab(resume, overrides)
+        return
     if resume is not None:
         resume_run(resume_dir(resume), overrides, "finetune")
         return

@@ -63,9 +63,10 @@ def finetune_model(cfg: DictConfig) -> Mixer:
     return for_target(pretrained_model(cfg), cfg)
 
 
-def finetune(cfg: DictConfig, progress: bool = True, run_dir: Path | None = None, model: Mixer | None = None) -> dict:
-    return fit(cfg, finetune_model(cfg) if model is None else model, "finetune", run_dir=run_dir, progress=progress,
-               extra_results={"from": str(cfg.checkpoint)}, callbacks=probes(cfg))
+def finetune(cfg: DictConfig, progress: bool = True, run_dir: Path | None = None, model: Mixer | None = None,
+             resume: bool = False) -> dict:
+    return fit(cfg, finetune_model(cfg) if model is None else model, "finetune", run_dir=run_dir, resume=resume,
+               progress=progress, extra_results={"from": str(cfg.checkpoint)}, callbacks=probes(cfg))
 
 
 def with_lr_grid(overrides: list[str]) -> list[str]:
@@ -81,6 +82,7 @@ def with_lr_grid(overrides: list[str]) -> list[str]:
 
 # The suite sets these from its task table; a user's value would be overwritten without a word.
 SET_PER_TASK = ("data.task", "data.num_classes", "data.img_size")
+SUITE_FILE = "suite.json"  # the overrides a suite started with, for --resume
 
 
 def is_vtab_suite(overrides: list[str]) -> bool:
@@ -142,12 +144,12 @@ def say(text: str) -> None:
         console.print(text, highlight=False, soft_wrap=True)
 
 
-def finetune_vtab(overrides: list[str]) -> dict:
+def finetune_vtab(overrides: list[str], suite_dir: Path | None = None) -> dict:
     """VTAB-1k as the paper runs it: each task fine-tuned from the same checkpoint at its resolution;
     where the lr grid has several values, each trains on the 800 and is scored on the 200 held out
     (data.dev_fraction), the best is trained again on all 1,000; top-1 on the test split. Writes
-    runs/finetune/<stamp>-<name>/: a run directory per task (and per lr tried), vtab.json,
-    vtab.csv and results.json; returns results.json's content."""
+    runs/finetune/<stamp>-<name>/ (or continues `suite_dir`): a run directory per task (and per lr
+    tried), suite.json, vtab.json, vtab.csv and results.json; returns results.json's content."""
     cfgs = vtab_configs(overrides)
     check_vtab_data(cfgs)
     first = next(iter(cfgs.values()))
@@ -155,8 +157,12 @@ def finetune_vtab(overrides: list[str]) -> dict:
     grids = {name: lr_grid(cfg) for name, cfg in cfgs.items()}
     for cfg in cfgs.values():
         growth_factor(pretrained, cfg.data.img_size)  # every resolution is reachable before anything trains
-    suite_dir = make_run_dir(first, "finetune")
-    say(f"VTAB-1k: {len(cfgs)} task(s) from {first.checkpoint} -> {suite_dir}")
+    if suite_dir is None:
+        suite_dir = make_run_dir(first, "finetune")
+        if is_global_zero_process():
+            write_atomic(suite_dir / SUITE_FILE, json.dumps({"overrides": overrides}, indent=2))
+    say(f"VTAB-1k: {len(cfgs)} task(s) from {first.checkpoint} -> {suite_dir} "
+        f"(if stopped: mixer finetune --resume {suite_dir})")
     results = [vtab_task(cfg, pretrained, grids[name], suite_dir, f"{i}/{len(cfgs)}")
                for i, (name, cfg) in enumerate(cfgs.items(), 1)]
     scores = vtab.write_suite(suite_dir, str(first.checkpoint), results) if is_global_zero_process() else None
@@ -190,6 +196,22 @@ def vtab_task(cfg: DictConfig, pretrained: Mixer, lrs: list[float], suite_dir: P
 
 
 def train_vtab(cfg: DictConfig, pretrained: Mixer, run_dir: Path) -> dict:
-    """A normal fine-tuning run in `run_dir`, from a copy of the pre-trained model."""
+    """A normal fine-tuning run in `run_dir`, from a copy of the pre-trained model. In a suite that
+    is continued, a run it finished is read back and one it stopped in continues from its last.ckpt."""
+    if (run_dir / "results.json").is_file():
+        return json.loads((run_dir / "results.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    return finetune(cfg, progress=False, run_dir=run_dir, model=for_target(copy.deepcopy(pretrained), cfg))
+    return finetune(cfg, progress=False, run_dir=run_dir, model=for_target(copy.deepcopy(pretrained), cfg),
+                    resume=(run_dir / "last.ckpt").is_file())
+
+
+def resume_vtab(suite_dir: Path, overrides: list[str]) -> dict:
+    """Continue a stopped suite with the overrides it started with (then `overrides`): the tasks it
+    finished count as they are, the one it stopped in continues, the rest train."""
+    path = suite_dir / SUITE_FILE
+    try:
+        started = json.loads(path.read_text())["overrides"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is damaged: not the JSON object with the overrides the suite started with, "
+                        "so the suite cannot be continued") from None
+    return finetune_vtab([*started, *overrides], suite_dir)
