@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from mixer_cli import config
 from mixer_cli.cli import app
 from mixer_cli.data.writer import Sample, write_shards
 from mixer_cli.evaluate import vtab
@@ -141,7 +142,20 @@ def test_a_grid_of_two_lrs_is_picked_on_the_dev_split(tmp_path, data_root, ckpt,
     assert "picking the lr of 0.01, 0.3 on the dev split" in r.output
 
 
-def test_a_stopped_suite_continues_where_it_stopped(tmp_path, data_root, ckpt, fake_tasks, monkeypatch):
+@pytest.fixture
+def trained(monkeypatch) -> list[tuple[str, bool]]:
+    """(run directory name, resume) of every fine-tune the suite trains from here on."""
+    calls = []
+
+    def spy(cfg, model, command, run_dir, resume, **kwargs):
+        calls.append((run_dir.name, resume))
+        return fit(cfg, model, command, run_dir=run_dir, resume=resume, **kwargs)
+
+    monkeypatch.setattr(finetune, "fit", spy)
+    return calls
+
+
+def test_a_stopped_suite_continues_where_it_stopped(tmp_path, data_root, ckpt, fake_tasks, trained):
     runs = tmp_path / "runs"
     r = suite(runs, data_root, "--from", str(ckpt), *FAST, "data.tasks=[alpha,beta,gamma]")
     assert r.exit_code == 0, r.output
@@ -153,13 +167,7 @@ def test_a_stopped_suite_continues_where_it_stopped(tmp_path, data_root, ckpt, f
         (suite_dir / name).unlink()
     shutil.rmtree(suite_dir / "gamma")
     alpha_written = (suite_dir / "alpha" / "results.json").stat().st_mtime_ns
-    trained = []
-
-    def spy(cfg, model, command, run_dir, resume, **kwargs):
-        trained.append((run_dir.name, resume))
-        return fit(cfg, model, command, run_dir=run_dir, resume=resume, **kwargs)
-
-    monkeypatch.setattr(finetune, "fit", spy)
+    trained.clear()
     r = suite(runs, data_root, "--resume", str(suite_dir))  # the suite's own overrides, kept in suite.json
     assert r.exit_code == 0, r.output
     assert trained == [("beta", True), ("gamma", False)]
@@ -167,6 +175,34 @@ def test_a_stopped_suite_continues_where_it_stopped(tmp_path, data_root, ckpt, f
     assert [p.name for p in (runs / "finetune").iterdir()] == [suite_dir.name]  # no new suite
     again = results(suite_dir)
     assert again["vtab1k"]["per_task"] == whole["vtab1k"]["per_task"] and again["tasks"] == 3
+
+
+def test_a_requeued_slurm_job_continues_its_suite_by_itself(tmp_path, data_root, ckpt, fake_tasks, trained,
+                                                            monkeypatch):
+    for v in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_RESTART_COUNT",
+              "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    runs, command = tmp_path / "runs", ["--from", str(ckpt), *FAST, "data.tasks=[alpha,beta]"]
+
+    def start(*args: str, restarts: int) -> list[str]:
+        """The job's command started anew, in a process of its own; the suites there after it."""
+        monkeypatch.setattr(config, "_runs_made", 0)
+        monkeypatch.setenv(config.SESSION_ENV, "")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+        r = suite(runs, data_root, *args)
+        assert r.exit_code == 0, r.output
+        return sorted(p.name for p in (runs / "finetune").iterdir())
+
+    assert start(*command, restarts=0) == ["slurm4242-ft_vtab"]
+    suite_dir = runs / "finetune" / "slurm4242-ft_vtab"
+    for name in ("results.json", "beta/results.json"):  # stopped in beta, which SLURM requeued
+        (suite_dir / name).unlink()
+    trained.clear()
+    assert start(*command, restarts=1) == ["slurm4242-ft_vtab"]
+    assert trained == [("beta", True)] and results(suite_dir)["tasks"] == 2
+    (suite_dir / "results.json").unlink()  # unfinished again: still no suite for another command of the job
+    assert start(*command[:-1], "data.tasks=[alpha]", restarts=1) == ["slurm4242-1-ft_vtab", "slurm4242-ft_vtab"]
 
 
 def test_a_damaged_suite_record_is_one_line(tmp_path):

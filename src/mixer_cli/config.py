@@ -9,6 +9,7 @@ import datetime as _dt
 import os
 import re
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -172,10 +173,11 @@ def launcher_job_id() -> str | None:
     return None
 
 
-def make_run_dir(cfg: DictConfig, command: str) -> Path:
+def make_run_dir(cfg: DictConfig, command: str, same_run: Callable[[Path], bool] | None = None) -> Path:
     """runs/<command>/<session>-<name>[-n]: rank 0 creates it, new and empty (never an existing one;
     under SLURM/torchrun the job id names it); the other ranks of the run wait for the same directory.
-    A requeued SLURM job gets the directory of the run it continues."""
+    A requeued SLURM job gets the directory of the run it continues: one whose saved config is `cfg`,
+    or for which `same_run` holds."""
     global _runs_made
     root = Path(cfg.run_root) / command
     job = launcher_job_id()
@@ -195,28 +197,29 @@ def make_run_dir(cfg: DictConfig, command: str) -> Path:
         # One task: no rank to agree with, but a job may run several commands (or be an interactive
         # session), so the job id alone does not tell the run a requeued job continues.
         session = f"slurm{slurm_job}"
-        path = _requeued_run(root, session, cfg, suffix) or _new_dir(root, cfg.name, suffix, session)
+        same_run = same_run or (lambda run_dir: _same_config(run_dir, cfg))
+        path = _requeued_run(root, session, cfg.name + suffix, same_run) or _new_dir(root, cfg.name, suffix, session)
     else:
         path = _new_dir(root, cfg.name, suffix, _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     _runs_made += 1
     return path
 
 
-def _requeued_run(root: Path, session: str, cfg: DictConfig, suffix: str) -> Path | None:
+def _requeued_run(root: Path, session: str, name: str, same_run: Callable[[Path], bool]) -> Path | None:
     """Under a requeued SLURM job (SLURM_RESTART_COUNT >= 1), the directory of the run this command
-    started before: one of this job's with this very config that holds a last.ckpt (fit continues
-    from it) or no results.json (it never finished), the unfinished one first; None on a job's first
-    start or when there is none. A finished run with nothing to continue from (a few-shot
+    started before: one of this job's runs named `name` for which `same_run` holds and that has a
+    last.ckpt (fit continues from it) or no results.json (it never finished), the unfinished one
+    first; None on a job's first start or when there is none. A finished run with nothing to continue from (a few-shot
     evaluation's) is left as it is."""
     if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
         return None
-    name = re.compile(rf"{re.escape(session)}(-\d+)?-{re.escape(cfg.name + suffix)}")
-    runs = [d for d in root.glob(f"{session}*") if name.fullmatch(d.name) and _same_config(d, cfg)
+    named = re.compile(rf"{re.escape(session)}(-\d+)?-{re.escape(name)}")
+    runs = [d for d in root.glob(f"{session}*") if named.fullmatch(d.name) and same_run(d)
             and ((d / "last.ckpt").is_file() or not (d / "results.json").is_file())]
     if not runs:
         return None
     path = min(runs, key=lambda d: ((d / "results.json").is_file(), -d.stat().st_mtime))
-    os.environ[SESSION_ENV] = path.name.removesuffix(f"-{cfg.name}{suffix}")  # for later runs and launched ranks
+    os.environ[SESSION_ENV] = path.name.removesuffix(f"-{name}")  # for later runs and launched ranks
     return path
 
 

@@ -157,9 +157,9 @@ def finetune_vtab(overrides: list[str], suite_dir: Path | None = None) -> dict:
     grids = {name: lr_grid(cfg) for name, cfg in cfgs.items()}
     for cfg in cfgs.values():
         growth_factor(pretrained, cfg.data.img_size)  # every resolution is reachable before anything trains
-    if suite_dir is None:
-        suite_dir = make_run_dir(first, "finetune")
-        if is_global_zero_process():
+    if suite_dir is None:  # a new suite, or under a requeued SLURM job the one it started
+        suite_dir = make_run_dir(first, "finetune", same_run=lambda d: started_with(d, quiet=True) == overrides)
+        if is_global_zero_process() and not (suite_dir / SUITE_FILE).is_file():
             write_atomic(suite_dir / SUITE_FILE, json.dumps({"overrides": overrides}, indent=2))
     say(f"VTAB-1k: {len(cfgs)} task(s) from {first.checkpoint} -> {suite_dir} "
         f"(if stopped: mixer finetune --resume {suite_dir})")
@@ -205,13 +205,20 @@ def train_vtab(cfg: DictConfig, pretrained: Mixer, run_dir: Path) -> dict:
                     resume=(run_dir / "last.ckpt").is_file())
 
 
+def started_with(suite_dir: Path, quiet: bool = False) -> list[str] | None:
+    """The overrides the suite in `suite_dir` started with (its suite.json); a damaged record is an
+    error, or None when `quiet`."""
+    path = suite_dir / SUITE_FILE
+    try:
+        return list(json.loads(path.read_text())["overrides"])
+    except (OSError, ValueError, KeyError, TypeError):
+        if quiet:
+            return None
+        raise UserError(f"{path} is damaged: not the JSON object with the overrides the suite started with, "
+                        "so the suite cannot be continued") from None
+
+
 def resume_vtab(suite_dir: Path, overrides: list[str]) -> dict:
     """Continue a stopped suite with the overrides it started with (then `overrides`): the tasks it
     finished count as they are, the one it stopped in continues, the rest train."""
-    path = suite_dir / SUITE_FILE
-    try:
-        started = json.loads(path.read_text())["overrides"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{path} is damaged: not the JSON object with the overrides the suite started with, "
-                        "so the suite cannot be continued") from None
-    return finetune_vtab([*started, *overrides], suite_dir)
+    return finetune_vtab([*started_with(suite_dir), *overrides], suite_dir)
