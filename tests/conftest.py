@@ -15,8 +15,21 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _one_command_per_process(monkeypatch):
-    """The CLI runs one command per process, so its first run directory has no counter suffix; tests
-    that call it in-process start each command afresh in the same way."""
-    monkeypatch.setattr(config, "_runs_made", 0)
-    monkeypatch.setenv(config.SESSION_ENV, "")  # as unset; recorded, so what a run sets is undone after the test
+def fresh_process(monkeypatch):
+    """The CLI runs one command per process, so its first run directory has no counter suffix; every
+    test starts as a new process would, and calls this fixture's value to start the next command so."""
+    def start():
+        monkeypatch.setattr(config, "_runs_made", 0)
+        monkeypatch.setenv(config.SESSION_ENV, "")  # as unset; recorded, so what a run sets is undone after the test
+
+    start()
+    return start
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """A plain local start: none of the variables torchrun, SLURM or Lightning set (a test sets its own)."""
+    for v in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_ID",
+              "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.setenv(v, "")  # recorded, so what a run sets is undone after the test
+        monkeypatch.delenv(v)

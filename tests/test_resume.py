@@ -178,18 +178,14 @@ def test_sigusr1_requeues_the_slurm_job_which_continues_its_run_by_itself_and_en
     assert_same_run(run, ref, steps=100)
 
 
-def test_a_one_task_slurm_job_names_its_runs_and_only_a_requeued_one_continues_one(tmp_path, monkeypatch):
-    import mixer_cli.config as config
-
-    for v in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_RESTART_COUNT",
-              "TORCHELASTIC_RUN_ID"):
-        monkeypatch.delenv(v, raising=False)
+def test_a_one_task_slurm_job_names_its_runs_and_only_a_requeued_one_continues_one(tmp_path, monkeypatch,
+                                                                                    no_launcher, fresh_process):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     cfg, other = compose([f"run_root={tmp_path}"]), compose([f"run_root={tmp_path}", "seed=1"])
 
     def run_dir(cfg, restarts: int, *files: str) -> Path:
         """The directory a command of the job gets (its first one in its process), with its config and `files`."""
-        monkeypatch.setattr(config, "_runs_made", 0)
+        fresh_process()
         monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
         path = make_run_dir(cfg, "pretrain")
         save_config(cfg, path)

@@ -70,45 +70,31 @@ def test_fsdp_wraps_each_mixer_block():
     assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["auto_wrap_policy"]._module_classes == {MixerBlock}
 
 
-def _clear_launcher_env(monkeypatch):
-    for v in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_ID",
-              "TORCHELASTIC_RUN_ID", "MIXER_RUN_SESSION"):
-        monkeypatch.setenv(v, "")  # recorded, so what make_run_dir sets is undone after the test
-        monkeypatch.delenv(v)
-
-
-def test_torchrun_ranks_agree_on_one_run_directory(tmp_path, monkeypatch):
-    import mixer_cli.config as config
-
+def test_torchrun_ranks_agree_on_one_run_directory(tmp_path, monkeypatch, no_launcher, fresh_process):
     cfg = compose([f"run_root={tmp_path}"])
-    _clear_launcher_env(monkeypatch)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "5e1f0c2a-job")
     dirs = []
     for rank in ("0", "1"):  # rank 1 finds the directory rank 0 made
-        monkeypatch.setattr(config, "_runs_made", 0)
+        fresh_process()
         monkeypatch.setenv("RANK", rank)
         dirs.append(make_run_dir(cfg, "pretrain"))
     assert dirs[0] == dirs[1] == tmp_path / "pretrain" / "torchrun-5e1f0c2a-demo"
 
 
-def test_slurm_ranks_agree_on_one_run_directory(tmp_path, monkeypatch):
-    import mixer_cli.config as config
-
+def test_slurm_ranks_agree_on_one_run_directory(tmp_path, monkeypatch, no_launcher, fresh_process):
     cfg = compose([f"run_root={tmp_path}"])
-    _clear_launcher_env(monkeypatch)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_NTASKS", "16")
     dirs = []
     for rank in ("0", "9"):
-        monkeypatch.setattr(config, "_runs_made", 0)
+        fresh_process()
         monkeypatch.setenv("SLURM_PROCID", rank)
         dirs.append(make_run_dir(cfg, "pretrain"))
     assert dirs[0] == dirs[1] == tmp_path / "pretrain" / "slurm4242.0-demo"
 
 
-def test_ranks_without_a_shared_id_are_a_clear_error(tmp_path, monkeypatch):
+def test_ranks_without_a_shared_id_are_a_clear_error(tmp_path, monkeypatch, no_launcher):
     cfg = compose([f"run_root={tmp_path}"])
-    _clear_launcher_env(monkeypatch)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     with pytest.raises(ValueError, match=r"^the ranks of this run cannot agree on a run directory: start them with "

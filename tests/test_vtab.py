@@ -14,7 +14,6 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from mixer_cli import config
 from mixer_cli.cli import app
 from mixer_cli.data.writer import Sample, write_shards
 from mixer_cli.evaluate import vtab
@@ -178,17 +177,13 @@ def test_a_stopped_suite_continues_where_it_stopped(tmp_path, data_root, ckpt, f
 
 
 def test_a_requeued_slurm_job_continues_its_suite_by_itself(tmp_path, data_root, ckpt, fake_tasks, trained,
-                                                            monkeypatch):
-    for v in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_RESTART_COUNT",
-              "TORCHELASTIC_RUN_ID"):
-        monkeypatch.delenv(v, raising=False)
+                                                            monkeypatch, no_launcher, fresh_process):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     runs, command = tmp_path / "runs", ["--from", str(ckpt), *FAST, "data.tasks=[alpha,beta]"]
 
     def start(*args: str, restarts: int) -> list[str]:
         """The job's command started anew, in a process of its own; the suites there after it."""
-        monkeypatch.setattr(config, "_runs_made", 0)
-        monkeypatch.setenv(config.SESSION_ENV, "")
+        fresh_process()
         monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
         r = suite(runs, data_root, *args)
         assert r.exit_code == 0, r.output

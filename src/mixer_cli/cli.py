@@ -359,11 +359,11 @@ def finetune(
     from mixer_cli.train.sweep import multirun as run_sweep
 
     overrides = overrides or []
-    if resume is not None and (resume / SUITE_FILE).is_file():
-        resume_vtab(resume, overrides)
-        return
     if resume is not None:
-        resume_run(resume_dir(resume), overrides, "finetune")
+        if (resume / SUITE_FILE).is_file():
+            resume_vtab(resume, overrides)
+        else:
+            resume_run(resume_dir(resume), overrides, "finetune")
         return
     if checkpoint is not None:
         overrides.append(f"checkpoint='{checkpoint.resolve()}'")  # quoted: any path is one Hydra value

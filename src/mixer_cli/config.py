@@ -176,8 +176,8 @@ def launcher_job_id() -> str | None:
 def make_run_dir(cfg: DictConfig, command: str, same_run: Callable[[Path], bool] | None = None) -> Path:
     """runs/<command>/<session>-<name>[-n]: rank 0 creates it, new and empty (never an existing one;
     under SLURM/torchrun the job id names it); the other ranks of the run wait for the same directory.
-    A requeued SLURM job gets the directory of the run it continues: one whose saved config is `cfg`,
-    or for which `same_run` holds."""
+    A requeued SLURM job gets the directory of the run it continues: one for which `same_run` holds
+    (by default: its saved config is `cfg`)."""
     global _runs_made
     root = Path(cfg.run_root) / command
     job = launcher_job_id()
@@ -209,8 +209,8 @@ def _requeued_run(root: Path, session: str, name: str, same_run: Callable[[Path]
     """Under a requeued SLURM job (SLURM_RESTART_COUNT >= 1), the directory of the run this command
     started before: one of this job's runs named `name` for which `same_run` holds and that has a
     last.ckpt (fit continues from it) or no results.json (it never finished), the unfinished one
-    first; None on a job's first start or when there is none. A finished run with nothing to continue from (a few-shot
-    evaluation's) is left as it is."""
+    first; None on a job's first start or when there is none. A finished run with nothing to
+    continue from (a few-shot evaluation's) is left as it is."""
     if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
         return None
     named = re.compile(rf"{re.escape(session)}(-\d+)?-{re.escape(name)}")
