@@ -15,37 +15,23 @@ evaluate at other moments than the run it continues, draws the same augmentation
 from __future__ import annotations
 
 import os
-import signal
 import warnings
-from functools import partial
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from mixer_cli.data.shards import TrainShards, rng_states, set_rng_states
-from mixer_cli.train.preemption import STOP_SIGNALS, every_rank
+from mixer_cli.train.preemption import every_rank
 
 
 def num_samples(dataset: Dataset) -> int:
     """Samples per epoch of a training set (a shard stream knows its epoch size)."""
     return dataset.num_samples if isinstance(dataset, TrainShards) else len(dataset)
-
-
-def start_worker(worker_id: int, rank: int) -> None:
-    """A loader worker leaves the stop signals to the main process: a pre-emption, `scancel` or
-    `timeout` signals every process of the job, and a worker that died of it would fail the main
-    process's step or evaluation before it could write its checkpoint and stop the workers itself.
-    Then the worker seeding Lightning adds to a loader that has no worker_init_fn of its own."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    if int(os.environ.get("PL_SEED_WORKERS", 0)):
-        pl_worker_init_function(worker_id, rank=rank)
 
 
 class WorkerRandomState(Dataset):
@@ -100,8 +86,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, loader=DataLoader, **kw) -> DataLoader:
         workers = self.num_workers
-        return loader(dataset, num_workers=workers, persistent_workers=workers > 0, pin_memory=self._pin(),
-                      worker_init_fn=partial(start_worker, rank=self._world()[1]), **kw)
+        return loader(dataset, num_workers=workers, persistent_workers=workers > 0, pin_memory=self._pin(), **kw)
 
     def train_dataloader(self) -> EveryRankLoader:
         warnings.filterwarnings("ignore", ".*'set_vital' is deprecated.*")  # torchdata calls it, not us
