@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -241,6 +242,64 @@ def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_lef
 
     one_thread(resume, run, [], "pretrain")  # into the second epoch
     assert_same_run(run, reference(tmp_path, shards), steps=50)
+
+
+JOB = textwrap.dedent(
+    """
+    import os, subprocess, sys
+
+    import lightning as L
+
+    from mixer_cli.config import compose
+    from mixer_cli.train.fit import fit
+    from mixer_cli.train.pretrain import build_model
+
+
+    class SignalTheJob(L.Callback):
+        # As scancel, a pre-emption, `timeout` or Ctrl+C do: the signal from another process to every
+        # process of the job, loader workers included, at step 13 or at the first evaluation batch.
+        def __init__(self, sig, in_evaluation):
+            self.sig, self.in_evaluation, self.sent = sig, in_evaluation, False
+
+        def on_train_batch_end(self, trainer, *args):
+            if not self.in_evaluation and trainer.global_step == 13:
+                self.send()
+
+        def on_validation_batch_start(self, trainer, *args):
+            if self.in_evaluation and not trainer.sanity_checking:
+                self.send()
+
+        def send(self):
+            if not self.sent:
+                self.sent = True
+                kill = f"import os; os.killpg({os.getpgid(0)}, {self.sig})"
+                subprocess.run([sys.executable, "-c", kill], start_new_session=True)  # from outside the job
+
+
+    cfg = compose(sys.argv[3:])
+    fit(cfg, build_model(cfg), "pretrain", callbacks=[SignalTheJob(int(sys.argv[1]), sys.argv[2] == "evaluation")],
+        progress=False)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "moment", "stop_step"), [
+    (signal.SIGTERM, "training", 13), (signal.SIGINT, "training", 13), (signal.SIGUSR1, "training", 13),
+    (signal.SIGTERM, "evaluation", 41),  # the evaluation after epoch 0 of 40 steps ends; the next step stops
+])
+def test_a_signal_to_every_process_of_the_job_stops_it_as_a_signal_to_its_main_process(
+        sig, moment, stop_step, tmp_path):
+    (tmp_path / "job.py").write_text(JOB)
+    runs = tmp_path / "runs"
+    shards = [*SHARDS, *write_demo_shards(tmp_path), f"run_root={runs}"]
+    job = subprocess.run([sys.executable, "job.py", str(int(sig)), moment, *shards], cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                         capture_output=True, text=True, timeout=WAIT_S)
+    assert job.returncode == 128 + sig and "Traceback" not in job.stderr, job.stderr[-3000:]
+    (run,) = (runs / "pretrain").iterdir()
+    assert checkpoint(run / "last.ckpt")["global_step"] == stop_step
+    assert f"stopped by {sig.name} after step {stop_step} (epoch {stop_step // 41}); " in job.stderr
 
 
 class SigtermInEvaluation(Callback):

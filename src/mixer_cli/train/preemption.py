@@ -132,6 +132,27 @@ class StepCheckpoint(Checkpoint):
         self.received = None
 
 
+def leave_stop_signals_to(main_pid: int) -> None:
+    """Run in a DataLoader worker: the stop signals that reach it are the job's, not its own.
+
+    A pre-emption, `scancel`, `timeout` or Ctrl+C signals every process of the job, loader workers
+    included. A worker that died of it would fail the main process's next batch, or its evaluation,
+    before the step checkpoint is written; the main process stops the workers itself once it is.
+    SIGTERM from the main process is still the end torch means by it (it terminates a worker that does
+    not stop when told, and at exit): a thread takes SIGTERM with its sender and ends the worker only
+    when the main process sent it, as torch's own worker handler does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started after this inherit it
+    threading.Thread(target=_end_on_sigterm_from, args=(main_pid,), name="sigterm", daemon=True).start()
+
+
+def _end_on_sigterm_from(main_pid: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+        pass
+    os._exit(0)
+
+
 def requeue_slurm_job() -> str | None:
     """Put this SLURM job back in the queue, as Lightning's SLURM environment does on SIGUSR1; the job
     id, or None outside a SLURM batch job or when scontrol fails. Lightning's detection wants
