@@ -26,6 +26,7 @@ from mixer_cli.config import compose, make_run_dir, save_config
 from mixer_cli.data import build_dataset
 from mixer_cli.data.shards import rng_states, set_rng_states
 from mixer_cli.data.writer import demo_samples, write_shards
+from mixer_cli.evaluate.fewshot import make_loader
 from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import fit, resume
 from mixer_cli.train.preemption import Stopped
@@ -300,6 +301,43 @@ def test_a_signal_to_every_process_of_the_job_stops_it_as_a_signal_to_its_main_p
     (run,) = (runs / "pretrain").iterdir()
     assert checkpoint(run / "last.ckpt")["global_step"] == stop_step
     assert f"stopped by {sig.name} after step {stop_step} (epoch {stop_step // 41}); " in job.stderr
+
+
+class WorkerPids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        time.sleep(0.01)  # workers that still have batches to make when the signals come
+        return os.getpid()
+
+
+def ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"  # a zombie: dead, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_loader_workers_outlive_the_jobs_signals_and_end_on_their_main_processs_sigterm():
+    # Every loader of ours (here the few-shot one): the job's signals come from another process.
+    loader = make_loader(WorkerPids(), batch_size=4, num_workers=2)
+    batches = iter(loader)
+    workers = {int(pid) for _ in range(2) for pid in next(batches)}
+    assert len(workers) == 2
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        subprocess.run([sys.executable, "-c", f"import os; [os.kill(p, {int(sig)}) for p in {workers}]"], check=True)
+    assert {int(pid) for batch in batches for pid in batch} == workers  # both served the rest of the epoch
+
+    batches = iter(loader)  # new workers; a SIGTERM from this, their main process, ends one (as torch's shutdown)
+    worker = int(next(batches)[0])
+    os.kill(worker, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while not ended(worker):
+        assert time.monotonic() < deadline, "a loader worker outlived its main process's SIGTERM"
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError, match="DataLoader worker .* exited unexpectedly"):
+        list(batches)
 
 
 class SigtermInEvaluation(Callback):

@@ -43,6 +43,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from mixer_cli.errors import UserError
+from mixer_cli.train.preemption import worker_init
 
 DEFAULT_L2 = 2.0**10  # big_vision's l2_reg, the paper's setting
 L2_GRID = tuple(2.0**i for i in range(-10, 20))  # big_vision's grid for choosing l2
@@ -251,10 +252,11 @@ def labels_of(dataset) -> np.ndarray | None:
 
 
 def make_loader(dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    workers = {"num_workers": num_workers, "worker_init_fn": worker_init()}
     if hasattr(dataset, "batch_size"):  # our shard datasets batch themselves
         dataset.batch_size = batch_size
-        return DataLoader(dataset, batch_size=None, num_workers=num_workers)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        return DataLoader(dataset, batch_size=None, **workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **workers)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,32 +16,22 @@ from __future__ import annotations
 
 import os
 import warnings
-from functools import partial
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from mixer_cli.data.shards import TrainShards, rng_states, set_rng_states
-from mixer_cli.train.preemption import every_rank, leave_stop_signals_to
+from mixer_cli.train.preemption import every_rank, worker_init
 
 
 def num_samples(dataset: Dataset) -> int:
     """Samples per epoch of a training set (a shard stream knows its epoch size)."""
     return dataset.num_samples if isinstance(dataset, TrainShards) else len(dataset)
-
-
-def start_worker(worker_id: int, rank: int, main_pid: int) -> None:
-    """A loader worker's start: it leaves the stop signals to the main process (see
-    `leave_stop_signals_to`), then seeds itself as Lightning does for a loader without a worker_init_fn."""
-    leave_stop_signals_to(main_pid)
-    if int(os.environ.get("PL_SEED_WORKERS", 0)):
-        pl_worker_init_function(worker_id, rank=rank)
 
 
 class WorkerRandomState(Dataset):
@@ -97,7 +87,7 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset, loader=DataLoader, **kw) -> DataLoader:
         workers = self.num_workers
         return loader(dataset, num_workers=workers, persistent_workers=workers > 0, pin_memory=self._pin(),
-                      worker_init_fn=partial(start_worker, rank=self._world()[1], main_pid=os.getpid()), **kw)
+                      worker_init_fn=worker_init(rank=self._world()[1]), **kw)
 
     def train_dataloader(self) -> EveryRankLoader:
         warnings.filterwarnings("ignore", ".*'set_vital' is deprecated.*")  # torchdata calls it, not us

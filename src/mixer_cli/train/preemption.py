@@ -28,10 +28,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -130,6 +133,19 @@ class StepCheckpoint(Checkpoint):
             signal.signal(signum, handler)
         self._previous_handlers = {}
         self.received = None
+
+
+def worker_init(rank: int | None = None) -> Callable[[int], None]:
+    """The worker_init_fn of every DataLoader of ours, made in the process that iterates the loader."""
+    return partial(start_worker, main_pid=os.getpid(), rank=rank)
+
+
+def start_worker(worker_id: int, main_pid: int, rank: int | None) -> None:
+    """A loader worker's start: it leaves the stop signals to the main process, then seeds itself as
+    Lightning seeds the workers of a loader that has no worker_init_fn of its own."""
+    leave_stop_signals_to(main_pid)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank=rank)
 
 
 def leave_stop_signals_to(main_pid: int) -> None:
