@@ -303,6 +303,39 @@ def test_a_signal_to_every_process_of_the_job_stops_it_as_a_signal_to_its_main_p
     assert f"stopped by {sig.name} after step {stop_step} (epoch {stop_step // 41}); " in job.stderr
 
 
+def refuse_cuda(*args):
+    raise RuntimeError("Cannot re-initialize CUDA in forked subprocess")
+
+
+def test_loader_workers_keep_their_random_state_without_touching_cuda(monkeypatch):
+    # On a GPU the main process has started CUDA before its loader workers fork, and a worker that asks
+    # for CUDA's generators fails as this one does: training with data.num_workers > 0 failed on GPUs.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse_cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse_cuda)
+    cfg = compose(["data.train_fraction=0.1"])
+
+    def loader():
+        train = build_dataset(cfg.data, cfg.aug, "train", seed=0)
+        return ImageDataModule(train, None, 16, 2, micro_batches_per_epoch=len(train) // 16).train_dataloader()
+
+    first, second = loader(), loader()
+    batches = iter(first)
+    next(batches), next(batches)
+    second.load_state_dict(first.state_dict())  # the workers' random states travel, CUDA's not among them
+    assert torch.equal(next(iter(second))[1], next(batches)[1])
+
+
+def test_the_main_process_keeps_cudas_random_state_once_it_has_started_cuda(monkeypatch):
+    kept, restored = [torch.arange(4, dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: kept)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    states = rng_states()
+    set_rng_states(states)
+    assert states["cuda"] is kept and restored == [kept]
+
+
 class WorkerPids(torch.utils.data.Dataset):
     def __len__(self):
         return 64

@@ -57,15 +57,19 @@ def worker_and_workers() -> tuple[int, int]:
 
 def rng_states() -> dict:
     """This process's random generators (torch, CUDA, numpy, Python), in types that torch.load(weights_only=True)
-    reads back: checkpoints that hold them stay loadable by `load_mixer`."""
+    reads back: checkpoints that hold them stay loadable by `load_mixer`.
+
+    CUDA's only where this process has started CUDA: a loader worker forked from a process that has
+    cannot start it again (torch refuses), and draws nothing from it."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, keys.tolist(), pos, has_gauss, gauss), "python": random.getstate()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+            "python": random.getstate()}
 
 
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
+    if states["cuda"] and torch.cuda.is_initialized():
         torch.cuda.set_rng_state_all(states["cuda"])
     kind, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
