@@ -29,7 +29,7 @@ from mixer_cli.data.writer import demo_samples, write_shards
 from mixer_cli.evaluate.fewshot import make_loader
 from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import fit, resume
-from mixer_cli.train.preemption import Stopped
+from mixer_cli.train.preemption import Stopped, leave_stop_signals_to
 from mixer_cli.train.pretrain import build_model, pretrain
 
 TINY = [
@@ -371,6 +371,24 @@ def test_loader_workers_outlive_the_jobs_signals_and_end_on_their_main_processs_
         time.sleep(0.05)
     with pytest.raises(RuntimeError, match="DataLoader worker .* exited unexpectedly"):
         list(batches)
+
+
+def signal_handling() -> tuple:
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # blocks nothing more: the mask as it is
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1), blocked
+
+
+def test_where_a_signals_sender_cannot_be_known_a_worker_keeps_torchs_signal_handling(monkeypatch):
+    monkeypatch.delattr(signal, "sigwaitinfo")  # as on macOS
+    before = signal_handling()
+    try:
+        leave_stop_signals_to(os.getpid())
+        after = signal_handling()
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGUSR1, before[1])
+        signal.pthread_sigmask(signal.SIG_SETMASK, before[2])
+    assert after == before
 
 
 class SigtermInEvaluation(Callback):

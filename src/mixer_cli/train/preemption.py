@@ -156,7 +156,10 @@ def leave_stop_signals_to(main_pid: int) -> None:
     before the step checkpoint is written; the main process stops the workers itself once it is.
     SIGTERM from the main process is still the end torch means by it (it terminates a worker that does
     not stop when told, and at exit): a thread takes SIGTERM with its sender and ends the worker only
-    when the main process sent it, as torch's own worker handler does."""
+    when the main process sent it, as torch's own worker handler does. Where the sender cannot be
+    known (macOS has no sigwaitinfo), the worker keeps torch's handling."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started after this inherit it
