@@ -303,6 +303,14 @@ def test_a_signal_to_every_process_of_the_job_stops_it_as_a_signal_to_its_main_p
     assert f"stopped by {sig.name} after step {stop_step} (epoch {stop_step // 41}); " in job.stderr
 
 
+def training_loader(cfg, workers: int):
+    """The training loader of `cfg`'s demo data (augmented: random shifts) with a device batch of 16,
+    without Lightning; on shards, epochs of 8 batches (4 per worker of two)."""
+    train = build_dataset(cfg.data, cfg.aug, "train", seed=0)
+    batches = 8 if cfg.data.source == "shards" else len(train) // 16
+    return ImageDataModule(train, None, 16, workers, micro_batches_per_epoch=batches).train_dataloader()
+
+
 def refuse_cuda(*args):
     raise RuntimeError("Cannot re-initialize CUDA in forked subprocess")
 
@@ -314,12 +322,7 @@ def test_loader_workers_keep_their_random_state_without_touching_cuda(monkeypatc
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse_cuda)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse_cuda)
     cfg = compose(["data.train_fraction=0.1"])
-
-    def loader():
-        train = build_dataset(cfg.data, cfg.aug, "train", seed=0)
-        return ImageDataModule(train, None, 16, 2, micro_batches_per_epoch=len(train) // 16).train_dataloader()
-
-    first, second = loader(), loader()
+    first, second = training_loader(cfg, workers=2), training_loader(cfg, workers=2)
     batches = iter(first)
     next(batches), next(batches)
     second.load_state_dict(first.state_dict())  # the workers' random states travel, CUDA's not among them
@@ -437,14 +440,8 @@ def test_a_training_loader_continues_from_its_state_with_the_very_batches_it_wou
     # The loader alone, without Lightning: stopped after 3 batches, then a new one from its state_dict
     # (and, without workers, the process's generators, which RandomState restores in a run).
     overrides = write_demo_shards(tmp_path) if source == "shards" else ["data.train_fraction=0.1"]
-    cfg = compose(overrides)  # the demo's augmentation: random shifts
-
-    def loader():
-        train = build_dataset(cfg.data, cfg.aug, "train", seed=0)
-        batches = 8 if source == "shards" else len(train) // 16  # shards: epochs of 8 batches, 4 per worker
-        return ImageDataModule(train, None, 16, workers, micro_batches_per_epoch=batches).train_dataloader()
-
-    first = loader()
+    cfg = compose(overrides)
+    first = training_loader(cfg, workers)
     left_alone, state, rng = [], None, None
     for _ in range(2):  # epochs
         for x, y in first:
@@ -452,7 +449,7 @@ def test_a_training_loader_continues_from_its_state_with_the_very_batches_it_wou
             if len(left_alone) == 3:
                 state, rng = first.state_dict(), rng_states()
     torch.manual_seed(1)  # other generators than the stopped run's
-    second = loader()
+    second = training_loader(cfg, workers)
     second.load_state_dict(state)
     batches = iter(second)
     set_rng_states(rng)
