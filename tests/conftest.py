@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from mixer_cli import config
+from mixer_cli.config import run_dirs
 
 # Tests must not depend on (or pollute) a user's cache; the demo data is written here once per session.
 os.environ.setdefault("MIXER_CACHE", os.path.join(os.path.dirname(__file__), "..", ".venv", "mixer-cache"))
@@ -19,8 +19,8 @@ def fresh_process(monkeypatch):
     """The CLI runs one command per process, so its first run directory has no counter suffix; every
     test starts as a new process would, and calls this fixture's value to start the next command so."""
     def start():
-        monkeypatch.setattr(config, "_runs_made", 0)
-        monkeypatch.setenv(config.SESSION_ENV, "")  # as unset; recorded, so what a run sets is undone after the test
+        monkeypatch.setattr(run_dirs, "_runs_made", 0)
+        monkeypatch.setenv(run_dirs.SESSION_ENV, "")  # as unset; recorded, so what a run sets is undone after the test
 
     start()
     return start

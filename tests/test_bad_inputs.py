@@ -27,11 +27,12 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
-from mixer_cli.config import compose, save_config
+from mixer_cli.config.compose import compose
+from mixer_cli.config.run_dirs import save_config
+from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
 from mixer_cli.data.folder import UnreadableImage
 from mixer_cli.data.subsets import Selection
-from mixer_cli.errors import UserError
 from mixer_cli.models import build_mixer
 from mixer_cli.models.checkpoints import export_safetensors
 
@@ -416,7 +417,7 @@ def test_the_installed_command_prints_only_the_error_line(files, tmp_path, args)
 @pytest.mark.slow
 def test_every_bundled_config_passes_the_schema():
     """The schema accepts what the toolkit ships: every recipe of every command composes."""
-    from mixer_cli.config import recipe_command, recipe_names
+    from mixer_cli.config.recipes import recipe_command, recipe_names
 
     required = {"ft_vtab": ["data.task=dtd", "data.num_classes=47"]}
     for name in recipe_names():
@@ -445,7 +446,7 @@ def test_values_lightning_and_the_commands_accept_pass(config, overrides):
 def test_the_interpolation_names_are_timms():
     from timm.data.transforms import str_to_interp_mode
 
-    from mixer_cli.schema import INTERPOLATIONS
+    from mixer_cli.config.schema import INTERPOLATIONS
 
     for name in INTERPOLATIONS:
         str_to_interp_mode(name)  # a KeyError for a name timm does not know

@@ -16,8 +16,8 @@ from mixer_cli.benchmark import (
     plan_from_config,
     train_memory,
 )
-from mixer_cli.config import compose
-from mixer_cli.errors import UserError
+from mixer_cli.config.compose import compose
+from mixer_cli.core.errors import UserError
 from mixer_cli.models import build_mixer
 from mixer_cli.models import mixer as mixer_module
 

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import torch
 
-from mixer_cli.config import compose
+from mixer_cli.config.compose import compose
 from mixer_cli.models import load_mixer
-from mixer_cli.report import read_metrics
+from mixer_cli.reporting.runs import read_metrics
 from mixer_cli.train.pretrain import pretrain
 
 TINY = ["model.patch_size=7", "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8",

@@ -2,8 +2,10 @@
 import pytest
 from omegaconf import OmegaConf
 
-from mixer_cli.config import compose, load_run_config, make_run_dir, recipe_names, save_config
-from mixer_cli.errors import UserError
+from mixer_cli.config.compose import compose
+from mixer_cli.config.recipes import recipe_names
+from mixer_cli.config.run_dirs import load_run_config, make_run_dir, save_config
+from mixer_cli.core.errors import UserError
 
 
 def test_default_is_the_demo_recipe():

@@ -12,11 +12,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
 from mixer_cli.data.shards import EvalShards, TrainShards, resolve_shards
 from mixer_cli.data.transforms import eval_transform, train_transform
 from mixer_cli.data.writer import demo_samples, folder_samples, read_index, write_shards
-from mixer_cli.errors import UserError
 
 CLASSES = ["cat", "dog", "eel"]
 
@@ -338,7 +338,7 @@ def test_data_write_reports_skipped_files_and_refuses_to_overwrite(tmp_path):
 
 
 def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path):
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
     from mixer_cli.train.pretrain import pretrain
 
     image_folder(tmp_path / "train", per_class=8, bad=False)
@@ -371,7 +371,7 @@ def test_shards_of_undecodable_images_stop_training_instead_of_spinning(tmp_path
 
 
 def test_digits_is_a_source_split_half_and_half():
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
 
     cfg = compose(["data=digits"])
     train, test = build_dataset(cfg.data, cfg.aug, "train"), build_dataset(cfg.data, cfg.aug, "test")
@@ -380,7 +380,7 @@ def test_digits_is_a_source_split_half_and_half():
 
 
 def test_unaugmented_train_split_is_deterministic():
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
 
     cfg = compose([])  # the demo: random 2-pixel shifts on train
     augmented = build_dataset(cfg.data, cfg.aug, "train")

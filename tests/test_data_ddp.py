@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
 
     import lightning as L
 
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
     from mixer_cli.train.fit import fit
     from mixer_cli.train.pretrain import build_model
 

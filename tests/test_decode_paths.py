@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mixer_cli.config import compose
+from mixer_cli.config.compose import compose
 from mixer_cli.data import build_dataset
 from mixer_cli.data.device_transforms import NormalizeOnDevice
 from mixer_cli.train.fit import device_preprocessing
@@ -83,7 +83,7 @@ def test_normalising_on_the_device_equals_to_tensor_and_normalize():
 
 
 def test_an_unknown_decode_is_one_line():
-    from mixer_cli.errors import UserError
+    from mixer_cli.core.errors import UserError
 
     with pytest.raises(UserError, match=r"^data.decode must be one of pil, uint8, gpu, got 'jpeg'$"):
         compose(["data.decode=jpeg"])

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from mixer_cli.core.errors import UserError
 from mixer_cli.data.bench import pil_decode, synthetic_jpegs
 from mixer_cli.data.device_transforms import (
     NormalizeOnDevice,
@@ -20,7 +21,6 @@ from mixer_cli.data.device_transforms import (
     train_uint8_transform,
 )
 from mixer_cli.data.transforms import eval_transform, train_transform
-from mixer_cli.errors import UserError
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.5, 0.25, 0.2]  # unequal per channel: a broadcast or channel-order bug shows
 SMALL = synthetic_jpegs(2, size=(200, 150), seed=1)  # crops at 64 px never reach the DCT-scaled decode

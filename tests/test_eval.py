@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mixer_cli.config import compose
-from mixer_cli.errors import UserError
+from mixer_cli.config.compose import compose
+from mixer_cli.core.errors import UserError
 from mixer_cli.evaluate.checkpoint_eval import evaluate_checkpoint, with_checkpoint_preprocessing
 from mixer_cli.models import build_mixer
 
@@ -164,7 +164,7 @@ DDP_SCRIPT = """
 import json, os, sys
 from pathlib import Path
 
-from mixer_cli.config import compose
+from mixer_cli.config.compose import compose
 from mixer_cli.evaluate.checkpoint_eval import evaluate_checkpoint
 
 results = evaluate_checkpoint(compose(sys.argv[3:], config_name="eval"), Path(sys.argv[2]))

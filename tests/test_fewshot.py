@@ -11,9 +11,9 @@ from sklearn.linear_model import Ridge
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from mixer_cli.config import compose
+from mixer_cli.config.compose import compose
+from mixer_cli.core.errors import UserError
 from mixer_cli.data.tensor import TensorImages
-from mixer_cli.errors import UserError
 from mixer_cli.evaluate.fewshot import (
     L2_GRID,
     FewShotCallback,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mixer_cli.config import compose
+from mixer_cli.config.compose import compose
 from mixer_cli.data import build_dataset
 from mixer_cli.data.shards import parse_label
 from mixer_cli.train.pretrain import pretrain

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
 from mixer_cli.evaluate.real_labels import (
     FolderWithImageNumbers,
     RealTop1,
@@ -247,7 +247,7 @@ def test_pretraining_logs_real_top1_that_its_last_checkpoint_gives(tmp_path):
     predictions of last.ckpt on the validation images."""
     import csv
 
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
     from mixer_cli.data.writer import folder_samples, write_shards
     from mixer_cli.models import load_mixer
     from mixer_cli.train.fit import fit

@@ -14,11 +14,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
-from mixer_cli.config import compose, recipe_names
+from mixer_cli.config.compose import compose
+from mixer_cli.config.recipes import config_name_of, recipe_names
 from mixer_cli.data.writer import Sample, write_shards
 from mixer_cli.experiments.shuffle import run_experiment
 from mixer_cli.models import load_mixer
-from mixer_cli.recipes import config_name_of
 from mixer_cli.train.finetune import finetune
 from mixer_cli.train.pretrain import pretrain
 from test_finetune import save_checkpoint, tiny_pretrained

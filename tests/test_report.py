@@ -7,7 +7,7 @@ from statistics import fmean
 import pytest
 import yaml
 
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
 from mixer_cli.evaluate.report import build_report
 
 _clock = iter(range(1_000_000_000, 2_000_000_000, 60))  # run i finishes a minute after run i - 1

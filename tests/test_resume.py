@@ -22,14 +22,16 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from mixer_cli.config import compose, make_run_dir, save_config
+from mixer_cli.config.compose import compose
+from mixer_cli.config.run_dirs import make_run_dir, save_config
 from mixer_cli.data import build_dataset
 from mixer_cli.data.shards import rng_states, set_rng_states
+from mixer_cli.data.workers import leave_stop_signals_to
 from mixer_cli.data.writer import demo_samples, write_shards
 from mixer_cli.evaluate.fewshot import make_loader
 from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import fit, resume
-from mixer_cli.train.preemption import Stopped, leave_stop_signals_to
+from mixer_cli.train.preemption import Stopped
 from mixer_cli.train.pretrain import build_model, pretrain
 
 TINY = [
@@ -251,7 +253,7 @@ JOB = textwrap.dedent(
 
     import lightning as L
 
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
     from mixer_cli.train.fit import fit
     from mixer_cli.train.pretrain import build_model
 

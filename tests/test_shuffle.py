@@ -10,7 +10,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
-from mixer_cli.config import compose
+from mixer_cli.config.compose import compose
 from mixer_cli.data import demo_arrays
 from mixer_cli.evaluate.fewshot import fewshot_callback
 from mixer_cli.experiments.shuffle import (

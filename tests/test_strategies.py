@@ -8,7 +8,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from mixer_cli.config import compose, make_run_dir
+from mixer_cli.config.compose import compose
+from mixer_cli.config.run_dirs import make_run_dir
 from mixer_cli.models import build_mixer
 
 # Full-batch steps over the 4,000 demo images with no augmentation: every step sees the same samples

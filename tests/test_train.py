@@ -4,7 +4,7 @@ import torch
 from fsspec.implementations.local import LocalFileOpener
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
 from mixer_cli.models import build_mixer
 from mixer_cli.train.batching import devices_per_node, plan_batches
 from mixer_cli.train.optim import lr_factor, param_groups, warmup_schedule

@@ -12,7 +12,7 @@ from lightning.pytorch import Callback
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
-from mixer_cli.config import compose
+from mixer_cli.config.compose import compose
 from mixer_cli.data import build_dataset
 from mixer_cli.models import load_mixer
 from mixer_cli.train.fit import build_datasets, fit

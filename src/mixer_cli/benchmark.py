@@ -25,10 +25,11 @@ from rich.table import Table
 from torch import nn
 from torch.nn import functional as F
 
-from mixer_cli.config import make_run_dir, write_atomic
-from mixer_cli.errors import UserError
+from mixer_cli.config.run_dirs import make_run_dir
+from mixer_cli.core.console import console
+from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import write_atomic
 from mixer_cli.models.mixer import VARIANTS, build_mixer, spec_for
-from mixer_cli.report import console
 
 
 @dataclass(frozen=True)

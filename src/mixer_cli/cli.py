@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
 
 app = typer.Typer(
     name="mixer",
@@ -94,7 +94,7 @@ def pretrain(
     multirun: bool = MULTIRUN,
 ):
     """Pre-train a Mixer as a recipe says (no recipe: the bundled demo, minutes on a CPU)."""
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
     from mixer_cli.train.fit import resume as resume_run
     from mixer_cli.train.pretrain import pretrain as run_pretrain
     from mixer_cli.train.sweep import multirun as run_sweep
@@ -118,7 +118,7 @@ def pretrain(
 def shuffle_experiment(overrides: list[str] | None = OVERRIDES):
     """Figure 4: train a Mixer and a ResNet on original, patch + pixel shuffled and globally
     shuffled inputs; plot linear 5-shot accuracy over training and tabulate each model's drop."""
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
     from mixer_cli.experiments.shuffle import run_experiment
 
     run_experiment(compose(overrides or [], config_name="shuffle"))
@@ -139,7 +139,7 @@ def visualize(
 ):
     """Figure 5: the hidden units of the first token-mixing MLPs as grid-shaped images, each paired
     with its closest opposite-phase unit and sorted by frequency, and the stem's filters."""
-    from mixer_cli.report import console
+    from mixer_cli.core.console import console
     from mixer_cli.visualize import visualize as draw
 
     for path in draw(checkpoint, out, blocks=blocks):
@@ -169,8 +169,8 @@ def data_write(
     counts, shards). Unreadable or corrupt images are reported and skipped."""
     from rich.progress import MofNCompleteColumn, Progress
 
+    from mixer_cli.core.console import console
     from mixer_cli.data.writer import check_output, demo_samples, folder_samples, write_shards
-    from mixer_cli.report import console
 
     def skipped(name, reason):
         err.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False, soft_wrap=True)
@@ -241,7 +241,7 @@ def eval_(
 ):
     """Top-1 and top-5 (and ReaL top-1 with data.real_labels) of a checkpoint on a data set's evaluation
     split, every image once, with the checkpoint's preprocessing unless overridden."""
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
     from mixer_cli.evaluate.checkpoint_eval import evaluate_checkpoint
 
     evaluate_checkpoint(compose(overrides or [], config_name="eval"), checkpoint)
@@ -280,7 +280,7 @@ def fewshot(
 ):
     """Linear few-shot accuracy on frozen pre-logits (Figures 2 and 4): a closed-form ridge probe to
     {-1, 1} targets (l2 = 2^10) per shot count and seed, one feature pass; a table and results.json."""
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
     from mixer_cli.evaluate.fewshot_command import fewshot_command, parse_shots
 
     cfg = compose(overrides or [], config_name="fewshot")
@@ -312,7 +312,7 @@ def benchmark(
     batch sweep, our Mixers against timm's MlpMixer, ViT and BiT; FLOP/s against the measured
     matmul peak, training memory per image, and the paper's claims as ratios from the same run."""
     from mixer_cli.benchmark import list_overrides, run_benchmark
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
 
     options = [f"res=[{res}]"] if res else []
     options += ["modes=[infer,train]"] if train else []
@@ -351,7 +351,7 @@ def finetune(
 ):
     """Fine-tune a pre-trained Mixer on a target as a recipe says (no recipe: ft_demo, the bundled
     demo's checkpoint): momentum SGD, warmup + cosine, no weight decay, clip 1, a new zero head."""
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
     from mixer_cli.models import load_mixer
     from mixer_cli.train.finetune import SUITE_FILE, finetune_vtab, is_vtab_suite, resume_vtab, with_lr_grid
     from mixer_cli.train.finetune import finetune as run_finetune

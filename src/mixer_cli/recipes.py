@@ -9,21 +9,9 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from mixer_cli.config import compose, package_root, recipe_names
-from mixer_cli.errors import UserError
-
-# A recipe belongs to the command whose primary config it completes.
-CONFIG_OF_PREFIX = {"ft_": "finetune", "shuffle_": "shuffle"}
-
-
-def config_name_of(recipe: str) -> str:
-    return next((c for p, c in CONFIG_OF_PREFIX.items() if recipe.startswith(p)), "config")
-
-
-def load_recipe(name: str, resolve: bool = False) -> DictConfig:
-    if name not in recipe_names():
-        raise UserError(f"unknown recipe {name!r}; recipes: {', '.join(recipe_names())}")
-    return compose([f"recipe={name}"], config_name=config_name_of(name), resolve=resolve)
+from mixer_cli.config.compose import load_recipe
+from mixer_cli.config.recipes import config_name_of, recipe_choice, recipe_names
+from mixer_cli.core.errors import UserError
 
 
 def _get(cfg: DictConfig, key: str):
@@ -31,12 +19,6 @@ def _get(cfg: DictConfig, key: str):
         return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
     except Exception:  # an interpolation of a value that must still be set (e.g. data.task)
         return None
-
-
-def recipe_choice(name: str, group: str) -> str | None:
-    """The option of `group` that recipes/NAME.yaml picks in its defaults list (`override /data: X`)."""
-    defaults = OmegaConf.load(package_root() / "recipes" / f"{name}.yaml").get("defaults", [])
-    return next((d[k] for d in defaults if isinstance(d, DictConfig) for k in d if k.endswith(f"/{group}")), None)
 
 
 def recipe_row(name: str, cfg: DictConfig) -> list[str]:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mixer_cli.config import write_atomic
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import csv_text, write_atomic
+from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.models import load_mixer
 from mixer_cli.models.mixer import Mixer
-from mixer_cli.report import csv_text, pyplot, save_figure
 
 
 def token_mixing_units(model: Mixer, block: int) -> np.ndarray:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from mixer_cli.core.errors import UserError
 from mixer_cli.data.demo import demo_arrays
 from mixer_cli.data.subsets import Selection, select
 from mixer_cli.data.tensor import TensorImages
 from mixer_cli.data.transforms import demo_transform, eval_transform, train_transform
-from mixer_cli.errors import UserError
 
 SOURCES = ("demo", "digits", "folder", "shards")
 __all__ = ["build_dataset", "demo_arrays", "SOURCES"]

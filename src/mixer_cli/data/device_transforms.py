@@ -32,9 +32,9 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
+from mixer_cli.core.errors import UserError
 from mixer_cli.data.randaugment import RandAugment
 from mixer_cli.data.transforms import eval_data_config, randaugment
-from mixer_cli.errors import UserError
 
 DCT_SCALES = (8, 4, 2)  # libjpeg's scaled decoding
 REDUCING_GAP = 3.0  # decode at 1/s only where the crop stays >= 3x the output (PIL: "indistinguishable")

@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 
+from mixer_cli.core.errors import UserError
 from mixer_cli.data.subsets import Selection
-from mixer_cli.errors import UserError
 
 log = logging.getLogger(__name__)
 

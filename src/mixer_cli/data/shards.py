@@ -30,9 +30,9 @@ import webdataset as wds
 from omegaconf import DictConfig
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from mixer_cli.core.errors import UserError
 from mixer_cli.data.subsets import Selection
 from mixer_cli.data.writer import INDEX, read_index
-from mixer_cli.errors import UserError
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = "jpg;jpeg;png;webp"

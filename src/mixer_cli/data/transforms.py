@@ -19,8 +19,8 @@ from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolatio
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
+from mixer_cli.core.errors import UserError
 from mixer_cli.data.randaugment import RandAugment
-from mixer_cli.errors import UserError
 
 EVAL_CROP_MODES = ("squash", "center")
 

@@ -25,8 +25,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from mixer_cli.config import write_atomic
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import write_atomic
 
 INDEX = "index.json"
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as-is; anything else -> PNG

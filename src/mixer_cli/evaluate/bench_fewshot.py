@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
+from mixer_cli.core.console import console
 from mixer_cli.evaluate.fewshot import DEFAULT_L2, RidgeProblem
-from mixer_cli.report import console
 
 
 def synthetic_features(classes: int, per_class: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

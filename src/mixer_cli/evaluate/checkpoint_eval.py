@@ -22,9 +22,11 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mixer_cli.config import make_run_dir, save_config, write_atomic
-from mixer_cli.errors import UserError
-from mixer_cli.report import console, print_summary
+from mixer_cli.config.run_dirs import make_run_dir, save_config
+from mixer_cli.core.console import console
+from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import write_atomic
+from mixer_cli.reporting.runs import print_summary
 
 
 def with_checkpoint_preprocessing(cfg: DictConfig, data_config: dict) -> DictConfig:

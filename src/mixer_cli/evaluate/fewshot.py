@@ -42,8 +42,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
-from mixer_cli.errors import UserError
-from mixer_cli.train.preemption import worker_init
+from mixer_cli.core.errors import UserError
+from mixer_cli.data.workers import worker_init
 
 DEFAULT_L2 = 2.0**10  # big_vision's l2_reg, the paper's setting
 L2_GRID = tuple(2.0**i for i in range(-10, 20))  # big_vision's grid for choosing l2
@@ -401,7 +401,7 @@ def probe_data(cfg: DictConfig) -> DictConfig:
     name = cfg.fewshot.get("data")
     if not name:
         return OmegaConf.merge(cfg.data, {"decode": "pil"})
-    from mixer_cli.config import compose
+    from mixer_cli.config.compose import compose
 
     try:  # Hydra composes the group file, so its interpolations (${data.root}, ${oc.env:...}) resolve
         data = compose([f"data={name}"], config_name="fewshot").data

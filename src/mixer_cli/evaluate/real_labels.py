@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
 
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d+)")
 

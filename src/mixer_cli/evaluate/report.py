@@ -26,9 +26,12 @@ from statistics import fmean
 
 from omegaconf import DictConfig, OmegaConf
 
-from mixer_cli.config import make_run_dir, recipe_names, write_atomic
-from mixer_cli.errors import UserError
-from mixer_cli.report import console, csv_text, pyplot, save_figure
+from mixer_cli.config.recipes import recipe_names
+from mixer_cli.config.run_dirs import make_run_dir
+from mixer_cli.core.console import console
+from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import csv_text, write_atomic
+from mixer_cli.core.plots import pyplot, save_figure
 
 AVG5_TARGETS = ("imagenet", "cifar10", "cifar100", "pets", "flowers102")
 ACCURACIES = ("imagenet_top1", "real_top1", "avg5", "vtab1k")
@@ -162,7 +165,8 @@ def paper_numbers(block: dict) -> dict:
 def paper_rows() -> tuple[PaperRow, ...]:
     """Every recipe whose `paper:` block is a row of Table 2 or 3 (a `table2:` block inside a
     Table 3 row is the same model's Table 2 row)."""
-    from mixer_cli.recipes import config_name_of, load_recipe
+    from mixer_cli.config.compose import load_recipe
+    from mixer_cli.config.recipes import config_name_of
 
     rows = []
     for name in recipe_names():
@@ -180,7 +184,7 @@ def paper_rows() -> tuple[PaperRow, ...]:
 
 
 def recipes_dir() -> Path:
-    from mixer_cli.config import package_root
+    from mixer_cli.core.files import package_root
 
     return package_root() / "recipes"
 

@@ -17,9 +17,9 @@ from statistics import fmean
 
 from rich.table import Table
 
-from mixer_cli.config import write_atomic
-from mixer_cli.errors import UserError
-from mixer_cli.report import console, csv_text
+from mixer_cli.core.console import console
+from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import csv_text, write_atomic
 
 GROUPS = ("natural", "specialized", "structured")
 SMALL_AREA = 96 * 96  # BiT-HyperRule: images with a smaller area count as small

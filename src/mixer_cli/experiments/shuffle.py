@@ -23,10 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.transforms import v2
 
-from mixer_cli.config import make_run_dir, save_config, write_atomic
-from mixer_cli.errors import UserError
+from mixer_cli.config.run_dirs import make_run_dir, save_config
+from mixer_cli.core.console import console
+from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import csv_text, write_atomic
+from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.evaluate.fewshot import fewshot_callback, fewshot_evaluator
-from mixer_cli.report import console, csv_text, pyplot, read_metrics, save_figure
+from mixer_cli.reporting.runs import read_metrics
 from mixer_cli.train.fit import build_datasets, check_data, fit
 from mixer_cli.train.pretrain import build_model
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
 from mixer_cli.models.mixer import CROP_MODES, Mixer, MixerSpec, make_pretrained_cfg, validate, with_spec
 
 EXPORT_FORMAT = "mixer-cli/1"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
 from mixer_cli.models.mixer import Mixer, with_spec
 
 

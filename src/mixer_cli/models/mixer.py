@@ -17,7 +17,7 @@ from timm.layers import DropPath, lecun_normal_
 from torch import nn
 from torch.nn import functional as F
 
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mixer_cli.errors import UserError
+from mixer_cli.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from mixer_cli.data.shards import TrainShards, rng_states, set_rng_states
-from mixer_cli.train.preemption import every_rank, worker_init
+from mixer_cli.data.workers import worker_init
+from mixer_cli.train.preemption import every_rank
 
 
 def num_samples(dataset: Dataset) -> int:

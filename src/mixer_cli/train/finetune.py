@@ -13,13 +13,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mixer_cli.config import compose, is_global_zero_process, make_run_dir, write_atomic
-from mixer_cli.errors import UserError
+from mixer_cli.config.compose import compose
+from mixer_cli.config.run_dirs import is_global_zero_process, make_run_dir
+from mixer_cli.core.console import console
+from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import write_atomic
 from mixer_cli.evaluate import vtab
 from mixer_cli.models import grow_resolution, load_mixer
 from mixer_cli.models.growth import growth_factor
 from mixer_cli.models.mixer import VARIANTS, Mixer
-from mixer_cli.report import console
 from mixer_cli.train.fit import fit, probes
 from mixer_cli.train.sweep import best_point
 

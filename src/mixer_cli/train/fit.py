@@ -19,12 +19,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from mixer_cli.config import make_run_dir, save_config, write_atomic
+from mixer_cli.config.run_dirs import make_run_dir, save_config
+from mixer_cli.core.files import write_atomic
 from mixer_cli.data import build_dataset
 from mixer_cli.data.transforms import eval_data_config
 from mixer_cli.evaluate.real_labels import real_labels_for
 from mixer_cli.models.mixer import Mixer
-from mixer_cli.report import plot_curves, print_summary
+from mixer_cli.reporting.runs import plot_curves, print_summary
 from mixer_cli.train.batching import devices_per_node, plan_batches
 from mixer_cli.train.datamodule import ImageDataModule, num_samples
 from mixer_cli.train.mixup import BatchMixup
@@ -211,7 +212,7 @@ def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = T
     """Continue a stopped or killed run from its last.ckpt: the model is rebuilt from the spec
     recorded there (a fine-tune's head and resolution included), then Lightning restores weights,
     optimiser, schedule and loop state. `key=value` overrides apply on top (e.g. more epochs)."""
-    from mixer_cli.config import resume_config
+    from mixer_cli.config.run_dirs import resume_config
     from mixer_cli.models import load_mixer
 
     cfg = resume_config(run_dir, overrides)

@@ -17,9 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.table import Table
 
-from mixer_cli.config import compose, hydra_overrides, package_root, validate, write_atomic
-from mixer_cli.errors import UserError
-from mixer_cli.report import console, csv_text
+from mixer_cli.config.compose import compose, hydra_overrides, validate
+from mixer_cli.core.console import console
+from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import csv_text, package_root, write_atomic
 
 
 def run_point(cfg: DictConfig, command: str) -> dict:

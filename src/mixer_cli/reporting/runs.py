@@ -1,14 +1,13 @@
-"""What a person reads at the end of a run: a rich summary table and PNG plots of the curves."""
+"""What a person reads at the end of a run: a summary table, and PNG plots of its curves."""
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from mixer_cli.core.console import console
+from mixer_cli.core.plots import pyplot, save_figure
 
 
 def print_summary(results: dict, title: str = "Run summary") -> None:
@@ -24,35 +23,6 @@ def print_summary(results: dict, title: str = "Run summary") -> None:
             value = f"{value:,}"
         table.add_row(key.replace("_", " "), str(value))
     console.print(table)
-
-
-def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
-    """Rows as CSV text with a header (columns: `fieldnames`, or the first row's keys)."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fieldnames or list(rows[0]), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display on servers and CI)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path, dpi: int = 120) -> None:
-    """The figure as a PNG, written atomically, then closed."""
-    from mixer_cli.config import write_atomic
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    pyplot().close(fig)
-    write_atomic(path, buffer.getvalue())
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:

@@ -29,9 +29,10 @@ from typing import Any, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
+from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import package_root
 from mixer_cli.data import SOURCES
 from mixer_cli.data.transforms import EVAL_CROP_MODES
-from mixer_cli.errors import UserError
 from mixer_cli.models.mixer import VARIANTS
 
 
@@ -147,16 +148,12 @@ TARGET_CONFIG = Rule("a _target_ config", lambda v: isinstance(v, dict) and "_ta
 
 @functools.cache
 def group_options(group: str) -> tuple[str, ...]:
-    from mixer_cli.config import package_root  # not at the top: config.py imports this module
-
     return tuple(sorted(p.stem for p in (package_root() / "conf" / group).glob("*.yaml")))
 
 
 @functools.cache
 def group_targets(group: str) -> Rule:
     """The `_target_`s of a group's files: a new optimiser, loss or schedule is a new conf/ file."""
-    from mixer_cli.config import package_root
-
     files = sorted((package_root() / "conf" / group).glob("*.yaml"))
     rule = one_of(*dict.fromkeys(t for t in (OmegaConf.load(f).get("_target_") for f in files) if t))
     return Rule(f"{rule.what} (the _target_ of a conf/{group} file)", rule.ok)
