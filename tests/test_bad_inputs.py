@@ -388,6 +388,7 @@ def test_training_puts_the_next_image_in_place_of_an_unreadable_one_and_evaluati
     assert str(e.value) == line
 
 
+@pytest.mark.slow
 def test_the_image_put_in_place_of_an_unreadable_one_is_never_of_the_dev_split(tmp_path):
     kept = Selection("train", dev_fraction=0.5).keeps  # data.subset_seed=0
     bad = next(i for i in range(1, 11) if kept(i) and not kept(i + 1))  # the image after it is a dev image

@@ -7,7 +7,7 @@ import timm.models.mlp_mixer as timm_mixer
 import torch
 from torch.nn import functional as F
 
-from mixer_cli.benchmark import (
+from mixer_cli.commands.benchmark import (
     CONTENDERS,
     Contender,
     claims,
@@ -173,6 +173,7 @@ def test_user_mistakes_are_one_clear_line(overrides, message):
 
 # --- the command -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_benchmark_command_writes_tables_and_json(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

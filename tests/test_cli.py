@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
@@ -63,3 +64,17 @@ def test_a_global_batch_that_does_not_split_over_the_devices_ends_in_one_line_an
     assert r.stderr == ("error: global batch 100 does not split over 3 devices; "
                         "use a multiple of 3 (data.global_batch=...)\n")
     assert not list(tmp_path.glob("pretrain/*"))
+
+
+
+@pytest.mark.parametrize("group", [[], ["data"]])
+def test_help_lists_one_line_per_command(group):
+    # each command's line is its short_help, never its docstring wrapped mid-sentence onto more lines
+    r = CliRunner().invoke(app, [*group, "--help"], env={"COLUMNS": "100", "TERM": "dumb"})
+    assert r.exit_code == 0
+    panel = [line for line in r.stdout.split("Commands")[1].splitlines() if line.startswith("│")]
+    rows = [line.strip("│ ").split(maxsplit=1) for line in panel]
+    command = typer.main.get_command(app)
+    names = command.commands[group[0]].commands if group else command.commands
+    assert sorted(row[0] for row in rows) == sorted(names)
+    assert all(len(row) == 2 and row[1].endswith(".") for row in rows), panel

@@ -1,18 +1,20 @@
 """trainer.compile=true: the same training through torch.compile, and checkpoints with plain names."""
 from pathlib import Path
 
+import pytest
 import torch
 
+from mixer_cli.commands.pretrain import pretrain
 from mixer_cli.config.compose import compose
 from mixer_cli.models import load_mixer
 from mixer_cli.reporting.runs import read_metrics
-from mixer_cli.train.pretrain import pretrain
 
 TINY = ["model.patch_size=7", "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8",
         "model.channels_mlp_dim=16", "trainer.steps=3", "trainer.log_every_steps=1", "trainer.accelerator=cpu",
         "data.global_batch=32"]
 
 
+@pytest.mark.slow
 def test_compiled_training_gives_the_eager_losses_and_a_plain_checkpoint(tmp_path):
     runs = {}
     for compiled in (False, True):

@@ -338,8 +338,8 @@ def test_data_write_reports_skipped_files_and_refuses_to_overwrite(tmp_path):
 
 
 def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path):
+    from mixer_cli.commands.pretrain import pretrain
     from mixer_cli.config.compose import compose
-    from mixer_cli.train.pretrain import pretrain
 
     image_folder(tmp_path / "train", per_class=8, bad=False)
     image_folder(tmp_path / "val", per_class=3, bad=False)

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mixer_cli.core.errors import UserError
-from mixer_cli.data.bench import (
+from mixer_cli.commands.data_bench import (
     add_cores_needed,
     data_bench,
     run_bench,
@@ -16,6 +15,7 @@ from mixer_cli.data.bench import (
     training_rate,
     write_bench,
 )
+from mixer_cli.core.errors import UserError
 
 
 def _neighbour_correlation(y: np.ndarray, shift: int) -> float:

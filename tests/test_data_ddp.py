@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
 
     from mixer_cli.config.compose import compose
     from mixer_cli.train.fit import fit
-    from mixer_cli.train.pretrain import build_model
+    from mixer_cli.commands.pretrain import build_model
 
 
     class Record(L.Callback):

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+from mixer_cli.commands.pretrain import build_model, pretrain
 from mixer_cli.config.compose import compose
 from mixer_cli.data import build_dataset
 from mixer_cli.data.device_transforms import NormalizeOnDevice
 from mixer_cli.train.fit import device_preprocessing
 from mixer_cli.train.module import Classifier
-from mixer_cli.train.pretrain import build_model, pretrain
 
 TINY = ["model.patch_size=4", "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8",
         "model.channels_mlp_dim=16", "trainer.steps=2", "trainer.accelerator=cpu", "data.num_workers=0"]

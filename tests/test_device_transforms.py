@@ -8,8 +8,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from mixer_cli.commands.data_bench import pil_decode, synthetic_jpegs
 from mixer_cli.core.errors import UserError
-from mixer_cli.data.bench import pil_decode, synthetic_jpegs
 from mixer_cli.data.device_transforms import (
     NormalizeOnDevice,
     collate_encoded,

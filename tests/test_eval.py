@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mixer_cli.commands.eval import evaluate_checkpoint, with_checkpoint_preprocessing
 from mixer_cli.config.compose import compose
 from mixer_cli.core.errors import UserError
-from mixer_cli.evaluate.checkpoint_eval import evaluate_checkpoint, with_checkpoint_preprocessing
 from mixer_cli.models import build_mixer
 
 NUM_CLASSES = 6
@@ -165,7 +165,7 @@ import json, os, sys
 from pathlib import Path
 
 from mixer_cli.config.compose import compose
-from mixer_cli.evaluate.checkpoint_eval import evaluate_checkpoint
+from mixer_cli.commands.eval import evaluate_checkpoint
 
 results = evaluate_checkpoint(compose(sys.argv[3:], config_name="eval"), Path(sys.argv[2]))
 Path(sys.argv[1], f"rank{os.environ.get('LOCAL_RANK', '0')}.json").write_text(json.dumps(results))

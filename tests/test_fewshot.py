@@ -11,6 +11,7 @@ from sklearn.linear_model import Ridge
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from mixer_cli.commands.fewshot import fewshot_command, parse_shots
 from mixer_cli.config.compose import compose
 from mixer_cli.core.errors import UserError
 from mixer_cli.data.tensor import TensorImages
@@ -28,7 +29,6 @@ from mixer_cli.evaluate.fewshot import (
     fewshot_callback,
     probe_data,
 )
-from mixer_cli.evaluate.fewshot_command import fewshot_command, parse_shots
 from mixer_cli.models import build_mixer
 from mixer_cli.models.checkpoints import export_safetensors
 

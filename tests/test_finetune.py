@@ -7,10 +7,10 @@ from hydra.utils import instantiate
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
+from mixer_cli.commands.finetune import finetune, finetune_model
 from mixer_cli.config.compose import compose
 from mixer_cli.core.errors import UserError
 from mixer_cli.models import build_mixer, load_mixer
-from mixer_cli.train.finetune import finetune, finetune_model
 from mixer_cli.train.fit import mixer_record, resume
 
 

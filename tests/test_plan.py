@@ -7,9 +7,9 @@ import torch
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
+from mixer_cli.commands.recipes import forward_flops, images_seen, plan_row, print_plan, spec_of, train_rates
 from mixer_cli.config.compose import load_recipe
 from mixer_cli.models import VARIANTS, MixerSpec, build_mixer
-from mixer_cli.recipes import forward_flops, images_seen, plan_row, print_plan, spec_of, train_rates
 
 
 def table1(variant: str, num_classes: int = 1000) -> MixerSpec:

@@ -247,11 +247,11 @@ def test_pretraining_logs_real_top1_that_its_last_checkpoint_gives(tmp_path):
     predictions of last.ckpt on the validation images."""
     import csv
 
+    from mixer_cli.commands.pretrain import build_model
     from mixer_cli.config.compose import compose
     from mixer_cli.data.writer import folder_samples, write_shards
     from mixer_cli.models import load_mixer
     from mixer_cli.train.fit import fit
-    from mixer_cli.train.pretrain import build_model
 
     write_val_shards(tmp_path)
     for c in range(3):

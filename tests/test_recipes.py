@@ -14,13 +14,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
+from mixer_cli.commands.finetune import finetune
+from mixer_cli.commands.pretrain import pretrain
+from mixer_cli.commands.shuffle import run_experiment
 from mixer_cli.config.compose import compose
 from mixer_cli.config.recipes import config_name_of, recipe_names
 from mixer_cli.data.writer import Sample, write_shards
-from mixer_cli.experiments.shuffle import run_experiment
 from mixer_cli.models import load_mixer
-from mixer_cli.train.finetune import finetune
-from mixer_cli.train.pretrain import pretrain
 from test_finetune import save_checkpoint, tiny_pretrained
 
 # ------------------------------------------------------------------------------------------------

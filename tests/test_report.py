@@ -7,8 +7,8 @@ from statistics import fmean
 import pytest
 import yaml
 
+from mixer_cli.commands.report import build_report
 from mixer_cli.core.errors import UserError
-from mixer_cli.evaluate.report import build_report
 
 _clock = iter(range(1_000_000_000, 2_000_000_000, 60))  # run i finishes a minute after run i - 1
 
@@ -138,7 +138,7 @@ def test_fewshot_accuracy_against_data_set_size(tmp_path):
                        {"model": {"variant": "B/32"}, "data": {"img_size": 224, "train_fraction": 0.03}})
     write_run(runs, "fewshot", "fewshot", {"checkpoint": str(probed / "last.ckpt"),
                                            "summary": [{"shots": 5, "mean": 0.2}, {"shots": 10, "mean": 0.3}]})
-    from mixer_cli.evaluate.report import Runs, fewshot_points, find_runs
+    from mixer_cli.reporting.paper import Runs, fewshot_points, find_runs
 
     assert fewshot_points(Runs(find_runs([runs]))) == {"B/32": [(0.03, 20.0), (0.1, 30.0), (1.0, 45.0)]}
     out = build_report([runs], tmp_path / "out")

@@ -22,6 +22,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
+from mixer_cli.commands.pretrain import build_model, pretrain
 from mixer_cli.config.compose import compose
 from mixer_cli.config.run_dirs import make_run_dir, save_config
 from mixer_cli.data import build_dataset
@@ -32,7 +33,6 @@ from mixer_cli.evaluate.fewshot import make_loader
 from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import fit, resume
 from mixer_cli.train.preemption import Stopped
-from mixer_cli.train.pretrain import build_model, pretrain
 
 TINY = [
     "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16",
@@ -255,7 +255,7 @@ JOB = textwrap.dedent(
 
     from mixer_cli.config.compose import compose
     from mixer_cli.train.fit import fit
-    from mixer_cli.train.pretrain import build_model
+    from mixer_cli.commands.pretrain import build_model
 
 
     class SignalTheJob(L.Callback):
@@ -357,6 +357,7 @@ def ended(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_loader_workers_outlive_the_jobs_signals_and_end_on_their_main_processs_sigterm():
     # Every loader of ours (here the few-shot one): the job's signals come from another process.
     loader = make_loader(WorkerPids(), batch_size=4, num_workers=2)

@@ -10,10 +10,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
-from mixer_cli.config.compose import compose
-from mixer_cli.data import demo_arrays
-from mixer_cli.evaluate.fewshot import fewshot_callback
-from mixer_cli.experiments.shuffle import (
+from mixer_cli.commands.shuffle import (
     ShufflePixels,
     draw_permutations,
     patch_pixel_permutation,
@@ -21,6 +18,9 @@ from mixer_cli.experiments.shuffle import (
     verdict,
     with_shuffle,
 )
+from mixer_cli.config.compose import compose
+from mixer_cli.data import demo_arrays
+from mixer_cli.evaluate.fewshot import fewshot_callback
 from mixer_cli.models import build_mixer
 from mixer_cli.train.fit import build_datasets
 from test_recipes import shard_data, shard_folders  # noqa: F401 (shard_folders: the `shards` fixture)
@@ -109,6 +109,7 @@ def _mixer_for_shuffled_inputs(model, patch_order, pixel_order):
     return out
 
 
+@pytest.mark.slow
 def test_mixer_with_permuted_weights_is_exactly_invariant_to_patch_pixel_shuffle():
     patch_order, pixel_order = torch.randperm(9), torch.randperm(PATCH * PATCH)
     shuffle = ShufflePixels(patch_pixel_permutation(IMG, PATCH, patch_order, pixel_order))

@@ -23,7 +23,7 @@ FULL_BATCH = [
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process_with_same_global_batch(tmp_path):
-    from mixer_cli.train.pretrain import pretrain
+    from mixer_cli.commands.pretrain import pretrain
 
     pretrain(compose([*FULL_BATCH, "trainer.devices=1", f"run_root={tmp_path / 'single'}"]), progress=False)
     env = {k: v for k, v in os.environ.items() if k not in ("MIXER_RUN_SESSION", "LOCAL_RANK", "RANK")}

@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
-from mixer_cli.train.finetune import with_lr_grid
-from mixer_cli.train.sweep import varying
+from mixer_cli.commands.finetune import with_lr_grid
+from mixer_cli.commands.sweep import varying
 from test_finetune import save_checkpoint, tiny_pretrained
 
 SHORT = ["trainer.steps=2", "data.global_batch=125", "sched.warmup_steps=1"]
@@ -57,6 +57,7 @@ def test_lr_grid_is_the_targets_unless_the_user_sweeps_lr():
     assert with_lr_grid(["optim.lr=0.5,1"]) == ["optim.lr=0.5,1"]
 
 
+@pytest.mark.slow
 def test_lr_grid_sweep_through_the_basic_launcher(tmp_path, ckpt):
     """Without optim.lr, `--multirun` sweeps the target's lr grid (ft_demo: the demo row)."""
     sweep_dir, rows = sweep(tmp_path, "finetune", "--from", str(ckpt), *SHORT, "trainer.steps=1")
@@ -66,6 +67,7 @@ def test_lr_grid_sweep_through_the_basic_launcher(tmp_path, ckpt):
     assert {row["from"] for row in rows} == {str(ckpt)}
 
 
+@pytest.mark.slow
 def test_lr_sweep_through_submitit_local(tmp_path, ckpt):
     """The launcher that runs the points as SLURM jobs (submitit_slurm), here as local processes."""
     sweep_dir, rows = sweep(tmp_path, "finetune", "--from", str(ckpt), "optim.lr=0.01,0.03", *SHORT,

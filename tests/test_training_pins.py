@@ -12,6 +12,7 @@ from lightning.pytorch import Callback
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
+from mixer_cli.commands.pretrain import build_model
 from mixer_cli.config.compose import compose
 from mixer_cli.data import build_dataset
 from mixer_cli.models import load_mixer
@@ -20,7 +21,6 @@ from mixer_cli.train.losses import SigmoidCrossEntropy, SoftmaxCrossEntropy
 from mixer_cli.train.mixup import BatchMixup
 from mixer_cli.train.module import Classifier, top_k_hits
 from mixer_cli.train.optim import lr_factor
-from mixer_cli.train.pretrain import build_model
 
 TINY = [
     "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16",

@@ -8,8 +8,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
+from mixer_cli.commands.visualize import pair_opposite_phase, pairs_by_frequency, spatial_frequency, token_mixing_units
 from mixer_cli.models import build_mixer
-from mixer_cli.visualize import pair_opposite_phase, pairs_by_frequency, spatial_frequency, token_mixing_units
 
 
 def grating(g, fx, fy, phase=0.0):

@@ -15,11 +15,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
+from mixer_cli.commands import finetune
 from mixer_cli.data.writer import Sample, write_shards
 from mixer_cli.evaluate import vtab
-from mixer_cli.evaluate.report import Measure, Runs, find_runs
 from mixer_cli.models import load_mixer
-from mixer_cli.train import finetune
+from mixer_cli.reporting.paper import Measure, Runs, find_runs
 from mixer_cli.train.fit import fit
 from test_finetune import save_checkpoint, tiny_pretrained
 

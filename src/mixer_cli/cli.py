@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from mixer_cli.core.console import err_console as err
 from mixer_cli.core.errors import UserError
 
 app = typer.Typer(
@@ -19,7 +19,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-err = Console(stderr=True)
 
 OVERRIDES = typer.Argument(
     None, metavar="[OVERRIDES]...", help="Hydra overrides: recipe=NAME key=value ...", show_default=False
@@ -75,13 +74,8 @@ RESUME = typer.Option(
 )
 
 
-def resume_dir(path: Path) -> Path:
-    if not (path / "last.ckpt").is_file():
-        raise UserError(f"nothing to resume in {path}: no last.ckpt there")
-    return path
-
-
 @app.command(
+    short_help="Pre-train a Mixer as a recipe says (no recipe: the bundled demo).",
     epilog="Examples: [bold]mixer pretrain[/] (the bundled demo) · "
     "[bold]mixer pretrain recipe=i21k_b16 trainer.devices=8[/] · "
     "[bold]mixer pretrain --resume runs/pretrain/20261125-101500-demo[/] · "
@@ -94,235 +88,13 @@ def pretrain(
     multirun: bool = MULTIRUN,
 ):
     """Pre-train a Mixer as a recipe says (no recipe: the bundled demo, minutes on a CPU)."""
-    from mixer_cli.config.compose import compose
-    from mixer_cli.train.fit import resume as resume_run
-    from mixer_cli.train.pretrain import pretrain as run_pretrain
-    from mixer_cli.train.sweep import multirun as run_sweep
+    from mixer_cli.commands.pretrain import run_pretrain
 
-    overrides = overrides or []
-    if resume is not None:
-        resume_run(resume_dir(resume), overrides, "pretrain")
-    elif multirun:
-        run_sweep("pretrain", "config", overrides)
-    else:
-        run_pretrain(compose(overrides))
+    run_pretrain(overrides or [], resume, multirun)
 
 
 @app.command(
-    "shuffle-experiment",
-    epilog="Examples: [bold]mixer shuffle-experiment[/] (the bundled demo, minutes on a CPU) · "
-    "[bold]mixer shuffle-experiment shuffle.models=\\[mixer] trainer.epochs=10[/] · "
-    "[bold]mixer shuffle-experiment recipe=shuffle_b16_r50[/] (the paper's setting)",
-)
-@user_errors
-def shuffle_experiment(overrides: list[str] | None = OVERRIDES):
-    """Figure 4: train a Mixer and a ResNet on original, patch + pixel shuffled and globally
-    shuffled inputs; plot linear 5-shot accuracy over training and tabulate each model's drop."""
-    from mixer_cli.config.compose import compose
-    from mixer_cli.experiments.shuffle import run_experiment
-
-    run_experiment(compose(overrides or [], config_name="shuffle"))
-
-
-@app.command(
-    epilog="Examples: [bold]mixer visualize --from runs/pretrain/20261125-101500-demo/last.ckpt[/] · "
-    "[bold]mixer visualize --from last.ckpt --blocks 1 --out /tmp/units[/]"
-)
-@user_errors
-def visualize(
-    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
-                                    dir_okay=False),
-    blocks: int = typer.Option(3, "--blocks", help="How many of the first blocks' token-mixing MLPs to draw."),
-    out: Path | None = typer.Option(None, "--out", file_okay=False,
-                                       help="Folder for the PNGs and CSV "
-                                       "\\[default: <CKPT's folder>/<CKPT name>-units]"),
-):
-    """Figure 5: the hidden units of the first token-mixing MLPs as grid-shaped images, each paired
-    with its closest opposite-phase unit and sorted by frequency, and the stem's filters."""
-    from mixer_cli.core.console import console
-    from mixer_cli.visualize import visualize as draw
-
-    for path in draw(checkpoint, out, blocks=blocks):
-        console.print(f"wrote {path}")
-
-
-data_app = typer.Typer(help="Write webdataset shards; benchmark the input pipeline.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-
-
-@data_app.command(
-    "write",
-    epilog="Examples: [bold]mixer data write --from ~/pics/train --to /data/pics/train[/] · "
-    "[bold]mixer data write --from demo --to /tmp/demo-shards --shard-size 500[/] (writes train/ and test/), then "
-    "[bold]mixer pretrain data.source=shards data.train_path=/tmp/demo-shards/train "
-    "data.eval_path=/tmp/demo-shards/test[/]",
-)
-@user_errors
-def data_write(
-    source: str = typer.Option(..., "--from", help="An image folder (one sub-folder per class), or 'demo'."),
-    out: Path = typer.Option(..., "--to", help="A new or empty folder for the shards and index.json.", file_okay=False),
-    shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per shard (need >= ranks x workers shards)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample order (shards mix the classes)."),
-    workers: int = typer.Option(1, "--workers", help="Processes that decode-check the images (CPU cores to use)."),
-):
-    """Write an image folder or the bundled demo as webdataset shards plus index.json (classes,
-    counts, shards). Unreadable or corrupt images are reported and skipped."""
-    from rich.progress import MofNCompleteColumn, Progress
-
-    from mixer_cli.core.console import console
-    from mixer_cli.data.writer import check_output, demo_samples, folder_samples, write_shards
-
-    def skipped(name, reason):
-        err.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False, soft_wrap=True)
-
-    if source == "demo":
-        jobs = [(out / split, *demo_samples(split), f"demo:{split}") for split in ("train", "test")]
-    else:
-        folder = Path(source).expanduser()
-        if not folder.is_dir():
-            raise UserError(f"--from {source}: no such folder; give an image folder (a sub-folder per class) or 'demo'")
-        jobs = [(out, *folder_samples(folder), str(folder))]
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    if shard_size < 1:
-        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
-    for target, *_ in jobs:
-        check_output(target)
-    for target, classes, samples, name in jobs:
-        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console, transient=True) as bar:
-            task = bar.add_task(f"writing {name}", total=len(samples))
-            report = write_shards(classes, samples, target, shard_size, seed, source=name, on_skip=skipped,
-                                  workers=workers, on_shard=lambda n, task=task: bar.advance(task, n))
-        console.print(
-            f"wrote {report.num_samples} images of {len(classes)} classes in {len(report.shards)} shard(s) to "
-            f"{target} ({len(report.skipped)} skipped)"
-        )
-
-
-@data_app.command(
-    "bench",
-    epilog="Examples: [bold]mixer data bench[/] · "
-    "[bold]mixer data bench --seconds 20 --out /tmp/data-bench/bench.csv[/] · "
-    "[bold]mixer data bench --throughput 5900[/] (cores per device at 5,900 training img/s per device)",
-)
-@user_errors
-def data_bench(
-    images: int = typer.Option(32, "--images", help="Distinct synthetic 500x375 JPEGs (~100 KiB) to cycle through."),
-    seconds: float = typer.Option(5.0, "--seconds", help="CPU seconds per pipeline, over 5 rounds (the best counts)."),
-    out: Path | None = typer.Option(
-        None, "--out", help="Also write the table as CSV (and a PNG bar chart beside it).", dir_okay=False
-    ),
-    throughput: float | None = typer.Option(
-        None, "--throughput", help="Training img/s per device for 'cores per device' (default: the newest "
-        "`mixer benchmark --train` results).", show_default=False,
-    ),
-    model: str | None = typer.Option(
-        None, "--model", help="The model whose training rate those results give, e.g. mixer-b16 (default: our "
-        "first Mixer in them).", show_default=False,
-    ),
-    runs: Path = typer.Option(Path("runs"), "--runs", help="The run_root `mixer benchmark` wrote to.", file_okay=False),
-):
-    """Input pipeline img/s per CPU core on ImageNet-like 500x375 JPEGs: each recipe's training
-    pipeline (JFT: Inception crop + flip; ImageNet: + RandAugment) and the evaluation, on the float
-    path and the uint8 path, beside JPEG decoding alone; and the cores one device needs."""
-    from mixer_cli.data.bench import data_bench as run_data_bench
-
-    run_data_bench(images, seconds, out, throughput, model, runs)
-
-
-@app.command("eval", epilog="Examples: [bold]mixer eval --from runs/pretrain/20261125-101500-demo/last.ckpt[/] · "
-             "[bold]mixer eval --from Mixer-B_16.npz data=folder data.eval_path=~/imagenet/val data.num_classes=1000 "
-             "data.real_labels=real.json[/] · [bold]mixer eval --from CKPT data=cifar10 aug.eval_crop_pct=0.875[/]")
-@user_errors
-def eval_(
-    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
-                                    dir_okay=False, show_default=False),
-    overrides: list[str] | None = OVERRIDES,
-):
-    """Top-1 and top-5 (and ReaL top-1 with data.real_labels) of a checkpoint on a data set's evaluation
-    split, every image once, with the checkpoint's preprocessing unless overridden."""
-    from mixer_cli.config.compose import compose
-    from mixer_cli.evaluate.checkpoint_eval import evaluate_checkpoint
-
-    evaluate_checkpoint(compose(overrides or [], config_name="eval"), checkpoint)
-
-
-@app.command(epilog="Examples: [bold]mixer report[/] · "
-                    "[bold]mixer report runs/pretrain runs/finetune runs/benchmark[/] · "
-                    "[bold]mixer report ~/cluster-runs --out /tmp[/]")
-@user_errors
-def report(
-    run_dirs: list[Path] | None = typer.Argument(None, metavar="[RUN_DIR]...", show_default=False,
-                                                 help="Run directories or folders of them [default: runs/]."),
-    out: Path = typer.Option(Path("runs"), "--out", file_okay=False, help="Write into OUT/report/<timestamp>-report/."),
-):
-    """Our runs beside the paper's Tables 2 and 3 (report.md, report.csv) and plots of accuracy against
-    pre-training cost, throughput and pre-training set size."""
-    from mixer_cli.evaluate.report import build_report
-
-    build_report(run_dirs or [Path("runs")], out)
-
-
-@app.command(
-    epilog="Examples: [bold]mixer fewshot --from runs/pretrain/20261125-101500-demo/last.ckpt[/] (transfer to "
-    "scikit-learn's digits) · [bold]mixer fewshot --from CKPT --shots 5 data=imagenet fewshot.seeds=5[/] · "
-    "[bold]mixer fewshot --from CKPT data=folder data.train_path=~/pics/train data.eval_path=~/pics/val "
-    "data.num_classes=5 fewshot.l2=select[/]"
-)
-@user_errors
-def fewshot(
-    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
-                                    dir_okay=False),
-    shots: str | None = typer.Option(
-        None, "--shots", help="Shots per class, e.g. 5 or 1,5,10,25 (default: fewshot.shots = 1,5,10,25)."
-    ),
-    overrides: list[str] | None = OVERRIDES,
-):
-    """Linear few-shot accuracy on frozen pre-logits (Figures 2 and 4): a closed-form ridge probe to
-    {-1, 1} targets (l2 = 2^10) per shot count and seed, one feature pass; a table and results.json."""
-    from mixer_cli.config.compose import compose
-    from mixer_cli.evaluate.fewshot_command import fewshot_command, parse_shots
-
-    cfg = compose(overrides or [], config_name="fewshot")
-    fewshot_command(cfg, checkpoint, parse_shots(shots) if shots else list(cfg.fewshot.shots))
-
-
-@app.command(
-    epilog="Examples: [bold]mixer benchmark[/] (Mixer-B/16, timm's MlpMixer, ViT-B/16, BiT-R50x1; about a minute on "
-    "a CPU) · [bold]mixer benchmark --train --precision bf16[/] · "
-    "[bold]mixer benchmark --res 224,448 models=mixer-l16,vit-l16 batch_sizes=64,128,256[/] · "
-    "[bold]mixer benchmark --compile --grad-checkpointing --train models=mixer-h14[/]"
-)
-@user_errors
-def benchmark(
-    overrides: list[str] | None = OVERRIDES,
-    res: str | None = typer.Option(None, "--res", help="Resolutions, comma-separated, e.g. 224,448 (default 224)."),
-    train: bool = typer.Option(
-        False, "--train", help="Also time a training step (forward, backward, AdamW) and its memory."
-    ),
-    precision: str | None = typer.Option(None, "--precision", help="fp32 or bf16 (autocast); default fp32."),
-    compile: bool = typer.Option(
-        False, "--compile", help="torch.compile every model (compiled in the untimed warm-up)."
-    ),
-    grad_checkpointing: bool = typer.Option(
-        False, "--grad-checkpointing", help="Recompute activations in backward (L, H)."
-    ),
-):
-    """Throughput as in Tables 2-3: img/s and img/s per device (per core on a CPU), best over a
-    batch sweep, our Mixers against timm's MlpMixer, ViT and BiT; FLOP/s against the measured
-    matmul peak, training memory per image, and the paper's claims as ratios from the same run."""
-    from mixer_cli.benchmark import list_overrides, run_benchmark
-    from mixer_cli.config.compose import compose
-
-    options = [f"res=[{res}]"] if res else []
-    options += ["modes=[infer,train]"] if train else []
-    options += [f"precision={precision}"] if precision else []
-    options += ["compile=true"] if compile else []
-    options += ["grad_checkpointing=true"] if grad_checkpointing else []
-    run_benchmark(compose(list_overrides([*(overrides or []), *options]), config_name="benchmark"))
-
-
-@app.command(
+    short_help="Fine-tune a pre-trained Mixer on a target, at a higher resolution too.",
     epilog="Examples: [bold]mixer finetune --from runs/pretrain/20261125-101500-demo/last.ckpt[/] (the demo) · "
     "[bold]mixer finetune --from Mixer-L_16.npz --res 448 recipe=ft_imagenet[/] · "
     "[bold]mixer finetune --from CKPT recipe=ft_cifar10 --multirun[/] (the target's lr grid) · "
@@ -351,38 +123,75 @@ def finetune(
 ):
     """Fine-tune a pre-trained Mixer on a target as a recipe says (no recipe: ft_demo, the bundled
     demo's checkpoint): momentum SGD, warmup + cosine, no weight decay, clip 1, a new zero head."""
-    from mixer_cli.config.compose import compose
-    from mixer_cli.models import load_mixer
-    from mixer_cli.train.finetune import SUITE_FILE, finetune_vtab, is_vtab_suite, resume_vtab, with_lr_grid
-    from mixer_cli.train.finetune import finetune as run_finetune
-    from mixer_cli.train.fit import resume as resume_run
-    from mixer_cli.train.sweep import multirun as run_sweep
+    from mixer_cli.commands.finetune import run_finetune
 
-    overrides = overrides or []
-    if resume is not None:
-        if (resume / SUITE_FILE).is_file():
-            resume_vtab(resume, overrides)
-        else:
-            resume_run(resume_dir(resume), overrides, "finetune")
-        return
-    if checkpoint is not None:
-        overrides.append(f"checkpoint='{checkpoint.resolve()}'")  # quoted: any path is one Hydra value
-    if res is not None:
-        overrides.append(f"data.img_size={res}")
-    if is_vtab_suite(overrides):
-        if multirun:
-            raise UserError("the VTAB-1k suite picks each task's lr itself (targets.vtab.lr_grid, on the 200 "
-                            "val examples); drop --multirun")
-        finetune_vtab(overrides)
-    elif multirun:
-        if checkpoint is not None:
-            load_mixer(checkpoint)  # a bad --from fails before the sweep starts
-        run_sweep("finetune", "finetune", with_lr_grid(overrides))
-    else:
-        run_finetune(compose(overrides, config_name="finetune"))
+    run_finetune(overrides or [], checkpoint, res, multirun, resume)
 
 
 @app.command(
+    "eval",
+    short_help="Top-1, top-5 and ReaL top-1 of a checkpoint on a data set.",
+    epilog="Examples: [bold]mixer eval --from runs/pretrain/20261125-101500-demo/last.ckpt[/] · "
+             "[bold]mixer eval --from Mixer-B_16.npz data=folder data.eval_path=~/imagenet/val data.num_classes=1000 "
+             "data.real_labels=real.json[/] · [bold]mixer eval --from CKPT data=cifar10 aug.eval_crop_pct=0.875[/]")
+@user_errors
+def eval_(
+    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
+                                    dir_okay=False, show_default=False),
+    overrides: list[str] | None = OVERRIDES,
+):
+    """Top-1 and top-5 (and ReaL top-1 with data.real_labels) of a checkpoint on a data set's evaluation
+    split, every image once, with the checkpoint's preprocessing unless overridden."""
+    from mixer_cli.commands.eval import evaluate_checkpoint
+    from mixer_cli.config.compose import compose
+
+    evaluate_checkpoint(compose(overrides or [], config_name="eval"), checkpoint)
+
+
+@app.command(
+    short_help="Linear few-shot accuracy on a checkpoint's frozen features.",
+    epilog="Examples: [bold]mixer fewshot --from runs/pretrain/20261125-101500-demo/last.ckpt[/] (transfer to "
+    "scikit-learn's digits) · [bold]mixer fewshot --from CKPT --shots 5 data=imagenet fewshot.seeds=5[/] · "
+    "[bold]mixer fewshot --from CKPT data=folder data.train_path=~/pics/train data.eval_path=~/pics/val "
+    "data.num_classes=5 fewshot.l2=select[/]"
+)
+@user_errors
+def fewshot(
+    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
+                                    dir_okay=False),
+    shots: str | None = typer.Option(
+        None, "--shots", help="Shots per class, e.g. 5 or 1,5,10,25 (default: fewshot.shots = 1,5,10,25)."
+    ),
+    overrides: list[str] | None = OVERRIDES,
+):
+    """Linear few-shot accuracy on frozen pre-logits (Figures 2 and 4): a closed-form ridge probe to
+    {-1, 1} targets (l2 = 2^10) per shot count and seed, one feature pass; a table and results.json."""
+    from mixer_cli.commands.fewshot import fewshot_command, parse_shots
+    from mixer_cli.config.compose import compose
+
+    cfg = compose(overrides or [], config_name="fewshot")
+    fewshot_command(cfg, checkpoint, parse_shots(shots) if shots else list(cfg.fewshot.shots))
+
+
+@app.command(
+    short_help="Our runs beside the paper's Tables 2-3, with plots.",epilog="Examples: [bold]mixer report[/] · "
+                    "[bold]mixer report runs/pretrain runs/finetune runs/benchmark[/] · "
+                    "[bold]mixer report ~/cluster-runs --out /tmp[/]")
+@user_errors
+def report(
+    run_dirs: list[Path] | None = typer.Argument(None, metavar="[RUN_DIR]...", show_default=False,
+                                                 help="Run directories or folders of them [default: runs/]."),
+    out: Path = typer.Option(Path("runs"), "--out", file_okay=False, help="Write into OUT/report/<timestamp>-report/."),
+):
+    """Our runs beside the paper's Tables 2 and 3 (report.md, report.csv) and plots of accuracy against
+    pre-training cost, throughput and pre-training set size."""
+    from mixer_cli.commands.report import build_report
+
+    build_report(run_dirs or [Path("runs")], out)
+
+
+@app.command(
+    short_help="Every recipe beside the paper's numbers and its cost, or one resolved.",
     epilog="Examples: [bold]mixer recipes[/] · [bold]mixer recipes i21k_b16[/] · [bold]mixer recipes ft_cifar10[/]"
 )
 @user_errors
@@ -395,7 +204,7 @@ def recipes(
 ):
     """List every recipe beside the paper's numbers (Tables 2-3) with its training FLOPs and predicted
     device-hours, or show one recipe resolved."""
-    from mixer_cli.recipes import print_recipe, print_recipes
+    from mixer_cli.commands.recipes import print_recipe, print_recipes
 
     if name is None:
         print_recipes(throughput=throughput)
@@ -404,6 +213,83 @@ def recipes(
 
 
 @app.command(
+    "shuffle-experiment",
+    short_help="Figure 4: Mixer vs ResNet under patch and pixel shuffles.",
+    epilog="Examples: [bold]mixer shuffle-experiment[/] (the bundled demo, minutes on a CPU) · "
+    "[bold]mixer shuffle-experiment shuffle.models=\\[mixer] trainer.epochs=10[/] · "
+    "[bold]mixer shuffle-experiment recipe=shuffle_b16_r50[/] (the paper's setting)",
+)
+@user_errors
+def shuffle_experiment(overrides: list[str] | None = OVERRIDES):
+    """Figure 4: train a Mixer and a ResNet on original, patch + pixel shuffled and globally
+    shuffled inputs; plot linear 5-shot accuracy over training and tabulate each model's drop."""
+    from mixer_cli.commands.shuffle import run_experiment
+    from mixer_cli.config.compose import compose
+
+    run_experiment(compose(overrides or [], config_name="shuffle"))
+
+
+@app.command(
+    short_help="Figure 5: the token-mixing units as images; the stem's filters.",
+    epilog="Examples: [bold]mixer visualize --from runs/pretrain/20261125-101500-demo/last.ckpt[/] · "
+    "[bold]mixer visualize --from last.ckpt --blocks 1 --out /tmp/units[/]"
+)
+@user_errors
+def visualize(
+    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
+                                    dir_okay=False),
+    blocks: int = typer.Option(3, "--blocks", help="How many of the first blocks' token-mixing MLPs to draw."),
+    out: Path | None = typer.Option(None, "--out", file_okay=False,
+                                       help="Folder for the PNGs and CSV "
+                                       "\\[default: <CKPT's folder>/<CKPT name>-units]"),
+):
+    """Figure 5: the hidden units of the first token-mixing MLPs as grid-shaped images, each paired
+    with its closest opposite-phase unit and sorted by frequency, and the stem's filters."""
+    from mixer_cli.commands.visualize import visualize as draw
+    from mixer_cli.core.console import console
+
+    for path in draw(checkpoint, out, blocks=blocks):
+        console.print(f"wrote {path}")
+
+
+@app.command(
+    short_help="Throughput, FLOP/s and memory: Mixer vs ViT, ResNet and timm.",
+    epilog="Examples: [bold]mixer benchmark[/] (Mixer-B/16, timm's MlpMixer, ViT-B/16, BiT-R50x1; about a minute on "
+    "a CPU) · [bold]mixer benchmark --train --precision bf16[/] · "
+    "[bold]mixer benchmark --res 224,448 models=mixer-l16,vit-l16 batch_sizes=64,128,256[/] · "
+    "[bold]mixer benchmark --compile --grad-checkpointing --train models=mixer-h14[/]"
+)
+@user_errors
+def benchmark(
+    overrides: list[str] | None = OVERRIDES,
+    res: str | None = typer.Option(None, "--res", help="Resolutions, comma-separated, e.g. 224,448 (default 224)."),
+    train: bool = typer.Option(
+        False, "--train", help="Also time a training step (forward, backward, AdamW) and its memory."
+    ),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 or bf16 (autocast); default fp32."),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile every model (compiled in the untimed warm-up)."
+    ),
+    grad_checkpointing: bool = typer.Option(
+        False, "--grad-checkpointing", help="Recompute activations in backward (L, H)."
+    ),
+):
+    """Throughput as in Tables 2-3: img/s and img/s per device (per core on a CPU), best over a
+    batch sweep, our Mixers against timm's MlpMixer, ViT and BiT; FLOP/s against the measured
+    matmul peak, training memory per image, and the paper's claims as ratios from the same run."""
+    from mixer_cli.commands.benchmark import list_overrides, run_benchmark
+    from mixer_cli.config.compose import compose
+
+    options = [f"res=[{res}]"] if res else []
+    options += ["modes=[infer,train]"] if train else []
+    options += [f"precision={precision}"] if precision else []
+    options += ["compile=true"] if compile else []
+    options += ["grad_checkpointing=true"] if grad_checkpointing else []
+    run_benchmark(compose(list_overrides([*(overrides or []), *options]), config_name="benchmark"))
+
+
+@app.command(
+    short_help="A model as safetensors: timm's names, its spec and preprocessing.",
     epilog="Examples: [bold]mixer export --from runs/finetune/20261125-101500-ft_demo/best.ckpt "
     "--to ft.safetensors[/] · "
     "[bold]mixer export --from Mixer-B_16.npz --to b16.safetensors[/]"
@@ -416,17 +302,68 @@ def export(
 ):
     """Export a model to safetensors: weights with timm's names, the spec and the preprocessing in
     the metadata, so `load_mixer` (and timm) load it without guessing and without pickles."""
-    from mixer_cli.models import load_mixer
-    from mixer_cli.models.checkpoints import export_safetensors
+    from mixer_cli.commands.export import export as run_export
 
-    if out.suffix != ".safetensors":
-        raise UserError(f"--to {out}: the export is a .safetensors file, e.g. {out.with_suffix('.safetensors')}")
-    if not out.parent.is_dir():
-        raise UserError(f"--to {out}: folder {out.parent} does not exist")
-    model = load_mixer(checkpoint)
-    export_safetensors(model, out)
-    err.print(f"wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"{model.spec.img_size}px, {model.spec.num_classes} classes)", highlight=False)
+    run_export(checkpoint, out)
+
+
+data_app = typer.Typer(help="Write webdataset shards; benchmark the input pipeline.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command(
+    "write",
+    short_help="An image folder or the demo as webdataset shards and index.json.",
+    epilog="Examples: [bold]mixer data write --from ~/pics/train --to /data/pics/train[/] · "
+    "[bold]mixer data write --from demo --to /tmp/demo-shards --shard-size 500[/] (writes train/ and test/), then "
+    "[bold]mixer pretrain data.source=shards data.train_path=/tmp/demo-shards/train "
+    "data.eval_path=/tmp/demo-shards/test[/]",
+)
+@user_errors
+def data_write(
+    source: str = typer.Option(..., "--from", help="An image folder (one sub-folder per class), or 'demo'."),
+    out: Path = typer.Option(..., "--to", help="A new or empty folder for the shards and index.json.", file_okay=False),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per shard (need >= ranks x workers shards)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample order (shards mix the classes)."),
+    workers: int = typer.Option(1, "--workers", help="Processes that decode-check the images (CPU cores to use)."),
+):
+    """Write an image folder or the bundled demo as webdataset shards plus index.json (classes,
+    counts, shards). Unreadable or corrupt images are reported and skipped."""
+    from mixer_cli.commands.data_write import data_write as write
+
+    write(source, out, shard_size, seed, workers)
+
+
+@data_app.command(
+    "bench",
+    short_help="Input pipeline img/s per CPU core, and the cores a device needs.",
+    epilog="Examples: [bold]mixer data bench[/] · "
+    "[bold]mixer data bench --seconds 20 --out /tmp/data-bench/bench.csv[/] · "
+    "[bold]mixer data bench --throughput 5900[/] (cores per device at 5,900 training img/s per device)",
+)
+@user_errors
+def data_bench(
+    images: int = typer.Option(32, "--images", help="Distinct synthetic 500x375 JPEGs (~100 KiB) to cycle through."),
+    seconds: float = typer.Option(5.0, "--seconds", help="CPU seconds per pipeline, over 5 rounds (the best counts)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Also write the table as CSV (and a PNG bar chart beside it).", dir_okay=False
+    ),
+    throughput: float | None = typer.Option(
+        None, "--throughput", help="Training img/s per device for 'cores per device' (default: the newest "
+        "`mixer benchmark --train` results).", show_default=False,
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="The model whose training rate those results give, e.g. mixer-b16 (default: our "
+        "first Mixer in them).", show_default=False,
+    ),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="The run_root `mixer benchmark` wrote to.", file_okay=False),
+):
+    """Input pipeline img/s per CPU core on ImageNet-like 500x375 JPEGs: each recipe's training
+    pipeline (JFT: Inception crop + flip; ImageNet: + RandAugment) and the evaluation, on the float
+    path and the uint8 path, beside JPEG decoding alone; and the cores one device needs."""
+    from mixer_cli.commands.data_bench import data_bench as run_data_bench
+
+    run_data_bench(images, seconds, out, throughput, model, runs)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ def hydra_overrides(overrides: list[str]) -> list[str]:
 
 
 def hydra_on_conf(root: Path):
-    """Hydra looking at conf/: a new one, or the one a sweep's job (train/sweep.py) already runs in."""
+    """Hydra looking at conf/: a new one, or the one a sweep's job (commands/sweep.py) already runs in."""
     if GlobalHydra.instance().is_initialized():
         return nullcontext()
     return initialize_config_dir(config_dir=str(root / "conf"), version_base=None)

@@ -1,4 +1,4 @@
-"""Evaluation of trained models: `mixer eval` (checkpoint_eval.py, with ReaL labels in real_labels.py),
-VTAB-1k (vtab.py), `mixer report` (report.py), and the linear few-shot probe of Figures 2 and 4 as
-one evaluator (fewshot.py: the maths, the ridge solver, FewShotEvaluator and the training callback)
-that `mixer fewshot` wraps (fewshot_command.py)."""
+"""Evaluators that run a model: the linear few-shot probe of Figures 2 and 4 (fewshot.py: the maths,
+the ridge solver, FewShotEvaluator and its training callback), ReaL labels (real_labels.py) and the
+VTAB-1k tasks and scores (vtab.py). The commands `mixer eval`, `mixer fewshot` and the VTAB suite of
+`mixer finetune` use them (commands/)."""

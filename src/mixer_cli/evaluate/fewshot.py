@@ -25,7 +25,7 @@ The features are timm's pre-logits, `model.forward_head(model.forward_features(x
 for our Mixer the mean over tokens after the pre-head LayerNorm, and the same call reads timm models
 (the ResNet of the shuffle experiment). `FewShotEvaluator.run(model)` extracts them once per call
 (only the train examples some sample needs, and the test split) and returns the accuracy per shot
-count. `mixer fewshot` (fewshot_command.py) and `FewShotCallback` (Figure 4's curves during
+count. `mixer fewshot` (commands/fewshot.py) and `FewShotCallback` (Figure 4's curves during
 pre-training) are thin wrappers around it; `fewshot_callback(cfg)` builds the callback from a config.
 """
 from __future__ import annotations

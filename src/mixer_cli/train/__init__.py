@@ -1,1 +1,2 @@
-"""Training: LightningModule, DataModule, optimiser/schedule factories and the Trainer."""
+"""The engine: the Lightning pieces every training command runs through (fit.py): LightningModule,
+DataModule, batch plan, losses, mixup, optimiser and schedule factories, Trainer, pre-emption."""

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mixer_cli.config.run_dirs import make_run_dir, save_config
+from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import write_atomic
 from mixer_cli.data import build_dataset
 from mixer_cli.data.transforms import eval_data_config
@@ -215,6 +216,8 @@ def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = T
     from mixer_cli.config.run_dirs import resume_config
     from mixer_cli.models import load_mixer
 
+    if not (run_dir / "last.ckpt").is_file():
+        raise UserError(f"nothing to resume in {run_dir}: no last.ckpt there")
     cfg = resume_config(run_dir, overrides)
     model = load_mixer(run_dir / "last.ckpt", dropout=cfg.model.dropout, drop_path=cfg.model.drop_path,
                        drop_path_rescale=cfg.model.get("drop_path_rescale", False))

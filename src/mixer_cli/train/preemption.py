@@ -8,7 +8,7 @@ gradient-accumulation cycle, whose gradients no checkpoint holds), writes run_di
 to continue and exits with status 128 + the signal's number, as a shell reports a process that a
 signal ended: 143 (SIGTERM), 130 (SIGINT), 138 (SIGUSR1). A second Ctrl+C stops at once. Under SLURM,
 SIGUSR1 also requeues the job; the requeued job (SLURM_RESTART_COUNT >= 1) finds its run directory
-(named after the job id; see config.make_run_dir) and continues from its last.ckpt.
+(named after the job id; see config/run_dirs.py) and continues from its last.ckpt.
 
 Lightning's own handling does not do this: its SIGTERM handler ends the loop after any micro-batch
 and saves nothing, and its SLURM handler writes hpc_ckpt_N.ckpt from inside the signal handler, in

@@ -1,4 +1,4 @@
-"""`mixer report`: our runs beside the paper's Tables 2 and 3, and plots in the manner of Figures 2-3.
+"""Our runs beside the paper's Tables 2 and 3, and plots in the manner of Figures 2-3 (`mixer report`).
 
 Every command leaves `runs/<command>/<timestamp>-<name>/` with `results.json` (and `config.yaml`).
 A fine-tune, evaluation or few-shot probe names the checkpoint it started from (`from`); when that
@@ -18,7 +18,6 @@ measured is "-". Where one model has several fine-tunes of one target (an lr swe
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -27,11 +26,9 @@ from statistics import fmean
 from omegaconf import DictConfig, OmegaConf
 
 from mixer_cli.config.recipes import recipe_names
-from mixer_cli.config.run_dirs import make_run_dir
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
-from mixer_cli.core.files import csv_text, write_atomic
-from mixer_cli.core.plots import pyplot, save_figure
+from mixer_cli.core.plots import pyplot
 
 AVG5_TARGETS = ("imagenet", "cifar10", "cifar100", "pets", "flowers102")
 ACCURACIES = ("imagenet_top1", "real_top1", "avg5", "vtab1k")
@@ -451,36 +448,3 @@ def plot_fewshot(series: dict[str, list[tuple[float, float]]]):
 def benchmark_devices(runs: Runs) -> str:
     names = {r.results.get("device", {}).get("name") for r in runs.of("benchmark")} - {None}
     return ", ".join(sorted(names)) or "no benchmark run found"
-
-
-def build_report(run_dirs: list[Path], out_root: Path) -> Path:
-    """Read the runs, write <out_root>/report/<timestamp>-report/{report.md, report.csv, *.png};
-    returns that directory."""
-    runs = Runs(find_runs(run_dirs))
-    rows = report_rows(runs)
-    series = fewshot_points(runs)
-    text = markdown(rows, benchmark_devices(runs))
-    if series:
-        text += "![5-shot accuracy vs pre-training set size](fewshot_vs_data_size.png)\n"
-    figures = {
-        "accuracy_vs_cost.png": plot_against_paper(
-            rows, "cost_hours", "pre-training cost (ours: device-hours; paper: TPU-v3 core-hours)",
-            "ImageNet top-1 vs pre-training cost"),
-        "accuracy_vs_throughput.png": plot_against_paper(
-            rows, "throughput", "throughput (ours: img/s per device; paper: img/s per TPU-v3 core)",
-            "ImageNet top-1 vs throughput"),
-        **({"fewshot_vs_data_size.png": plot_fewshot(series)} if series else {}),
-    }
-    out = make_run_dir(OmegaConf.create({"run_root": str(out_root), "name": "report"}), "report")
-    try:
-        for name, fig in figures.items():
-            save_figure(fig, out / name)
-        write_atomic(out / "report.csv", csv_text(csv_rows(rows)))
-        write_atomic(out / "report.md", text)  # last: its presence means complete
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    measured = sum(any(v is not None for v in r.measured.values()) for r in rows)
-    console.print(f"{len(runs.runs)} runs read; {measured} of {len(rows)} rows measured; wrote {out}/report.md",
-                  highlight=False, soft_wrap=True)
-    return out

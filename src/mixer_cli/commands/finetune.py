@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mixer_cli.commands.sweep import best_point, multirun
 from mixer_cli.config.compose import compose
 from mixer_cli.config.run_dirs import is_global_zero_process, make_run_dir
 from mixer_cli.core.console import console
@@ -23,7 +24,7 @@ from mixer_cli.models import grow_resolution, load_mixer
 from mixer_cli.models.growth import growth_factor
 from mixer_cli.models.mixer import VARIANTS, Mixer
 from mixer_cli.train.fit import fit, probes
-from mixer_cli.train.sweep import best_point
+from mixer_cli.train.fit import resume as resume_run
 
 
 def check_variant(model: Mixer, variant: str | None, path: Path) -> None:
@@ -69,6 +70,38 @@ def finetune(cfg: DictConfig, progress: bool = True, run_dir: Path | None = None
              resume: bool = False) -> dict:
     return fit(cfg, finetune_model(cfg) if model is None else model, "finetune", run_dir=run_dir, resume=resume,
                progress=progress, extra_results={"from": str(cfg.checkpoint)}, callbacks=probes(cfg))
+
+
+def sweep_point(cfg: DictConfig, run_dir: Path) -> dict:
+    return finetune(cfg, progress=False, run_dir=run_dir)
+
+
+def run_finetune(overrides: list[str], checkpoint: Path | None = None, res: int | None = None, sweep: bool = False,
+                 resume_dir: Path | None = None) -> None:
+    """`mixer finetune`: one fine-tune, the target's lr sweep (`--multirun`), the VTAB-1k suite
+    (`recipe=ft_vtab`), or a stopped run or suite continued (`--resume`)."""
+    if resume_dir is not None:
+        if (resume_dir / SUITE_FILE).is_file():
+            resume_vtab(resume_dir, overrides)
+        else:
+            resume_run(resume_dir, overrides, "finetune")
+        return
+    overrides = list(overrides)
+    if checkpoint is not None:
+        overrides.append(f"checkpoint='{checkpoint.resolve()}'")  # quoted: any path is one Hydra value
+    if res is not None:
+        overrides.append(f"data.img_size={res}")
+    if is_vtab_suite(overrides):
+        if sweep:
+            raise UserError("the VTAB-1k suite picks each task's lr itself (targets.vtab.lr_grid, on the 200 "
+                            "val examples); drop --multirun")
+        finetune_vtab(overrides)
+    elif sweep:
+        if checkpoint is not None:
+            load_mixer(checkpoint)  # a bad --from fails before the sweep starts
+        multirun("finetune", "finetune", with_lr_grid(overrides), sweep_point)
+    else:
+        finetune(compose(overrides, config_name="finetune"))
 
 
 def with_lr_grid(overrides: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -23,21 +24,15 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import csv_text, package_root, write_atomic
 
 
-def run_point(cfg: DictConfig, command: str) -> dict:
-    """One point of the sweep, in the run directory Hydra made for it."""
-    from mixer_cli.train.finetune import finetune
-    from mixer_cli.train.fit import fit, probes
-    from mixer_cli.train.pretrain import build_model
-
-    cfg = validate(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if command == "finetune":
-        return finetune(cfg, progress=False, run_dir=run_dir)
-    return fit(cfg, build_model(cfg), command, run_dir=run_dir, progress=False, callbacks=probes(cfg))
+def run_point(cfg: DictConfig, run: Callable[[DictConfig, Path], dict]) -> dict:
+    """One point of the sweep: `run(cfg, run_dir)` in the run directory Hydra made for it."""
+    return run(validate(cfg), Path(HydraConfig.get().runtime.output_dir))
 
 
-def multirun(command: str, config_name: str, overrides: list[str]) -> list[dict]:
-    """Run the sweep the overrides describe; returns the points' results, in order."""
+def multirun(command: str, config_name: str, overrides: list[str],
+             run: Callable[[DictConfig, Path], dict]) -> list[dict]:
+    """Run the sweep the overrides describe, each point by `run(cfg, run_dir)` (a module-level function: a
+    launcher may pickle it); returns the points' results, in order."""
     check_points(config_name, overrides)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     settings = [
@@ -49,7 +44,7 @@ def multirun(command: str, config_name: str, overrides: list[str]) -> list[dict]
     ]
     with initialize_config_dir(config_dir=str(package_root() / "conf"), version_base="1.3", job_name=command):
         batches = GlobalHydra.instance().hydra.multirun(
-            config_name=config_name, task_function=partial(run_point, command=command),
+            config_name=config_name, task_function=partial(run_point, run=run),
             overrides=[*hydra_overrides(overrides), *settings], with_log_configuration=False,
         )
     jobs = [job for batch in batches for job in batch]

@@ -17,12 +17,12 @@ from omegaconf import DictConfig
 from rich.table import Table
 from timm.data import resolve_data_config
 
+from mixer_cli.commands.eval import pick_device, with_checkpoint_preprocessing
 from mixer_cli.config.run_dirs import make_run_dir, save_config
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import csv_text, write_atomic
 from mixer_cli.core.plots import pyplot, save_figure
-from mixer_cli.evaluate.checkpoint_eval import pick_device, with_checkpoint_preprocessing
 from mixer_cli.evaluate.fewshot import fewshot_evaluator
 
 

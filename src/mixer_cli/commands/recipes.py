@@ -116,7 +116,7 @@ def train_size(name: str, cfg: DictConfig) -> int | None:
 def train_rates(runs: Path) -> dict[tuple[str, int], tuple[float, str]]:
     """(benchmark model, resolution) -> (training img/s per device, basis), from the latest
     `mixer benchmark` that timed it: its training step, else its inference / 3 (backward = 2 forwards)."""
-    from mixer_cli.evaluate.report import benchmark_results
+    from mixer_cli.reporting.paper import benchmark_results
 
     rates: dict[tuple[str, int], tuple[float, str]] = {}
     for results in reversed(benchmark_results(runs)):  # oldest first: later runs overwrite

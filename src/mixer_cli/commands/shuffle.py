@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.transforms import v2
 
+from mixer_cli.commands.pretrain import build_model
 from mixer_cli.config.run_dirs import make_run_dir, save_config
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
@@ -31,7 +32,6 @@ from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.evaluate.fewshot import fewshot_callback, fewshot_evaluator
 from mixer_cli.reporting.runs import read_metrics
 from mixer_cli.train.fit import build_datasets, check_data, fit
-from mixer_cli.train.pretrain import build_model
 
 PIPELINES = ("original", "patch_pixel", "global_pixel")
 

@@ -1,0 +1,40 @@
+"""`mixer data write`: an image folder, or the bundled demo, as webdataset shards plus index.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.progress import MofNCompleteColumn, Progress
+
+from mixer_cli.core.console import console, err_console
+from mixer_cli.core.errors import UserError
+from mixer_cli.data.writer import check_output, demo_samples, folder_samples, write_shards
+
+
+def data_write(source: str, out: Path, shard_size: int, seed: int, workers: int) -> None:
+    """Write `source` (a folder with a sub-folder per class, or 'demo': its train/ and test/ splits)
+    under `out`; unreadable or corrupt images are reported and skipped."""
+    def skipped(name, reason):
+        err_console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False, soft_wrap=True)
+
+    if source == "demo":
+        jobs = [(out / split, *demo_samples(split), f"demo:{split}") for split in ("train", "test")]
+    else:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"--from {source}: no such folder; give an image folder (a sub-folder per class) or 'demo'")
+        jobs = [(out, *folder_samples(folder), str(folder))]
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    for target, *_ in jobs:
+        check_output(target)
+    for target, classes, samples, name in jobs:
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(f"writing {name}", total=len(samples))
+            report = write_shards(classes, samples, target, shard_size, seed, source=name, on_skip=skipped,
+                                  workers=workers, on_shard=lambda n, task=task: bar.advance(task, n))
+        console.print(
+            f"wrote {report.num_samples} images of {len(classes)} classes in {len(report.shards)} shard(s) to "
+            f"{target} ({len(report.skipped)} skipped)"
+        )

@@ -1,1 +1,0 @@
-"""Experiments of the paper beyond the tables: the permutation study of Sec. 3.4 (Figure 4)."""
