@@ -24,10 +24,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
+from rich.table import Table
 from torch.nn import functional as F
 
+from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
-from mixer_cli.core.files import package_root, write_atomic
+from mixer_cli.core.files import csv_text, package_root, write_atomic
+from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.data.device_transforms import decode, eval_uint8_transform, train_uint8_transform
 from mixer_cli.data.transforms import eval_transform, train_transform
 
@@ -179,9 +182,6 @@ def add_cores_needed(rows: list[dict], img_s_per_device: float) -> list[dict]:
 # ---------------------------------------------------------------- output
 def write_bench(rows: list[dict], csv_path: Path) -> list[Path]:
     """The rows as CSV, and a bar chart of images/s per core as PNG beside it."""
-    from mixer_cli.core.files import csv_text
-    from mixer_cli.core.plots import pyplot, save_figure
-
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(csv_path, csv_text(rows, [c for c in COLUMNS if c in rows[0]]))
     fig, ax = pyplot().subplots(figsize=(8, 3.6))
@@ -195,10 +195,6 @@ def write_bench(rows: list[dict], csv_path: Path) -> list[Path]:
 
 
 def print_bench(rows: list[dict], jpegs: list[bytes], rate: dict | None) -> None:
-    from rich.table import Table
-
-    from mixer_cli.core.console import console
-
     kib = sum(map(len, jpegs)) / len(jpegs) / 1024
     width, height = IMAGE_SIZE
     title = f"input pipelines, one CPU core, {len(jpegs)} synthetic {width}x{height} JPEGs ({kib:.0f} KiB)"
@@ -238,8 +234,6 @@ def data_bench(images: int, seconds: float, out: Path | None = None, throughput:
     rows = add_cores_needed(rows, rate["img_s_per_device"]) if rate else rows
     print_bench(rows, jpegs, rate)
     if out is not None:
-        from mixer_cli.core.console import console
-
         for path in write_bench(rows, out):
             console.print(f"wrote {path}")
     return rows

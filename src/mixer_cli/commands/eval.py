@@ -26,7 +26,14 @@ from mixer_cli.config.run_dirs import make_run_dir, save_config
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import write_atomic
+from mixer_cli.data import build_dataset
+from mixer_cli.evaluate.real_labels import real_labels_for
+from mixer_cli.models import VARIANTS, load_mixer
 from mixer_cli.reporting.runs import print_summary
+from mixer_cli.train.datamodule import ImageDataModule
+from mixer_cli.train.fit import device_preprocessing
+from mixer_cli.train.module import Classifier
+from mixer_cli.train.trainer import quiet_lightning
 
 
 def with_checkpoint_preprocessing(cfg: DictConfig, data_config: dict) -> DictConfig:
@@ -70,8 +77,6 @@ def default_name(checkpoint: Path) -> str:
 
 
 def variant_of(model) -> str:
-    from mixer_cli.models import VARIANTS
-
     spec = model.spec
     return next((name for name, fields in VARIANTS.items() if all(getattr(spec, k) == v for k, v in fields.items())),
                 "custom")
@@ -94,8 +99,6 @@ class PassingBar(RichProgressBar):
 
 def eval_trainer(e: DictConfig) -> L.Trainer:
     """A Trainer that only evaluates, on `eval.devices` devices (several: one process each, DDP)."""
-    from mixer_cli.train.trainer import quiet_lightning
-
     quiet_lightning()
     return L.Trainer(accelerator=e.accelerator, devices=e.devices, num_nodes=e.num_nodes, precision=e.precision,
                      logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[PassingBar()])
@@ -104,8 +107,6 @@ def eval_trainer(e: DictConfig) -> L.Trainer:
 def measure(trainer: L.Trainer, module, dataset, batch_size: int, num_workers: int) -> dict:
     """top1, top5 and num_samples (and real_top1, real_num_samples when the module has the ReaL metric)
     of one exact pass over `dataset`, `batch_size` images per device; the same on every rank."""
-    from mixer_cli.train.datamodule import ImageDataModule
-
     datamodule = ImageDataModule(None, dataset, batch_size, num_workers, micro_batches_per_epoch=1)
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=False)
     if not metrics["val/num_samples"]:
@@ -122,12 +123,6 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
     """Evaluate the checkpoint on cfg.data's evaluation split; print a table and write
     runs/eval/<timestamp>-<name>/{config.yaml, results.json}. Returns the results."""
     from timm.data import resolve_data_config
-
-    from mixer_cli.data import build_dataset
-    from mixer_cli.evaluate.real_labels import real_labels_for
-    from mixer_cli.models import load_mixer
-    from mixer_cli.train.fit import device_preprocessing
-    from mixer_cli.train.module import Classifier
 
     checkpoint = Path(checkpoint).resolve()
     model = load_mixer(checkpoint)

@@ -24,6 +24,7 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import csv_text, write_atomic
 from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.evaluate.fewshot import fewshot_evaluator
+from mixer_cli.models import load_mixer
 
 
 def parse_shots(text: str) -> list[int]:
@@ -42,8 +43,6 @@ def fewshot_command(cfg: DictConfig, checkpoint: Path, shots: list[int]) -> dict
     """Few-shot top-1 of the frozen checkpoint on cfg.data for every shot count and seed
     0..fewshot.seeds-1; every user mistake that can be seen before reading data is raised before
     the run directory exists."""
-    from mixer_cli.models import load_mixer
-
     f = cfg.fewshot
     if f.seeds < 1:
         raise UserError(f"fewshot.seeds must be at least 1, got {f.seeds}")

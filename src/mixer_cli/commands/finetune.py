@@ -19,6 +19,7 @@ from mixer_cli.config.run_dirs import is_global_zero_process, make_run_dir
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import write_atomic
+from mixer_cli.data.shards import resolve_shards
 from mixer_cli.evaluate import vtab
 from mixer_cli.models import grow_resolution, load_mixer
 from mixer_cli.models.growth import growth_factor
@@ -141,8 +142,6 @@ def vtab_configs(overrides: list[str]) -> dict[str, DictConfig]:
 
 def check_vtab_data(cfgs: dict[str, DictConfig]) -> None:
     """Every task's shards exist: a suite should not stop at its 12th task for want of data."""
-    from mixer_cli.data.shards import resolve_shards
-
     missing = []
     for cfg in cfgs.values():
         for key in ("train_path", "eval_path"):

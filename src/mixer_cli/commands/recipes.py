@@ -12,6 +12,9 @@ from rich.table import Table
 from mixer_cli.config.compose import load_recipe
 from mixer_cli.config.recipes import config_name_of, recipe_choice, recipe_names
 from mixer_cli.core.errors import UserError
+from mixer_cli.data import demo_arrays
+from mixer_cli.models import VARIANTS, MixerSpec
+from mixer_cli.reporting.paper import benchmark_results
 
 
 def _get(cfg: DictConfig, key: str):
@@ -85,8 +88,6 @@ def forward_flops(spec) -> int:
 
 def spec_of(cfg: DictConfig):
     """The MixerSpec a pre-training config builds (a Table 1 variant, or custom sizes over it)."""
-    from mixer_cli.models import VARIANTS, MixerSpec
-
     m = cfg.model
     sizes = {**VARIANTS.get(m.get("variant"), {}), **{k: m[k] for k in SIZE_KEYS if m.get(k) is not None}}
     return MixerSpec(**sizes, img_size=cfg.data.img_size, in_chans=cfg.data.channels, num_classes=cfg.data.num_classes)
@@ -107,8 +108,6 @@ def train_size(name: str, cfg: DictConfig) -> int | None:
     if _get(cfg, "data.train_size"):
         return cfg.data.train_size
     if cfg.data.source == "demo":
-        from mixer_cli.data import demo_arrays
-
         return len(demo_arrays("train")[1])
     return NOMINAL_TRAIN_SIZES.get(recipe_choice(name, "data"))
 
@@ -116,8 +115,6 @@ def train_size(name: str, cfg: DictConfig) -> int | None:
 def train_rates(runs: Path) -> dict[tuple[str, int], tuple[float, str]]:
     """(benchmark model, resolution) -> (training img/s per device, basis), from the latest
     `mixer benchmark` that timed it: its training step, else its inference / 3 (backward = 2 forwards)."""
-    from mixer_cli.reporting.paper import benchmark_results
-
     rates: dict[tuple[str, int], tuple[float, str]] = {}
     for results in reversed(benchmark_results(runs)):  # oldest first: later runs overwrite
         rows = [r for r in results.get("results", []) if r.get("img_s_per_device")]

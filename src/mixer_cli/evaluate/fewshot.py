@@ -42,7 +42,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
+from mixer_cli.config.compose import compose
 from mixer_cli.core.errors import UserError
+from mixer_cli.data import build_dataset
 from mixer_cli.data.workers import worker_init
 
 DEFAULT_L2 = 2.0**10  # big_vision's l2_reg, the paper's setting
@@ -401,8 +403,6 @@ def probe_data(cfg: DictConfig) -> DictConfig:
     name = cfg.fewshot.get("data")
     if not name:
         return OmegaConf.merge(cfg.data, {"decode": "pil"})
-    from mixer_cli.config.compose import compose
-
     try:  # Hydra composes the group file, so its interpolations (${data.root}, ${oc.env:...}) resolve
         data = compose([f"data={name}"], config_name="fewshot").data
     except UserError as e:
@@ -419,8 +419,6 @@ def fewshot_evaluator(
     """The evaluator that `fewshot.*` describes on `probe_data(cfg)`, both splits with evaluation
     preprocessing (the few-shot samples are never augmented). shots: default fewshot.shots; seeds:
     default [fewshot.seed] (one sample, as the training curves use)."""
-    from mixer_cli.data import build_dataset
-
     f, data = cfg.fewshot, probe_data(cfg)
     l2 = parse_l2(f.l2)
     if shots is None:

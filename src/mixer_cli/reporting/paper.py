@@ -25,10 +25,13 @@ from statistics import fmean
 
 from omegaconf import DictConfig, OmegaConf
 
-from mixer_cli.config.recipes import recipe_names
+from mixer_cli.config.compose import load_recipe
+from mixer_cli.config.recipes import config_name_of, recipe_names
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import package_root
 from mixer_cli.core.plots import pyplot
+from mixer_cli.models import VARIANTS
 
 AVG5_TARGETS = ("imagenet", "cifar10", "cifar100", "pets", "flowers102")
 ACCURACIES = ("imagenet_top1", "real_top1", "avg5", "vtab1k")
@@ -162,9 +165,6 @@ def paper_numbers(block: dict) -> dict:
 def paper_rows() -> tuple[PaperRow, ...]:
     """Every recipe whose `paper:` block is a row of Table 2 or 3 (a `table2:` block inside a
     Table 3 row is the same model's Table 2 row)."""
-    from mixer_cli.config.compose import load_recipe
-    from mixer_cli.config.recipes import config_name_of
-
     rows = []
     for name in recipe_names():
         raw = OmegaConf.load(Path(recipes_dir(), f"{name}.yaml"))
@@ -181,8 +181,6 @@ def paper_rows() -> tuple[PaperRow, ...]:
 
 
 def recipes_dir() -> Path:
-    from mixer_cli.core.files import package_root
-
     return package_root() / "recipes"
 
 
@@ -286,8 +284,6 @@ def vtab_task(run: Run) -> bool:
 
 
 def variant_of(run: Run) -> str | None:
-    from mixer_cli.models import VARIANTS
-
     variant = OmegaConf.select(run.config, "model.variant") or run.results.get("model")
     return variant if variant in VARIANTS else None
 

@@ -19,12 +19,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from mixer_cli.config.run_dirs import make_run_dir, save_config
+from mixer_cli.config.run_dirs import make_run_dir, resume_config, save_config
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import write_atomic
 from mixer_cli.data import build_dataset
+from mixer_cli.data.device_transforms import NormalizeOnDevice, gpu_decode_transform
 from mixer_cli.data.transforms import eval_data_config
+from mixer_cli.evaluate.fewshot import fewshot_callback
 from mixer_cli.evaluate.real_labels import real_labels_for
+from mixer_cli.models import load_mixer
 from mixer_cli.models.mixer import Mixer
 from mixer_cli.reporting.runs import plot_curves, print_summary
 from mixer_cli.train.batching import devices_per_node, plan_batches
@@ -62,8 +65,6 @@ def device_preprocessing(cfg: DictConfig) -> dict:
     decode = cfg.data.get("decode", "pil")
     if decode == "pil":
         return {}
-    from mixer_cli.data.device_transforms import NormalizeOnDevice, gpu_decode_transform
-
     pieces = {"normalize": NormalizeOnDevice(list(cfg.data.mean), list(cfg.data.std))}
     if decode == "gpu":
         pieces["device_decode"] = (gpu_decode_transform(cfg.data, cfg.aug, True),
@@ -213,9 +214,6 @@ def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = T
     """Continue a stopped or killed run from its last.ckpt: the model is rebuilt from the spec
     recorded there (a fine-tune's head and resolution included), then Lightning restores weights,
     optimiser, schedule and loop state. `key=value` overrides apply on top (e.g. more epochs)."""
-    from mixer_cli.config.run_dirs import resume_config
-    from mixer_cli.models import load_mixer
-
     if not (run_dir / "last.ckpt").is_file():
         raise UserError(f"nothing to resume in {run_dir}: no last.ckpt there")
     cfg = resume_config(run_dir, overrides)
@@ -228,7 +226,5 @@ def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = T
 
 def probes(cfg: DictConfig) -> list:
     """The few-shot probe that `fewshot.every_n_steps` asks for (Figure 4's curves), if any."""
-    from mixer_cli.evaluate.fewshot import fewshot_callback
-
     probe = fewshot_callback(cfg) if cfg.get("fewshot") else None
     return [probe] if probe is not None else []
