@@ -1,7 +1,7 @@
 """A bad input to any command ends before anything is written: exit status 2, exactly one line on
 stderr that names the key or file and what is wrong, no traceback, no new file or directory.
 
-Bad config values are refused by the schema (mixer_cli/schema.py) when the config is composed;
+Bad config values are refused by the schema (mixer_cli/config/schema.py) when the config is composed;
 bad files when they are opened. So nothing here trains: every case runs in-process through
 Typer's CliRunner, and Trainer.fit fails the test if a case gets that far.
 """

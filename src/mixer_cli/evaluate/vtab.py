@@ -5,7 +5,7 @@ split, averaged over the 19 tasks, and over each group (natural, specialized, st
 Class counts are those of the reference task definitions (google-research/task_adaptation).
 The paper fine-tunes by the BiT-HyperRule: at 224 on tasks with small images and at 448 on tasks
 with large ones, where small means an area below 96 x 96 pixels.
-`mixer finetune --from CKPT recipe=ft_vtab` runs the suite (train/finetune.py: `finetune_vtab`);
+`mixer finetune --from CKPT recipe=ft_vtab` runs the suite (commands/finetune.py: `finetune_vtab`);
 the records and the table it ends with are made here.
 """
 from __future__ import annotations
