@@ -132,8 +132,9 @@ def finetune(
     "eval",
     short_help="Top-1, top-5 and ReaL top-1 of a checkpoint on a data set.",
     epilog="Examples: [bold]mixer eval --from runs/pretrain/20261125-101500-demo/last.ckpt[/] · "
-             "[bold]mixer eval --from Mixer-B_16.npz data=folder data.eval_path=~/imagenet/val data.num_classes=1000 "
-             "data.real_labels=real.json[/] · [bold]mixer eval --from CKPT data=cifar10 aug.eval_crop_pct=0.875[/]")
+    "[bold]mixer eval --from Mixer-B_16.npz data=folder data.eval_path=~/imagenet/val data.num_classes=1000 "
+    "data.real_labels=real.json[/] · [bold]mixer eval --from CKPT data=cifar10 aug.eval_crop_pct=0.875[/]",
+)
 @user_errors
 def eval_(
     checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
@@ -174,9 +175,11 @@ def fewshot(
 
 
 @app.command(
-    short_help="Our runs beside the paper's Tables 2-3, with plots.",epilog="Examples: [bold]mixer report[/] · "
-                    "[bold]mixer report runs/pretrain runs/finetune runs/benchmark[/] · "
-                    "[bold]mixer report ~/cluster-runs --out /tmp[/]")
+    short_help="Our runs beside the paper's Tables 2-3, with plots.",
+    epilog="Examples: [bold]mixer report[/] · "
+    "[bold]mixer report runs/pretrain runs/finetune runs/benchmark[/] · "
+    "[bold]mixer report ~/cluster-runs --out /tmp[/]",
+)
 @user_errors
 def report(
     run_dirs: list[Path] | None = typer.Argument(None, metavar="[RUN_DIR]...", show_default=False,
