@@ -15,15 +15,9 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def fresh_process(monkeypatch):
-    """The CLI runs one command per process, so its first run directory has no counter suffix; every
-    test starts as a new process would, and calls this fixture's value to start the next command so."""
-    def start():
-        monkeypatch.setattr(run_dirs, "_runs_made", 0)
-        monkeypatch.setenv(run_dirs.SESSION_ENV, "")  # as unset; recorded, so what a run sets is undone after the test
-
-    start()
-    return start
+def no_open_run(monkeypatch):
+    """No run directory handed down from a launching process (ranks Lightning starts get one)."""
+    monkeypatch.delenv(run_dirs.RUN_DIR_ENV, raising=False)
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
 """Config composition, recipes, overrides, config errors and run directories."""
+import os
+
 import pytest
 from omegaconf import OmegaConf
 
 from mixer_cli.config.compose import compose
 from mixer_cli.config.recipes import recipe_names
-from mixer_cli.config.run_dirs import load_run_config, make_run_dir, save_config
+from mixer_cli.config.run_dirs import RUN_DIR_ENV, Run, load_run_config, make_run_dir, save_config
 from mixer_cli.core.errors import UserError
 
 
@@ -63,6 +65,51 @@ def test_run_directories_never_collide(tmp_path):
     cfg = compose([f"run_root={tmp_path}"])
     dirs = {make_run_dir(cfg, "pretrain") for _ in range(3)}  # same second, same name
     assert len(dirs) == 3 and all(d.parent == tmp_path / "pretrain" for d in dirs)
+
+
+def test_a_run_saves_its_config_first_and_its_results_last(tmp_path):
+    cfg = compose([f"run_root={tmp_path}"])
+    with Run(cfg, "eval") as run:
+        assert [p.name for p in run.path.iterdir()] == ["config.yaml"]
+        run.write("table.csv", "a,b\n")
+        assert not (run.path / "results.json").exists()
+        run.finish({"top1": 0.5})
+    assert sorted(p.name for p in run.path.iterdir()) == ["config.yaml", "results.json", "table.csv"]
+    assert load_run_config(run.path).name == "demo" and run.path.parent == tmp_path / "eval"
+
+
+def test_a_failed_run_leaves_nothing_unless_it_holds_a_checkpoint(tmp_path):
+    cfg = compose([f"run_root={tmp_path}"])
+    with pytest.raises(KeyboardInterrupt), Run(cfg, "fewshot") as failed:
+        failed.write("fewshot.csv", "shots\n")
+        raise KeyboardInterrupt
+    assert not failed.path.exists()
+    with pytest.raises(RuntimeError), Run(cfg, "pretrain") as stopped:
+        (stopped.path / "step-100").mkdir()
+        (stopped.path / "step-100" / "last.ckpt").write_bytes(b"weights")
+        raise RuntimeError("nan loss")
+    assert (stopped.path / "config.yaml").is_file()  # kept: it can be continued
+    continued = tmp_path / "earlier"
+    continued.mkdir()
+    with pytest.raises(RuntimeError), Run(cfg, "pretrain", path=continued):
+        raise RuntimeError("diverged")
+    assert continued.is_dir()  # not made by this run: never removed
+
+
+def test_ranks_lightning_launches_open_the_run_of_rank_0_and_write_nothing(tmp_path, monkeypatch, no_launcher):
+    cfg = compose([f"run_root={tmp_path}"])
+    with Run(cfg, "eval") as run:
+        assert os.environ[RUN_DIR_ENV] == str(run.path)  # what a launched rank inherits
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with pytest.raises(ValueError), Run(cfg, "eval") as rank1:
+            assert rank1.path == run.path and not rank1.is_main
+            rank1.finish({"top1": 0.0})
+            raise ValueError
+        assert [p.name for p in run.path.iterdir()] == ["config.yaml"]  # rank 1 neither wrote nor removed
+        monkeypatch.setenv("LOCAL_RANK", "0")
+    assert RUN_DIR_ENV not in os.environ
+    with Run(cfg, "eval") as second:  # a second run of the process: a directory of its own
+        assert second.path != run.path
 
 
 def test_saved_config_round_trips(tmp_path):

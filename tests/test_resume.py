@@ -183,13 +183,12 @@ def test_sigusr1_requeues_the_slurm_job_which_continues_its_run_by_itself_and_en
 
 
 def test_a_one_task_slurm_job_names_its_runs_and_only_a_requeued_one_continues_one(tmp_path, monkeypatch,
-                                                                                    no_launcher, fresh_process):
+                                                                                    no_launcher):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     cfg, other = compose([f"run_root={tmp_path}"]), compose([f"run_root={tmp_path}", "seed=1"])
 
     def run_dir(cfg, restarts: int, *files: str) -> Path:
-        """The directory a command of the job gets (its first one in its process), with its config and `files`."""
-        fresh_process()
+        """The directory a command of the job gets, with its config and `files`."""
         monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
         path = make_run_dir(cfg, "pretrain")
         save_config(cfg, path)

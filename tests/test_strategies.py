@@ -26,7 +26,7 @@ def test_two_process_ddp_matches_single_process_with_same_global_batch(tmp_path)
     from mixer_cli.commands.pretrain import pretrain
 
     pretrain(compose([*FULL_BATCH, "trainer.devices=1", f"run_root={tmp_path / 'single'}"]), progress=False)
-    env = {k: v for k, v in os.environ.items() if k not in ("MIXER_RUN_SESSION", "LOCAL_RANK", "RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MIXER_RUN_DIR", "LOCAL_RANK", "RANK")}
     r = subprocess.run([sys.executable, "-m", "mixer_cli.cli", "pretrain", *FULL_BATCH, "trainer=ddp",
                         "trainer.devices=2", f"run_root={tmp_path / 'ddp'}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -71,24 +71,22 @@ def test_fsdp_wraps_each_mixer_block():
     assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["auto_wrap_policy"]._module_classes == {MixerBlock}
 
 
-def test_torchrun_ranks_agree_on_one_run_directory(tmp_path, monkeypatch, no_launcher, fresh_process):
+def test_torchrun_ranks_agree_on_one_run_directory(tmp_path, monkeypatch, no_launcher):
     cfg = compose([f"run_root={tmp_path}"])
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "5e1f0c2a-job")
     dirs = []
     for rank in ("0", "1"):  # rank 1 finds the directory rank 0 made
-        fresh_process()
         monkeypatch.setenv("RANK", rank)
         dirs.append(make_run_dir(cfg, "pretrain"))
     assert dirs[0] == dirs[1] == tmp_path / "pretrain" / "torchrun-5e1f0c2a-demo"
 
 
-def test_slurm_ranks_agree_on_one_run_directory(tmp_path, monkeypatch, no_launcher, fresh_process):
+def test_slurm_ranks_agree_on_one_run_directory(tmp_path, monkeypatch, no_launcher):
     cfg = compose([f"run_root={tmp_path}"])
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_NTASKS", "16")
     dirs = []
     for rank in ("0", "9"):
-        fresh_process()
         monkeypatch.setenv("SLURM_PROCID", rank)
         dirs.append(make_run_dir(cfg, "pretrain"))
     assert dirs[0] == dirs[1] == tmp_path / "pretrain" / "slurm4242.0-demo"

@@ -143,12 +143,12 @@ def test_a_grid_of_two_lrs_is_picked_on_the_dev_split(tmp_path, data_root, ckpt,
 
 @pytest.fixture
 def trained(monkeypatch) -> list[tuple[str, bool]]:
-    """(run directory name, resume) of every fine-tune the suite trains from here on."""
+    """(run directory name, whether it continues a stopped run) of every fine-tune the suite trains from here on."""
     calls = []
 
-    def spy(cfg, model, command, run_dir, resume, **kwargs):
-        calls.append((run_dir.name, resume))
-        return fit(cfg, model, command, run_dir=run_dir, resume=resume, **kwargs)
+    def spy(cfg, model, command, run_dir, **kwargs):
+        calls.append((run_dir.name, (run_dir / "last.ckpt").is_file()))
+        return fit(cfg, model, command, run_dir=run_dir, **kwargs)
 
     monkeypatch.setattr(finetune, "fit", spy)
     return calls
@@ -177,13 +177,12 @@ def test_a_stopped_suite_continues_where_it_stopped(tmp_path, data_root, ckpt, f
 
 
 def test_a_requeued_slurm_job_continues_its_suite_by_itself(tmp_path, data_root, ckpt, fake_tasks, trained,
-                                                            monkeypatch, no_launcher, fresh_process):
+                                                            monkeypatch, no_launcher):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     runs, command = tmp_path / "runs", ["--from", str(ckpt), *FAST, "data.tasks=[alpha,beta]"]
 
     def start(*args: str, restarts: int) -> list[str]:
         """The job's command started anew, in a process of its own; the suites there after it."""
-        fresh_process()
         monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
         r = suite(runs, data_root, *args)
         assert r.exit_code == 0, r.output

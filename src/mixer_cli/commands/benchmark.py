@@ -10,7 +10,6 @@ and our Mixer against timm's MlpMixer with the same architecture.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import platform
 import time
 from collections.abc import Callable
@@ -25,10 +24,9 @@ from rich.table import Table
 from torch import nn
 from torch.nn import functional as F
 
-from mixer_cli.config.run_dirs import make_run_dir
+from mixer_cli.config.run_dirs import Run
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
-from mixer_cli.core.files import write_atomic
 from mixer_cli.models.mixer import VARIANTS, build_mixer, spec_for
 
 
@@ -519,8 +517,8 @@ def run_benchmark(cfg: DictConfig, progress: bool = True) -> dict:
         "matmul_peak_tflop_s": peak / 1e12, "results": rows, "claims": claims(rows),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    run_dir = make_run_dir(cfg, "benchmark")
-    report["results_path"] = str(run_dir / "results.json")
-    write_atomic(run_dir / "results.json", json.dumps(report, indent=2))
+    with Run(cfg, "benchmark") as run:
+        report["results_path"] = str(run.path / "results.json")
+        run.finish(report)
     print_tables(report)
     return report

@@ -11,8 +11,6 @@ labels as well (evaluate/real_labels.py).
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -22,10 +20,9 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mixer_cli.config.run_dirs import make_run_dir, save_config
+from mixer_cli.config.run_dirs import Run
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
-from mixer_cli.core.files import write_atomic
 from mixer_cli.data import build_dataset
 from mixer_cli.evaluate.real_labels import real_labels_for
 from mixer_cli.models import VARIANTS, load_mixer
@@ -134,8 +131,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
     module = Classifier(model, loss=nn.CrossEntropyLoss(), optimizer=None, scheduler=None,
                         num_classes=cfg.data.num_classes, real_top1=real, **device_preprocessing(cfg))
     trainer = eval_trainer(cfg.eval)
-    run_dir = make_run_dir(cfg, "eval")  # before the launch of other ranks: they find it through the environment
-    try:  # results.json last: its presence means complete; nothing is left behind by a failed pass
+    with Run(cfg, "eval") as run:  # open before other ranks launch: they find it through the environment
         start = time.perf_counter()
         measured = measure(trainer, module, dataset, cfg.eval.batch_size, cfg.data.get("num_workers", 0))
         results = {
@@ -148,15 +144,9 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
             **measured,
             "devices": trainer.world_size,
             "eval_seconds": round(time.perf_counter() - start, 1),
-            "run_dir": str(run_dir),
+            "run_dir": str(run.path),
         }
-        if trainer.is_global_zero:
-            save_config(cfg, run_dir)
-            write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
-    except BaseException:
-        if trainer.is_global_zero:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        run.finish(results)
     if trainer.is_global_zero:
         print_eval(results)
     return results

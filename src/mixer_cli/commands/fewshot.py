@@ -8,8 +8,6 @@ results.json; on any error the directory is removed.
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +16,10 @@ from rich.table import Table
 from timm.data import resolve_data_config
 
 from mixer_cli.commands.eval import pick_device, with_checkpoint_preprocessing
-from mixer_cli.config.run_dirs import make_run_dir, save_config
+from mixer_cli.config.run_dirs import Run
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
-from mixer_cli.core.files import csv_text, write_atomic
+from mixer_cli.core.files import csv_text
 from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.evaluate.fewshot import fewshot_evaluator
 from mixer_cli.models import load_mixer
@@ -50,9 +48,7 @@ def fewshot_command(cfg: DictConfig, checkpoint: Path, shots: list[int]) -> dict
     cfg = with_checkpoint_preprocessing(cfg, resolve_data_config({}, model=model))
     evaluator = fewshot_evaluator(cfg, shots, seeds=range(f.seeds))
     model.to(pick_device(f.device))
-    run_dir = make_run_dir(cfg, "fewshot")
-    try:  # a stream (shards) shows a class with too few examples only when read
-        save_config(cfg, run_dir)
+    with Run(cfg, "fewshot") as run:  # a stream (shards) shows a class with too few examples only when read
         result = evaluator.run(model)
         summary = summarise(result["runs"])
         results = {
@@ -60,14 +56,11 @@ def fewshot_command(cfg: DictConfig, checkpoint: Path, shots: list[int]) -> dict
             "num_classes": cfg.data.num_classes, "feature_dim": result["feature_dim"],
             "num_samples": result["num_samples"], "l2": "select" if evaluator.l2 is None else evaluator.l2,
             **{f"fewshot_{k}shot": acc for k, acc in result["accuracy"].items()},  # as training runs name them
-            "summary": summary, "runs": result["runs"], "run_dir": str(run_dir),
+            "summary": summary, "runs": result["runs"], "run_dir": str(run.path),
         }
-        write_atomic(run_dir / "fewshot.csv", csv_text(result["runs"], ["shots", "seed", "l2", "accuracy"]))
-        plot_fewshot(summary, run_dir / "fewshot.png", title=f"linear few-shot, {cfg.data.source}")
-        write_atomic(run_dir / "results.json", json.dumps(results, indent=2))  # last: its presence means complete
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        run.write("fewshot.csv", csv_text(result["runs"], ["shots", "seed", "l2", "accuracy"]))
+        plot_fewshot(summary, run.path / "fewshot.png", title=f"linear few-shot, {cfg.data.source}")
+        run.finish(results)
     print_fewshot(results)
     return results
 

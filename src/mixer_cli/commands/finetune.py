@@ -15,10 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mixer_cli.commands.sweep import best_point, multirun
 from mixer_cli.config.compose import compose
-from mixer_cli.config.run_dirs import is_global_zero_process, make_run_dir
+from mixer_cli.config.run_dirs import Run, is_global_zero_process
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
-from mixer_cli.core.files import write_atomic
 from mixer_cli.data.shards import resolve_shards
 from mixer_cli.evaluate import vtab
 from mixer_cli.models import grow_resolution, load_mixer
@@ -67,9 +66,8 @@ def finetune_model(cfg: DictConfig) -> Mixer:
     return for_target(pretrained_model(cfg), cfg)
 
 
-def finetune(cfg: DictConfig, progress: bool = True, run_dir: Path | None = None, model: Mixer | None = None,
-             resume: bool = False) -> dict:
-    return fit(cfg, finetune_model(cfg) if model is None else model, "finetune", run_dir=run_dir, resume=resume,
+def finetune(cfg: DictConfig, progress: bool = True, run_dir: Path | None = None, model: Mixer | None = None) -> dict:
+    return fit(cfg, finetune_model(cfg) if model is None else model, "finetune", run_dir=run_dir,
                progress=progress, extra_results={"from": str(cfg.checkpoint)}, callbacks=probes(cfg))
 
 
@@ -191,21 +189,21 @@ def finetune_vtab(overrides: list[str], suite_dir: Path | None = None) -> dict:
     grids = {name: lr_grid(cfg) for name, cfg in cfgs.items()}
     for cfg in cfgs.values():
         growth_factor(pretrained, cfg.data.img_size)  # every resolution is reachable before anything trains
-    if suite_dir is None:  # a new suite, or under a requeued SLURM job the one it started
-        suite_dir = make_run_dir(first, "finetune", same_run=lambda d: started_with(d, quiet=True) == overrides)
-        if is_global_zero_process() and not (suite_dir / SUITE_FILE).is_file():
-            write_atomic(suite_dir / SUITE_FILE, json.dumps({"overrides": overrides}, indent=2))
-    say(f"VTAB-1k: {len(cfgs)} task(s) from {first.checkpoint} -> {suite_dir} "
-        f"(if stopped: mixer finetune --resume {suite_dir})")
-    results = [vtab_task(cfg, pretrained, grids[name], suite_dir, f"{i}/{len(cfgs)}")
-               for i, (name, cfg) in enumerate(cfgs.items(), 1)]
-    scores = vtab.write_suite(suite_dir, str(first.checkpoint), results) if is_global_zero_process() else None
-    seconds = sum(r.train_seconds for r in results)
-    record = {"command": "finetune", "name": first.name, "from": str(first.checkpoint), "tasks": len(results),
-              "vtab1k": scores, "train_seconds": round(seconds, 1),
-              "device_hours": round(sum(r.device_hours for r in results), 4), "run_dir": str(suite_dir)}
-    if is_global_zero_process():
-        write_atomic(suite_dir / "results.json", json.dumps(record, indent=2))
+    # A new suite, or (suite_dir, or under a requeued SLURM job) the one it started; suite.json is its record.
+    with Run(first, "finetune", path=suite_dir, same_run=lambda d: started_with(d, quiet=True) == overrides,
+             record=False) as suite:
+        if not (suite.path / SUITE_FILE).is_file():
+            suite.write(SUITE_FILE, json.dumps({"overrides": overrides}, indent=2))
+        say(f"VTAB-1k: {len(cfgs)} task(s) from {first.checkpoint} -> {suite.path} "
+            f"(if stopped: mixer finetune --resume {suite.path})")
+        results = [vtab_task(cfg, pretrained, grids[name], suite.path, f"{i}/{len(cfgs)}")
+                   for i, (name, cfg) in enumerate(cfgs.items(), 1)]
+        scores = vtab.write_suite(suite.path, str(first.checkpoint), results) if suite.is_main else None
+        seconds = sum(r.train_seconds for r in results)
+        record = {"command": "finetune", "name": first.name, "from": str(first.checkpoint), "tasks": len(results),
+                  "vtab1k": scores, "train_seconds": round(seconds, 1),
+                  "device_hours": round(sum(r.device_hours for r in results), 4), "run_dir": str(suite.path)}
+        suite.finish(record)
     return record
 
 
@@ -235,8 +233,7 @@ def train_vtab(cfg: DictConfig, pretrained: Mixer, run_dir: Path) -> dict:
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    return finetune(cfg, progress=False, run_dir=run_dir, model=for_target(copy.deepcopy(pretrained), cfg),
-                    resume=(run_dir / "last.ckpt").is_file())
+    return finetune(cfg, progress=False, run_dir=run_dir, model=for_target(copy.deepcopy(pretrained), cfg))
 
 
 def started_with(suite_dir: Path, quiet: bool = False) -> list[str] | None:

@@ -3,14 +3,13 @@ report.csv) with plots of accuracy against pre-training cost, throughput and pre
 reporting/paper.py says which run fills which cell."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mixer_cli.config.run_dirs import make_run_dir
+from mixer_cli.config.run_dirs import Run
 from mixer_cli.core.console import console
-from mixer_cli.core.files import csv_text, write_atomic
+from mixer_cli.core.files import csv_text
 from mixer_cli.core.plots import save_figure
 from mixer_cli.reporting.paper import (
     Runs,
@@ -43,15 +42,12 @@ def build_report(run_dirs: list[Path], out_root: Path) -> Path:
             "ImageNet top-1 vs throughput"),
         **({"fewshot_vs_data_size.png": plot_fewshot(series)} if series else {}),
     }
-    out = make_run_dir(OmegaConf.create({"run_root": str(out_root), "name": "report"}), "report")
-    try:
+    with Run(OmegaConf.create({"run_root": str(out_root), "name": "report"}), "report", record=False) as report:
         for name, fig in figures.items():
-            save_figure(fig, out / name)
-        write_atomic(out / "report.csv", csv_text(csv_rows(rows)))
-        write_atomic(out / "report.md", text)  # last: its presence means complete
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+            save_figure(fig, report.path / name)
+        report.write("report.csv", csv_text(csv_rows(rows)))
+        report.write("report.md", text)  # last: its presence means complete
+    out = report.path
     measured = sum(any(v is not None for v in r.measured.values()) for r in rows)
     console.print(f"{len(runs.runs)} runs read; {measured} of {len(rows)} rows measured; wrote {out}/report.md",
                   highlight=False, soft_wrap=True)

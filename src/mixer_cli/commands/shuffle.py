@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import lightning as L
@@ -24,10 +23,10 @@ from torch import nn
 from torchvision.transforms import v2
 
 from mixer_cli.commands.pretrain import build_model
-from mixer_cli.config.run_dirs import make_run_dir, save_config
+from mixer_cli.config.run_dirs import Run
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
-from mixer_cli.core.files import csv_text, write_atomic
+from mixer_cli.core.files import csv_text
 from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.evaluate.fewshot import fewshot_callback, fewshot_evaluator
 from mixer_cli.reporting.runs import read_metrics
@@ -171,35 +170,34 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     fewshot_callback(cfg)  # validates the probe's data and shots before anything is written
     check_data(cfg, build_datasets(cfg)[0])  # e.g. too few shards for the loader workers
     perms = draw_permutations(cfg.data.img_size, patch_size, s.seed)
-    run_dir = make_run_dir(cfg, "shuffle-experiment")
-    save_config(cfg, run_dir)
-    save_file({k: v.contiguous() for k, v in perms.items()}, run_dir / "permutations.safetensors")
-    runs = [(kind, pipeline) for kind in s.models for pipeline in s.pipelines]
-    results = []
-    for i, (kind, pipeline) in enumerate(runs, 1):
-        console.rule(f"[bold]{kind} · {pipeline}[/] ({i}/{len(runs)})")
-        results.append(train_one(cfg, kind, pipeline, perms[pipeline], run_dir / f"{kind}-{pipeline}"))
-    relative_drops(results)
-    write_outputs(results, run_dir, cfg)
-    print_table(results, cfg.fewshot.shots, f"mixer shuffle-experiment {cfg.name}: {run_dir}")
+    with Run(cfg, "shuffle-experiment") as run:
+        save_file({k: v.contiguous() for k, v in perms.items()}, run.path / "permutations.safetensors")
+        runs = [(kind, pipeline) for kind in s.models for pipeline in s.pipelines]
+        results = []
+        for i, (kind, pipeline) in enumerate(runs, 1):
+            console.rule(f"[bold]{kind} · {pipeline}[/] ({i}/{len(runs)})")
+            results.append(train_one(cfg, kind, pipeline, perms[pipeline], run.path / f"{kind}-{pipeline}"))
+        relative_drops(results)
+        write_outputs(results, run, cfg)
+    print_table(results, cfg.fewshot.shots, f"mixer shuffle-experiment {cfg.name}: {run.path}")
     finding = verdict(results, s.tolerance, cfg.fewshot.shots)
     if finding:
         console.print(f"Sec. 3.4 finding {finding}")
     return results
 
 
-def write_outputs(results: list[dict], run_dir: Path, cfg: DictConfig) -> None:
+def write_outputs(results: list[dict], run: Run, cfg: DictConfig) -> None:
     shots = cfg.fewshot.shots
     curves = io.StringIO()
     writer = csv.writer(curves)
     writer.writerow(["model", "pipeline", "step", f"fewshot_{shots}shot"])
     for r in results:
         writer.writerows([r["model"], r["pipeline"], step, f"{acc:.4f}"] for step, acc in r["curve"])
-    write_atomic(run_dir / "fewshot_curves.csv", curves.getvalue())
+    run.write("fewshot_curves.csv", curves.getvalue())
     keys = ["model", "pipeline", "fewshot", "fewshot_drop", "top1", "top1_drop", "paper", "steps", "train_seconds"]
-    write_atomic(run_dir / "results.csv", csv_text(results, keys))
-    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
-    plot_curves(results, run_dir / "fewshot_curves.png", shots, title=f"mixer shuffle-experiment {cfg.name}")
+    run.write("results.csv", csv_text(results, keys))
+    plot_curves(results, run.path / "fewshot_curves.png", shots, title=f"mixer shuffle-experiment {cfg.name}")
+    run.finish(results)
 
 
 PIPELINE_LABEL = {"original": "original", "patch_pixel": "patch + pixel shuffling", "global_pixel": "global shuffling"}

@@ -1,9 +1,11 @@
-"""Run directories: one new directory per run (not per rank), its saved config, and resuming from it."""
+"""Run directories: one new directory per run (not per rank), its life (`Run`), and resuming from it."""
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +16,9 @@ from mixer_cli.config.compose import validate
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import write_atomic
 
-# One run directory per run, not per rank. Ranks that Lightning launches inherit rank 0's session
-# through this variable; ranks started by SLURM or torchrun derive it from their shared job id.
-SESSION_ENV = "MIXER_RUN_SESSION"
-_runs_made = 0  # run directories this process asked for; every rank asks in the same order
+# The run directory, for the ranks Lightning launches while a run is open (they inherit rank 0's
+# environment); ranks started by SLURM or torchrun derive it from their shared job id instead.
+RUN_DIR_ENV = "MIXER_RUN_DIR"
 
 
 def is_global_zero_process() -> bool:
@@ -36,36 +37,88 @@ def launcher_job_id() -> str | None:
     return None
 
 
+class Run:
+    """The life of a run directory, the same for every command that writes one:
+
+        with Run(cfg, "eval") as run:      # created (rank 0; the other ranks find it), config.yaml saved
+            run.write("table.csv", text)   # each file atomically
+            run.finish(results)            # results.json last: its presence means the run is complete
+
+    A run that fails is removed, unless it holds a checkpoint (work that can be continued or is
+    worth keeping) or was not created by this `Run` (one continued: `path=`, or a requeued job's).
+    Only rank 0 writes or removes anything. `record=False` for outputs that are not a config's run
+    (a report, a VTAB suite with its own record)."""
+
+    def __init__(self, cfg: DictConfig, command: str, *, path: Path | None = None,
+                 same_run: Callable[[Path], bool] | None = None, record: bool = True):
+        self.cfg, self.command, self.record = cfg, command, record
+        self.path: Path = path  # type: ignore[assignment]  # chosen on entry when None
+        self.same_run = same_run
+        self.is_main = is_global_zero_process()
+        self._publish = path is None
+        self._created = False
+        self._env_before: str | None = None
+
+    def __enter__(self) -> Run:
+        if self.path is None:
+            self.path = make_run_dir(self.cfg, self.command, self.same_run)
+            self._created = not any(self.path.iterdir())  # not a restarted job's directory
+        if self._publish:  # for the ranks Lightning launches inside this run
+            self._env_before = os.environ.get(RUN_DIR_ENV)
+            os.environ[RUN_DIR_ENV] = str(self.path)
+        if self.record and self.is_main and not (self.path / "config.yaml").is_file():
+            save_config(self.cfg, self.path)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._publish:
+            if self._env_before is None:
+                os.environ.pop(RUN_DIR_ENV, None)
+            else:
+                os.environ[RUN_DIR_ENV] = self._env_before
+        if exc_type is not None and self._created and self.is_main and not any(self.path.rglob("*.ckpt")):
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    @property
+    def continues(self) -> bool:
+        """Whether the directory holds a run to continue (its last.ckpt): a resumed or requeued one."""
+        return (self.path / "last.ckpt").is_file()
+
+    def write(self, name: str, content: str | bytes) -> Path:
+        path = self.path / name
+        if self.is_main:
+            write_atomic(path, content)
+        return path
+
+    def finish(self, results: dict | list) -> None:
+        """results.json, written last (and atomically): its presence means the run is complete."""
+        self.write("results.json", json.dumps(results, indent=2))
+
+
 def make_run_dir(cfg: DictConfig, command: str, same_run: Callable[[Path], bool] | None = None) -> Path:
-    """runs/<command>/<session>-<name>[-n]: rank 0 creates it, new and empty (never an existing one;
+    """runs/<command>/<session>-<name>: rank 0 creates it, new and empty (never an existing one;
     under SLURM/torchrun the job id names it); the other ranks of the run wait for the same directory.
     A requeued SLURM job gets the directory of the run it continues: one for which `same_run` holds
     (by default: its saved config is `cfg`)."""
-    global _runs_made
     root = Path(cfg.run_root) / command
     job = launcher_job_id()
-    suffix = f"-{_runs_made}" if _runs_made else ""
     slurm_job = os.environ.get("SLURM_JOB_ID")
     if not is_global_zero_process():
-        session = os.environ.get(SESSION_ENV) or job
-        if session is None:
+        if job is None and not os.environ.get(RUN_DIR_ENV):
             raise UserError("the ranks of this run cannot agree on a run directory: start them with torchrun "
                             "--rdzv-id=ID (or --standalone), under SLURM, or with trainer.devices=N")
-        path = _wait_for(root / f"{session}-{cfg.name}{suffix}")
-    elif job is not None:
-        path = root / f"{job}-{cfg.name}{suffix}"
-        path.mkdir(parents=True, exist_ok=True)  # a requeued job continues in its directory
-        os.environ[SESSION_ENV] = job
-    elif slurm_job:
+        return _wait_for(Path(os.environ[RUN_DIR_ENV]) if os.environ.get(RUN_DIR_ENV) else root / f"{job}-{cfg.name}")
+    if job is not None:
+        path = root / f"{job}-{cfg.name}"
+        path.mkdir(parents=True, exist_ok=True)  # a restarted job continues in its directory
+        return path
+    if slurm_job:
         # One task: no rank to agree with, but a job may run several commands (or be an interactive
         # session), so the job id alone does not tell the run a requeued job continues.
         session = f"slurm{slurm_job}"
         same_run = same_run or (lambda run_dir: _same_config(run_dir, cfg))
-        path = _requeued_run(root, session, cfg.name + suffix, same_run) or _new_dir(root, cfg.name, suffix, session)
-    else:
-        path = _new_dir(root, cfg.name, suffix, _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    _runs_made += 1
-    return path
+        return _requeued_run(root, session, cfg.name, same_run) or _new_dir(root, cfg.name, session)
+    return _new_dir(root, cfg.name, _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
 def _requeued_run(root: Path, session: str, name: str, same_run: Callable[[Path], bool]) -> Path | None:
@@ -81,9 +134,7 @@ def _requeued_run(root: Path, session: str, name: str, same_run: Callable[[Path]
             and ((d / "last.ckpt").is_file() or not (d / "results.json").is_file())]
     if not runs:
         return None
-    path = min(runs, key=lambda d: ((d / "results.json").is_file(), -d.stat().st_mtime))
-    os.environ[SESSION_ENV] = path.name.removesuffix(f"-{name}")  # for later runs and launched ranks
-    return path
+    return min(runs, key=lambda d: ((d / "results.json").is_file(), -d.stat().st_mtime))
 
 
 def _same_config(run_dir: Path, cfg: DictConfig) -> bool:
@@ -93,22 +144,15 @@ def _same_config(run_dir: Path, cfg: DictConfig) -> bool:
         return False
 
 
-def _new_dir(root: Path, name: str, suffix: str, stamp: str) -> Path:
-    """A new directory; the first of a process picks a session (`stamp`, or `stamp-k` if another run
-    has it) no other run uses, the later ones (sweeps) reuse it with a counter, so launched ranks can follow."""
+def _new_dir(root: Path, name: str, stamp: str) -> Path:
+    """A new directory <session>-<name>, the session `stamp`, or `stamp-k` if another run has it."""
     root.mkdir(parents=True, exist_ok=True)
-    if suffix and os.environ.get(SESSION_ENV):
-        path = root / f"{os.environ[SESSION_ENV]}-{name}{suffix}"
-        path.mkdir()
-        return path
     for k in range(1000):
-        session = stamp if k == 0 else f"{stamp}-{k}"
-        path = root / f"{session}-{name}{suffix}"
+        path = root / f"{stamp if k == 0 else f'{stamp}-{k}'}-{name}"
         try:
             path.mkdir()
         except FileExistsError:
             continue
-        os.environ[SESSION_ENV] = session
         return path
     raise UserError(f"could not create a new run directory under {root}")
 

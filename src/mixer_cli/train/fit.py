@@ -8,8 +8,6 @@ exists; the batch split over devices is decided before the Trainer and the DataM
 """
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -19,9 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from mixer_cli.config.run_dirs import make_run_dir, resume_config, save_config
+from mixer_cli.config.run_dirs import Run, resume_config
 from mixer_cli.core.errors import UserError
-from mixer_cli.core.files import write_atomic
 from mixer_cli.data import build_dataset
 from mixer_cli.data.device_transforms import NormalizeOnDevice, gpu_decode_transform
 from mixer_cli.data.transforms import eval_data_config
@@ -89,7 +86,6 @@ def fit(
     command: str,
     *,
     run_dir: Path | None = None,
-    resume: bool = False,
     datasets: tuple | None = None,
     callbacks: list | None = None,
     progress: bool = True,
@@ -97,9 +93,9 @@ def fit(
 ) -> dict:
     """Train `model` as cfg says and evaluate the final weights; returns results.json's content.
 
-    run_dir: None makes a new runs/<command>/<timestamp>-<name>/; with resume=True it is the run to
-    continue from its last.ckpt. datasets: (train, eval) to use instead of cfg.data's (the shuffle
-    experiment permutes pixels). callbacks: more Lightning callbacks (e.g. a few-shot probe)."""
+    run_dir: None makes a new runs/<command>/<timestamp>-<name>/; a directory with a last.ckpt is a run
+    to continue from it (resumed, or a requeued job's). datasets: (train, eval) to use instead of
+    cfg.data's (the shuffle experiment permutes pixels). callbacks: more Lightning callbacks (e.g. a few-shot probe)."""
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the data order; the caller seeded the model
     t = cfg.trainer
@@ -128,42 +124,32 @@ def fit(
         real_top1=real_top1,
         **device_preprocessing(cfg),
     )
-    fresh = run_dir is None
-    run_dir = run_dir or make_run_dir(cfg, command)
-    if fresh and (run_dir / "last.ckpt").is_file():  # a requeued job's directory: continue the run it holds
-        fresh, resume = False, True
-    try:
+    with Run(cfg, command, path=run_dir) as run:
         trainer = build_trainer(
-            t, run_dir, plan,
-            callbacks=[*build_callbacks(cfg.callbacks, run_dir), *(callbacks or [])],
-            loggers=build_loggers(cfg.logger, run_dir, resume), progress=progress,
+            t, run.path, plan,
+            callbacks=[*build_callbacks(cfg.callbacks, run.path), *(callbacks or [])],
+            loggers=build_loggers(cfg.logger, run.path, run.continues), progress=progress,
             micro_batches_per_epoch=datamodule.micro_batches_per_epoch,
         )
         if trainer.world_size != plan.world_size:
             raise RuntimeError(f"planned for {plan.world_size} devices, Lightning runs {trainer.world_size}")
-        if not resume:
-            save_config(cfg, run_dir)
-    except BaseException:
-        if fresh:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=run_dir / "last.ckpt" if resume else None,
-                weights_only=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # evaluation clears them
-    if module.validated_at_step != trainer.global_step:  # every run ends evaluated, whatever its length
-        metrics |= evaluate(trainer, module, datamodule.val_dataloader())
-    dev = evaluate(trainer, module, datamodule.eval_loader(dev_set), "dev") if dev_set is not None else {}
-    seconds = time.perf_counter() - start
-    trainer.save_checkpoint(run_dir / "last.ckpt", weights_only=False)
-    results = {**summarise(cfg, command, trainer, model, plan, steps, steps_per_epoch, seconds, run_dir, metrics),
-               **(extra_results or {}),
-               **{f"dev_{k.removeprefix('dev/')}": v for k, v in dev.items() if k != "dev/loss"}}
-    if trainer.is_global_zero:
-        write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
-        plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", title=f"mixer {command} {cfg.name}")
-        if progress:
-            print_summary(results)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=run.path / "last.ckpt" if run.continues else None,
+                    weights_only=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # evaluation clears them
+        if module.validated_at_step != trainer.global_step:  # every run ends evaluated, whatever its length
+            metrics |= evaluate(trainer, module, datamodule.val_dataloader())
+        dev = evaluate(trainer, module, datamodule.eval_loader(dev_set), "dev") if dev_set is not None else {}
+        seconds = time.perf_counter() - start
+        trainer.save_checkpoint(run.path / "last.ckpt", weights_only=False)
+        results = {**summarise(cfg, command, trainer, model, plan, steps, steps_per_epoch, seconds, run.path, metrics),
+                   **(extra_results or {}),
+                   **{f"dev_{k.removeprefix('dev/')}": v for k, v in dev.items() if k != "dev/loss"}}
+        if trainer.is_global_zero:
+            plot_curves(run.path / "metrics.csv", run.path / "curves.png", title=f"mixer {command} {cfg.name}")
+        run.finish(results)
+    if trainer.is_global_zero and progress:
+        print_summary(results)
     return results
 
 
@@ -220,7 +206,7 @@ def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = T
     model = load_mixer(run_dir / "last.ckpt", dropout=cfg.model.dropout, drop_path=cfg.model.drop_path,
                        drop_path_rescale=cfg.model.get("drop_path_rescale", False))
     extra = {"from": str(cfg.checkpoint)} if cfg.get("checkpoint") else None
-    return fit(cfg, model, command, run_dir=run_dir, resume=True, progress=progress, extra_results=extra,
+    return fit(cfg, model, command, run_dir=run_dir, progress=progress, extra_results=extra,
                callbacks=probes(cfg))
 
 
