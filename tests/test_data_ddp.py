@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     import lightning as L
 
     from mixer_cli.config.compose import compose
-    from mixer_cli.train.fit import fit
+    from mixer_cli.train.fit import build, build_datasets
     from mixer_cli.commands.pretrain import build_model
 
 
@@ -38,7 +38,9 @@ SCRIPT = textwrap.dedent(
 
     cfg = compose(sys.argv[2:])
     record = Record()
-    results = fit(cfg, build_model(cfg), "pretrain", callbacks=[record], progress=False)
+    job = build(cfg, build_model(cfg), build_datasets(cfg))
+    job.callbacks.append(record)
+    results = job.run("pretrain", progress=False)
     out = Path(sys.argv[1]) / f"rank{record.rank}.json"
     out.write_text(json.dumps({"train": record.train, "val": record.val, "results": results}))
     """

@@ -12,7 +12,7 @@ from mixer_cli.config.compose import compose
 from mixer_cli.data import build_dataset
 from mixer_cli.data.device_transforms import NormalizeOnDevice
 from mixer_cli.train.fit import device_preprocessing
-from mixer_cli.train.module import Classifier
+from mixer_cli.train.module import Evaluator
 
 TINY = ["model.patch_size=4", "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8",
         "model.channels_mlp_dim=16", "trainer.steps=2", "trainer.accelerator=cpu", "data.num_workers=0"]
@@ -41,15 +41,14 @@ def config(folders, decode: str, *extra):
                     f"data.decode={decode}", *TINY, *extra])
 
 
-def classifier(cfg) -> Classifier:
-    module = Classifier(build_model(cfg), loss=torch.nn.CrossEntropyLoss(), optimizer=None, scheduler=None,
-                        num_classes=3, **device_preprocessing(cfg))
+def classifier(cfg) -> Evaluator:
+    module = Evaluator(build_model(cfg), num_classes=3, **device_preprocessing(cfg))
     module.trainer = SimpleNamespace(training=False)
     return module
 
 
-def model_input(module: Classifier, dataset) -> torch.Tensor:
-    """The evaluation batch of the whole split as the network receives it after the Classifier's hooks."""
+def model_input(module: Evaluator, dataset) -> torch.Tensor:
+    """The evaluation batch of the whole split as the network receives it after the Evaluator's hooks."""
     items = [dataset[i] for i in range(len(dataset))]
     x = [x for x, _ in items]
     batch = (x if isinstance(x[0], bytes) else torch.stack(x), torch.tensor([y for _, y in items]))

@@ -11,7 +11,8 @@ from mixer_cli.commands.finetune import finetune, finetune_model
 from mixer_cli.config.compose import compose
 from mixer_cli.core.errors import UserError
 from mixer_cli.models import build_mixer, load_mixer
-from mixer_cli.train.fit import mixer_record, resume
+from mixer_cli.models.contract import checkpoint_record
+from mixer_cli.train.fit import resume
 
 
 def tiny_pretrained(classes=7, img_size=28, in_chans=1, patch_size=4):
@@ -26,7 +27,8 @@ def tiny_pretrained(classes=7, img_size=28, in_chans=1, patch_size=4):
 
 def save_checkpoint(model, path):
     """The file a training run leaves: Lightning's state_dict of the module plus our model record."""
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, **mixer_record(model)}, path)
+    weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": weights, **checkpoint_record(model)}, path)
     return path
 
 

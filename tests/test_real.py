@@ -247,11 +247,10 @@ def test_pretraining_logs_real_top1_that_its_last_checkpoint_gives(tmp_path):
     predictions of last.ckpt on the validation images."""
     import csv
 
-    from mixer_cli.commands.pretrain import build_model
+    from mixer_cli.commands.pretrain import pretrain
     from mixer_cli.config.compose import compose
     from mixer_cli.data.writer import folder_samples, write_shards
     from mixer_cli.models import load_mixer
-    from mixer_cli.train.fit import fit
 
     write_val_shards(tmp_path)
     for c in range(3):
@@ -268,8 +267,7 @@ def test_pretraining_logs_real_top1_that_its_last_checkpoint_gives(tmp_path):
         "sched.warmup_steps=1", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.epochs=2",
         f"run_root={tmp_path / 'runs'}", "name=real",
     ])
-    torch.manual_seed(0)
-    results = fit(cfg, build_model(cfg), "pretrain", progress=False)
+    results = pretrain(cfg, progress=False)
     run = Path(results["run_dir"])
 
     model = load_mixer(run / "last.ckpt").eval()
@@ -284,3 +282,5 @@ def test_pretraining_logs_real_top1_that_its_last_checkpoint_gives(tmp_path):
     assert json.loads((run / "results.json").read_text())["real_top1"] == pytest.approx(by_hand)
     rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("val/real_top1")]
     assert len(rows) == 2 and float(rows[-1]["val/real_top1"]) == pytest.approx(by_hand)  # one per epoch
+    (tested,) = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("test/real_top1")]
+    assert float(tested["test/real_top1"]) == pytest.approx(by_hand)  # the final evaluation

@@ -31,7 +31,7 @@ from mixer_cli.data.workers import leave_stop_signals_to
 from mixer_cli.data.writer import demo_samples, write_shards
 from mixer_cli.evaluate.fewshot import make_loader
 from mixer_cli.train.datamodule import ImageDataModule
-from mixer_cli.train.fit import fit, resume
+from mixer_cli.train.fit import build, build_datasets, resume
 from mixer_cli.train.preemption import Stopped
 
 TINY = [
@@ -122,6 +122,13 @@ def one_thread(run, *args, **kwargs):
         return run(*args, **kwargs, progress=False)
     finally:
         torch.set_num_threads(threads)
+
+
+def train(cfg, callback, progress: bool = False) -> dict:
+    """A pre-training run of cfg with one more Lightning callback."""
+    job = build(cfg, build_model(cfg), build_datasets(cfg))
+    job.callbacks.append(callback)
+    return job.run("pretrain", progress=progress)
 
 
 def reference(tmp_path: Path, overrides: list[str]) -> Path:
@@ -237,7 +244,7 @@ def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_lef
     shards = [*SHARDS, *write_demo_shards(tmp_path)]
     cfg = compose([*shards, f"run_root={tmp_path / 'runs'}"])
     with pytest.raises(Stopped) as stop:
-        one_thread(fit, cfg, build_model(cfg), "pretrain", callbacks=[SignalAt(13, signal.SIGTERM)])
+        one_thread(train, cfg, SignalAt(13, signal.SIGTERM))
     assert stop.value.code == 128 + signal.SIGTERM
     (run,) = (tmp_path / "runs" / "pretrain").iterdir()
     assert checkpoint(run / "last.ckpt")["global_step"] == 13  # inside the first epoch of 40 steps
@@ -253,7 +260,7 @@ JOB = textwrap.dedent(
     import lightning as L
 
     from mixer_cli.config.compose import compose
-    from mixer_cli.train.fit import fit
+    from mixer_cli.train.fit import build, build_datasets
     from mixer_cli.commands.pretrain import build_model
 
 
@@ -279,8 +286,9 @@ JOB = textwrap.dedent(
 
 
     cfg = compose(sys.argv[3:])
-    fit(cfg, build_model(cfg), "pretrain", callbacks=[SignalTheJob(int(sys.argv[1]), sys.argv[2] == "evaluation")],
-        progress=False)
+    job = build(cfg, build_model(cfg), build_datasets(cfg))
+    job.callbacks.append(SignalTheJob(int(sys.argv[1]), sys.argv[2] == "evaluation"))
+    job.run("pretrain", progress=False)
     """
 )
 
@@ -309,7 +317,7 @@ def training_loader(cfg, workers: int):
     without Lightning; on shards, epochs of 8 batches (4 per worker of two)."""
     train = build_dataset(cfg.data, cfg.aug, "train", seed=0)
     batches = 8 if cfg.data.source == "shards" else len(train) // 16
-    return ImageDataModule(train, None, 16, workers, micro_batches_per_epoch=batches).train_dataloader()
+    return ImageDataModule(None, 16, workers, train_set=train, micro_batches_per_epoch=batches).train_dataloader()
 
 
 def refuse_cuda(*args):
@@ -407,19 +415,21 @@ class SigtermInEvaluation(Callback):
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
 
+    on_test_batch_start = on_validation_batch_start
+
 
 def in_the_sanity_check(trainer) -> bool:
     return trainer.sanity_checking
 
 
 def in_the_final_evaluation(trainer) -> bool:
-    return trainer.state.fn == "validate"
+    return trainer.state.fn == "test"
 
 
 def test_a_signal_before_the_first_step_stops_the_run_after_it_with_a_checkpoint(tmp_path, capsys):
     cfg = compose([*TINY, "data.global_batch=100", "trainer.steps=3", f"run_root={tmp_path}"])
     with pytest.raises(Stopped) as stop:  # not Lightning's SIGTERMException, which exits with status 0
-        fit(cfg, build_model(cfg), "pretrain", callbacks=[SigtermInEvaluation(in_the_sanity_check)], progress=False)
+        train(cfg, SigtermInEvaluation(in_the_sanity_check))
     assert stop.value.code == 128 + signal.SIGTERM
     (run,) = (tmp_path / "pretrain").iterdir()
     assert checkpoint(run / "last.ckpt")["global_step"] == 1
@@ -430,7 +440,7 @@ def test_a_signal_during_the_final_evaluation_lets_it_finish_and_write_its_resul
     # 3 steps of an epoch of 40: no evaluation during training, so the final one is the run's only one.
     cfg = compose([*TINY, "data.global_batch=100", "trainer.steps=3", f"run_root={tmp_path}"])
     signal_it = SigtermInEvaluation(in_the_final_evaluation)
-    results = fit(cfg, build_model(cfg), "pretrain", callbacks=[signal_it], progress=False)
+    results = train(cfg, signal_it)
     assert signal_it.sent and results["steps"] == 3 and results["num_samples"] == 1000
     assert json.loads(Path(results["run_dir"], "results.json").read_text())["top1"] == results["top1"]
 

@@ -174,7 +174,7 @@ class PixelFeatures(nn.Module):
 def test_every_split_is_shuffled_after_its_own_preprocessing():
     cfg = compose(TINY, config_name="shuffle")
     shuffle = ShufflePixels(draw_permutations(28, 4, seed=0)["patch_pixel"])
-    (plain_train, plain_eval), (train, eval_set) = build_datasets(cfg), build_datasets(cfg)
+    (plain_train, plain_eval, _), (train, eval_set, _) = build_datasets(cfg), build_datasets(cfg)
     with_shuffle(train, shuffle)
     with_shuffle(eval_set, shuffle)
     x, y = eval_set[7]

@@ -16,10 +16,10 @@ from mixer_cli.commands.pretrain import build_model
 from mixer_cli.config.compose import compose
 from mixer_cli.data import build_dataset
 from mixer_cli.models import load_mixer
-from mixer_cli.train.fit import build_datasets, fit
+from mixer_cli.train.fit import build, build_datasets
 from mixer_cli.train.losses import SigmoidCrossEntropy, SoftmaxCrossEntropy
 from mixer_cli.train.mixup import BatchMixup
-from mixer_cli.train.module import Classifier, top_k_hits
+from mixer_cli.train.module import Classifier, Evaluator, top_k_hits
 from mixer_cli.train.optim import lr_factor
 
 TINY = [
@@ -42,7 +42,9 @@ def train(root, *overrides, callbacks=()):
     """(config, results.json, run directory, initial weights) of a tiny demo run under `root`."""
     cfg = compose([*TINY, f"run_root={root}", *overrides])
     initial = {k: v.clone() for k, v in build_model(cfg).state_dict().items()}
-    results = fit(cfg, build_model(cfg), "pretrain", callbacks=list(callbacks), progress=False)
+    job = build(cfg, build_model(cfg), build_datasets(cfg))
+    job.callbacks += callbacks
+    results = job.run("pretrain", progress=False)
     run_dir = next((root / "pretrain").iterdir())
     assert json.loads((run_dir / "results.json").read_text()) == results
     return cfg, results, run_dir, initial
@@ -101,8 +103,10 @@ def test_a_run_shorter_than_an_epoch_still_ends_evaluated(adamw_run):
     _, results, run_dir, _ = adamw_run
     assert results["steps"] == ADAMW_STEPS and isinstance(results["top1"], float)
     with open(run_dir / "metrics.csv") as f:
-        evaluated = [r for r in csv.DictReader(f) if r.get("val/top1")]
-    assert len(evaluated) == 1 and float(evaluated[0]["val/top1"]) == pytest.approx(results["top1"])
+        rows = list(csv.DictReader(f))
+    assert not [r for r in rows if r.get("val/top1")]  # no evaluation during training: the epoch never ended
+    (tested,) = [r for r in rows if r.get("test/top1")]
+    assert float(tested["test/top1"]) == pytest.approx(results["top1"]) and int(tested["step"]) == ADAMW_STEPS
 
 
 def test_reported_top1_and_top5_are_those_of_the_final_checkpoint_on_the_test_split(adamw_run):
@@ -122,7 +126,7 @@ def test_reported_top1_and_top5_are_those_of_the_final_checkpoint_on_the_test_sp
 def test_val_metrics_average_over_samples_not_batches_or_classes(monkeypatch):
     # class 0: three right; class 1: ranked last; class 2: ranked third (a top-5 hit only). Over samples
     # top-1 is 3/5 and top-5 4/5; a mean over batches (1/2, 3/4) or over classes (1/3, 2/3) differs.
-    module = Classifier(torch.nn.Identity(), SoftmaxCrossEntropy(), optimizer=None, scheduler=None, num_classes=6)
+    module = Evaluator(torch.nn.Identity(), num_classes=6, loss=SoftmaxCrossEntropy())
     logged = {}
     monkeypatch.setattr(module, "log", lambda name, value, **k: logged.__setitem__(name, float(value)))
     right = torch.tensor([[5.0, 4, 3, 2, 1, 0]] * 3)
@@ -179,9 +183,9 @@ def test_an_epoch_has_the_same_optimiser_steps_whatever_the_device_batch(tmp_pat
     # the loader holds; a 4th step from the 10th alone would overrun the schedule on a third of a batch.
     cfg = compose([*TINY, f"run_root={tmp_path}", "data.global_batch=300", "trainer.device_batch=100",
                    "trainer.epochs=1"])
-    train_set, eval_set = build_datasets(cfg)
-    results = fit(cfg, build_model(cfg), "pretrain", datasets=(Subset(train_set, range(1000)), eval_set),
-                  progress=False)
+    splits = build_datasets(cfg)
+    results = build(cfg, build_model(cfg), splits._replace(train=Subset(splits.train, range(1000)))).run(
+        "pretrain", progress=False)
     assert results["batch"].endswith("x 100 x 3 accumulation step(s)")
     assert results["steps"] == results["planned_steps"] == 3
 

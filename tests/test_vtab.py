@@ -15,12 +15,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
-from mixer_cli.commands import finetune
 from mixer_cli.data.writer import Sample, write_shards
 from mixer_cli.evaluate import vtab
 from mixer_cli.models import load_mixer
 from mixer_cli.reporting.paper import Measure, Runs, find_runs
-from mixer_cli.train.fit import fit
+from mixer_cli.train.fit import Job
 from test_finetune import save_checkpoint, tiny_pretrained
 
 # A table of four tiny tasks in place of the 19: small images fine-tune at data.resolutions.small
@@ -146,11 +145,13 @@ def trained(monkeypatch) -> list[tuple[str, bool]]:
     """(run directory name, whether it continues a stopped run) of every fine-tune the suite trains from here on."""
     calls = []
 
-    def spy(cfg, model, command, run_dir, **kwargs):
-        calls.append((run_dir.name, (run_dir / "last.ckpt").is_file()))
-        return fit(cfg, model, command, run_dir=run_dir, **kwargs)
+    run = Job.run
 
-    monkeypatch.setattr(finetune, "fit", spy)
+    def spy(job, command, run_dir, progress):
+        calls.append((run_dir.name, (run_dir / "last.ckpt").is_file()))
+        return run(job, command, run_dir, progress)
+
+    monkeypatch.setattr(Job, "run", spy)
     return calls
 
 

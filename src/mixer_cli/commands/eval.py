@@ -2,8 +2,8 @@
 
 Any file `load_mixer` reads is evaluated with the preprocessing it records (resolution, mean/std,
 interpolation, crop); conf/eval.yaml leaves those values null so that the checkpoint's fill them,
-and a value the user sets wins. The pass is the training's evaluation (the Classifier's metrics over
-the DataModule's `eval_loader`, run by a Lightning Trainer): every image of the split is counted
+and a value the user sets wins. The pass is the training's final evaluation (the Evaluator's metrics
+in Lightning's test loop over the DataModule's evaluation split): every image of the split is counted
 exactly once however many devices share it, no padding, no dropped last batch. With
 `data.real_labels=real.json` the ImageNet validation images are scored against the reassessed
 labels as well (evaluate/real_labels.py).
@@ -18,18 +18,18 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from mixer_cli.config.run_dirs import Run
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
 from mixer_cli.evaluate.real_labels import real_labels_for
-from mixer_cli.models import VARIANTS, load_mixer
+from mixer_cli.models import load_mixer
+from mixer_cli.models.contract import describe
 from mixer_cli.reporting.runs import print_summary
 from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import device_preprocessing
-from mixer_cli.train.module import Classifier
+from mixer_cli.train.module import Evaluator
 from mixer_cli.train.trainer import quiet_lightning
 
 
@@ -73,12 +73,6 @@ def default_name(checkpoint: Path) -> str:
     return f"{run_name}-{checkpoint.stem}" if run_name else checkpoint.stem
 
 
-def variant_of(model) -> str:
-    spec = model.spec
-    return next((name for name, fields in VARIANTS.items() if all(getattr(spec, k) == v for k, v in fields.items())),
-                "custom")
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,12 +80,12 @@ def pick_device(name: str) -> torch.device:
 
 
 class PassingBar(RichProgressBar):
-    """Lightning's bar, gone once the pass ends (Lightning hides it only inside `fit`): the table follows."""
+    """Lightning's bar, gone once the pass ends: the table follows."""
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_epoch_end(trainer, pl_module)
-        if self.progress is not None and self.val_progress_bar_id is not None:
-            self.progress.update(self.val_progress_bar_id, visible=False)
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_test_epoch_end(trainer, pl_module)
+        if self.progress is not None and self.test_progress_bar_id is not None:
+            self.progress.update(self.test_progress_bar_id, visible=False)
 
 
 def eval_trainer(e: DictConfig) -> L.Trainer:
@@ -104,15 +98,14 @@ def eval_trainer(e: DictConfig) -> L.Trainer:
 def measure(trainer: L.Trainer, module, dataset, batch_size: int, num_workers: int) -> dict:
     """top1, top5 and num_samples (and real_top1, real_num_samples when the module has the ReaL metric)
     of one exact pass over `dataset`, `batch_size` images per device; the same on every rank."""
-    datamodule = ImageDataModule(None, dataset, batch_size, num_workers, micro_batches_per_epoch=1)
-    (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=False)
-    if not metrics["val/num_samples"]:
+    (metrics,) = trainer.test(module, datamodule=ImageDataModule(dataset, batch_size, num_workers), verbose=False)
+    if not metrics["test/num_samples"]:
         raise UserError("the evaluation split holds no images; check data.eval_path")
-    measured = {"top1": metrics["val/top1"], "top5": metrics["val/top5"],
-                "num_samples": int(metrics["val/num_samples"])}
-    if "val/real_top1" in metrics:
-        counted = int(metrics["val/real_num_samples"])
-        measured |= {"real_top1": metrics["val/real_top1"] if counted else None, "real_num_samples": counted}
+    measured = {"top1": metrics["test/top1"], "top5": metrics["test/top5"],
+                "num_samples": int(metrics["test/num_samples"])}
+    if "test/real_top1" in metrics:
+        counted = int(metrics["test/real_num_samples"])
+        measured |= {"real_top1": metrics["test/real_top1"] if counted else None, "real_num_samples": counted}
     return measured
 
 
@@ -128,15 +121,14 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
     check_fits(model.pretrained_cfg, cfg.data, checkpoint)
     dataset, real = real_labels_for(cfg.data, build_dataset(cfg.data, cfg.aug, "test"))
     # The training's module, for its evaluation: metrics, and device-side decoding (data.decode).
-    module = Classifier(model, loss=nn.CrossEntropyLoss(), optimizer=None, scheduler=None,
-                        num_classes=cfg.data.num_classes, real_top1=real, **device_preprocessing(cfg))
+    module = Evaluator(model, cfg.data.num_classes, real_top1=real, **device_preprocessing(cfg))
     trainer = eval_trainer(cfg.eval)
     with Run(cfg, "eval") as run:  # open before other ranks launch: they find it through the environment
         start = time.perf_counter()
         measured = measure(trainer, module, dataset, cfg.eval.batch_size, cfg.data.get("num_workers", 0))
         results = {
             "command": "eval", "name": cfg.name, "from": str(checkpoint),
-            "model": variant_of(model), "parameters": sum(p.numel() for p in model.parameters()),
+            "model": describe(model), "parameters": sum(p.numel() for p in model.parameters()),
             "data": cfg.data.source, "eval_path": cfg.data.get("eval_path"), "num_classes": cfg.data.num_classes,
             "preprocessing": {"img_size": cfg.data.img_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
                               "interpolation": cfg.data.interpolation, "crop_mode": cfg.aug.eval_crop_mode,

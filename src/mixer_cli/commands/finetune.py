@@ -22,8 +22,8 @@ from mixer_cli.data.shards import resolve_shards
 from mixer_cli.evaluate import vtab
 from mixer_cli.models import grow_resolution, load_mixer
 from mixer_cli.models.growth import growth_factor
-from mixer_cli.models.mixer import VARIANTS, Mixer
-from mixer_cli.train.fit import fit, probes
+from mixer_cli.models.mixer import Mixer, variant_of
+from mixer_cli.train.fit import build, build_datasets
 from mixer_cli.train.fit import resume as resume_run
 
 
@@ -32,7 +32,7 @@ def check_variant(model: Mixer, variant: str | None, path: Path) -> None:
     if variant is None:
         return
     spec = model.spec
-    if {k: getattr(spec, k) for k in VARIANTS[variant]} != VARIANTS[variant]:
+    if variant_of(spec) != variant:
         raise UserError(
             f"this recipe fine-tunes a Mixer-{variant}, but {path} holds patch {spec.patch_size}, width "
             f"{spec.hidden_dim}, {spec.num_blocks} blocks; pass a {variant} checkpoint or override model.variant=null"
@@ -67,8 +67,9 @@ def finetune_model(cfg: DictConfig) -> Mixer:
 
 
 def finetune(cfg: DictConfig, progress: bool = True, run_dir: Path | None = None, model: Mixer | None = None) -> dict:
-    return fit(cfg, finetune_model(cfg) if model is None else model, "finetune", run_dir=run_dir,
-               progress=progress, extra_results={"from": str(cfg.checkpoint)}, callbacks=probes(cfg))
+    job = build(cfg, finetune_model(cfg) if model is None else model, build_datasets(cfg))
+    job.record["from"] = str(cfg.checkpoint)
+    return job.run("finetune", run_dir, progress)
 
 
 def sweep_point(cfg: DictConfig, run_dir: Path) -> dict:

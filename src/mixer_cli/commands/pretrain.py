@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from mixer_cli.commands.sweep import multirun
 from mixer_cli.config.compose import compose
 from mixer_cli.models.mixer import Mixer
-from mixer_cli.train.fit import fit, probes
+from mixer_cli.train.fit import build, build_datasets
 from mixer_cli.train.fit import resume as resume_run
 
 
@@ -23,7 +23,7 @@ def build_model(cfg: DictConfig) -> Mixer:
 
 
 def pretrain(cfg: DictConfig, progress: bool = True, run_dir: Path | None = None) -> dict:
-    return fit(cfg, build_model(cfg), "pretrain", run_dir=run_dir, progress=progress, callbacks=probes(cfg))
+    return build(cfg, build_model(cfg), build_datasets(cfg)).run("pretrain", run_dir, progress)
 
 
 def sweep_point(cfg: DictConfig, run_dir: Path) -> dict:

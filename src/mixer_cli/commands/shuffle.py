@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +31,7 @@ from mixer_cli.core.files import csv_text
 from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.evaluate.fewshot import fewshot_callback, fewshot_evaluator
 from mixer_cli.reporting.runs import read_metrics
-from mixer_cli.train.fit import build_datasets, check_data, fit
+from mixer_cli.train.fit import build, build_datasets, check_data
 
 PIPELINES = ("original", "patch_pixel", "global_pixel")
 
@@ -119,10 +120,10 @@ def train_one(cfg: DictConfig, kind: str, pipeline: str, perm: torch.Tensor, run
     The probe sees the pipeline's images too (the permutation applies to its batches)."""
     shuffle = ShufflePixels(perm)
     model = build_network(cfg, kind)
-    datasets = tuple(with_shuffle(d, shuffle) for d in build_datasets(cfg))
+    job = build(cfg, model, build_datasets(cfg).map(partial(with_shuffle, shuffle=shuffle)))
+    job.callbacks = [fewshot_callback(cfg, transform=shuffle)]  # the config's probe, seeing the permutation
     run_dir.mkdir()
-    results = fit(cfg, model, "shuffle-experiment", run_dir=run_dir, datasets=datasets,
-                  callbacks=[fewshot_callback(cfg, transform=shuffle)], progress=cfg.shuffle.progress)
+    results = job.run("shuffle-experiment", run_dir, progress=cfg.shuffle.progress)
     final = fewshot_evaluator(cfg, seeds=range(cfg.fewshot.seeds), transform=shuffle).run(model)
     return {
         "model": kind,
@@ -168,7 +169,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     if "resnet" in s.models:
         build_network(cfg, "resnet")
     fewshot_callback(cfg)  # validates the probe's data and shots before anything is written
-    check_data(cfg, build_datasets(cfg)[0])  # e.g. too few shards for the loader workers
+    check_data(cfg, build_datasets(cfg).train)  # e.g. too few shards for the loader workers
     perms = draw_permutations(cfg.data.img_size, patch_size, s.seed)
     with Run(cfg, "shuffle-experiment") as run:
         save_file({k: v.contiguous() for k, v in perms.items()}, run.path / "permutations.safetensors")

@@ -65,6 +65,12 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 
+def variant_of(spec: MixerSpec) -> str | None:
+    """The Table 1 variant whose sizes `spec` has, or None for a custom Mixer."""
+    return next((name for name, sizes in VARIANTS.items() if all(getattr(spec, k) == v for k, v in sizes.items())),
+                None)
+
+
 def spec_for(variant: str | None, **overrides) -> MixerSpec:
     """The spec of a Table 1 variant with the given fields replaced (None values are ignored)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -45,10 +45,17 @@ def plot_curves(metrics_csv: Path, out: Path, title: str) -> None:
     fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
     fewshot = [(key, ax_acc) for key in sorted(series, key=lambda k: (len(k), k)) if key.startswith("fewshot/")]
     panels = [("train/loss", ax_loss), ("val/loss", ax_loss), ("val/top1", ax_acc), ("val/top5", ax_acc), *fewshot]
+    colours = {}
     for key, ax in panels:
         if key in series:
             steps, values = zip(*series[key])
-            ax.plot(steps, values, label=key, marker="o" if key != "train/loss" else None, markersize=3)
+            (line,) = ax.plot(steps, values, label=key, marker="o" if key != "train/loss" else None, markersize=3)
+            colours[key] = line.get_color()
+    for key, ax in (("test/loss", ax_loss), ("test/top1", ax_acc), ("test/top5", ax_acc)):  # the final evaluation
+        if key in series:
+            steps, values = zip(*series[key])
+            ax.plot(steps, values, label=f"{key} (final)", marker="*", markersize=10, linestyle="none",
+                    color=colours.get(key.replace("test/", "val/")))
     ax_loss.set(xlabel="step", ylabel="loss", yscale="log")
     ax_acc.set(xlabel="step", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):

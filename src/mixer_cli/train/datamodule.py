@@ -70,11 +70,13 @@ class EveryRankLoader(StatefulDataLoader):
 
 
 class ImageDataModule(L.LightningDataModule):
-    def __init__(
-        self, train_set: Dataset, eval_set: Dataset, device_batch: int, num_workers: int, micro_batches_per_epoch: int
-    ):
+    """The evaluation split (validation loop during training, then the test loop), the dev split held
+    out of training (the test loop's second loader), and the training set; `mixer eval` has no training set."""
+
+    def __init__(self, eval_set: Dataset, device_batch: int, num_workers: int, *, train_set: Dataset | None = None,
+                 dev_set: Dataset | None = None, micro_batches_per_epoch: int | None = None):
         super().__init__()
-        self.train_set, self.eval_set = train_set, eval_set
+        self.train_set, self.eval_set, self.dev_set = train_set, eval_set, dev_set
         self.device_batch = device_batch
         self.num_workers = num_workers
         self.micro_batches_per_epoch = micro_batches_per_epoch
@@ -109,6 +111,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader(self.eval_set)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self.eval_loader(d) for d in (self.eval_set, self.dev_set) if d is not None]
 
     def eval_loader(self, dataset: Dataset) -> DataLoader:
         """One exact, unpadded pass over `dataset`, split over the ranks."""

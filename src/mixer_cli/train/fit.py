@@ -1,21 +1,30 @@
-"""The one road every training command takes (pretrain, finetune, shuffle-experiment):
+"""The engine every training command takes (pretrain, finetune, shuffle-experiment, resume, sweeps):
 
-    composed config -> datasets, batch plan, loss, optimiser, schedule, LightningModule
-    -> run directory, callbacks, loggers, Trainer -> fit -> final evaluation -> results.json
+    job = build(cfg, model, build_datasets(cfg))  # batch plan, DataModule, loss, optimiser, schedule,
+                                                  # Classifier, the probe the config asks for: all
+                                                  # checked, nothing written, nothing started
+    job.record["from"] = ...                      # callers compose: callbacks, results to add
+    results = job.run("finetune")                 # a run directory (config/run_dirs.Run), Trainer,
+                                                  # fit, test, last.ckpt, results.json
 
-Everything that can be wrong in the config is built (and so checked) before the run directory
-exists; the batch split over devices is decided before the Trainer and the DataModule are built.
+The batch split over devices is decided before the Trainer and the DataModule are built. The final
+evaluation is Lightning's test loop over the evaluation split (and the dev split, if held out), on
+the final weights, whatever the run's length.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import Dataset
 
 from mixer_cli.config.run_dirs import Run, resume_config
 from mixer_cli.core.errors import UserError
@@ -25,23 +34,28 @@ from mixer_cli.data.transforms import eval_data_config
 from mixer_cli.evaluate.fewshot import fewshot_callback
 from mixer_cli.evaluate.real_labels import real_labels_for
 from mixer_cli.models import load_mixer
-from mixer_cli.models.mixer import Mixer
+from mixer_cli.models.contract import describe
 from mixer_cli.reporting.runs import plot_curves, print_summary
-from mixer_cli.train.batching import devices_per_node, plan_batches
+from mixer_cli.train.batching import BatchPlan, devices_per_node, plan_batches
 from mixer_cli.train.datamodule import ImageDataModule, num_samples
 from mixer_cli.train.mixup import BatchMixup
 from mixer_cli.train.module import Classifier
 from mixer_cli.train.trainer import build_callbacks, build_loggers, build_trainer, quiet_lightning
 
 
-def build_datasets(cfg: DictConfig) -> tuple:
-    """(augmented training set, evaluation set) of cfg.data."""
-    return build_dataset(cfg.data, cfg.aug, "train", seed=cfg.seed), build_dataset(cfg.data, cfg.aug, "test")
+class Splits(NamedTuple):
+    train: Dataset  # augmented
+    test: Dataset  # the evaluation split
+    dev: Dataset | None  # held out of the train split (data.dev_fraction), or None
+
+    def map(self, f) -> Splits:
+        return Splits(*(f(d) if d is not None else None for d in self))
 
 
-def build_dev_set(cfg: DictConfig):
-    """The dev split held out of the train split (data.dev_fraction), or None."""
-    return build_dataset(cfg.data, cfg.aug, "dev") if cfg.data.get("dev_fraction") else None
+def build_datasets(cfg: DictConfig) -> Splits:
+    dev = build_dataset(cfg.data, cfg.aug, "dev") if cfg.data.get("dev_fraction") else None
+    return Splits(build_dataset(cfg.data, cfg.aug, "train", seed=cfg.seed), build_dataset(cfg.data, cfg.aug, "test"),
+                  dev)
 
 
 def check_data(cfg: DictConfig, train_set) -> None:
@@ -57,7 +71,7 @@ def preprocessing(cfg: DictConfig) -> dict:
 
 
 def device_preprocessing(cfg: DictConfig) -> dict:
-    """The Classifier's share of the input pipeline when the loader hands over uint8 images or encoded
+    """The Evaluator's share of the input pipeline when the loader hands over uint8 images or encoded
     bytes (data.decode=uint8|gpu): normalisation, and for gpu the decoding, crop and flip."""
     decode = cfg.data.get("decode", "pil")
     if decode == "pil":
@@ -69,48 +83,105 @@ def device_preprocessing(cfg: DictConfig) -> dict:
     return pieces
 
 
-def mixer_record(model: nn.Module) -> dict:
-    """What our checkpoints store beside the weights so that loading needs no guessing."""
-    if not isinstance(model, Mixer):  # e.g. the ResNet of the shuffle experiment: weights only
-        return {}
-    return {"mixer": {"spec": model.spec.to_dict(), "pretrained_cfg": dict(model.pretrained_cfg)}}
-
-
 def world_size(t: DictConfig) -> int:
     return devices_per_node(t.accelerator, t.devices) * t.num_nodes
 
 
-def fit(
-    cfg: DictConfig,
-    model: nn.Module,
-    command: str,
-    *,
-    run_dir: Path | None = None,
-    datasets: tuple | None = None,
-    callbacks: list | None = None,
-    progress: bool = True,
-    extra_results: dict | None = None,
-) -> dict:
-    """Train `model` as cfg says and evaluate the final weights; returns results.json's content.
+@dataclass
+class Job:
+    """A training run built from a config and a network: checked, not started. `callbacks` (Lightning's;
+    the few-shot probe the config asks for) and `record` (added to results.json) are the callers' to change."""
 
-    run_dir: None makes a new runs/<command>/<timestamp>-<name>/; a directory with a last.ckpt is a run
-    to continue from it (resumed, or a requeued job's). datasets: (train, eval) to use instead of
-    cfg.data's (the shuffle experiment permutes pixels). callbacks: more Lightning callbacks (e.g. a few-shot probe)."""
+    cfg: DictConfig
+    model: nn.Module
+    module: Classifier
+    datamodule: ImageDataModule
+    plan: BatchPlan
+    steps: int
+    steps_per_epoch: int
+    callbacks: list[Callback] = field(default_factory=list)
+    record: dict = field(default_factory=dict)
+
+    def run(self, command: str, run_dir: Path | None = None, progress: bool = True) -> dict:
+        """Train in a new runs/<command>/<timestamp>-<name>/, or in `run_dir` (continuing the run its
+        last.ckpt holds, if any); returns results.json's content."""
+        with Run(self.cfg, command, path=run_dir) as run:
+            return self.train(run, progress)
+
+    def train(self, run: Run, progress: bool) -> dict:
+        """Fit, evaluate the final weights, save last.ckpt, finish the run with results.json."""
+        trainer = self.trainer(run, progress)
+        start = time.perf_counter()
+        trainer.fit(self.module, datamodule=self.datamodule,
+                    ckpt_path=run.path / "last.ckpt" if run.continues else None, weights_only=False)
+        trained = {k: float(v) for k, v in trainer.callback_metrics.items()}  # the test loop replaces them
+        trainer.test(self.module, datamodule=self.datamodule, verbose=False)
+        tested = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        seconds = time.perf_counter() - start
+        trainer.save_checkpoint(run.path / "last.ckpt", weights_only=False)
+        results = {**self.summary(run, trainer, seconds, trained, tested), **self.record}
+        if trainer.is_global_zero:
+            plot_curves(run.path / "metrics.csv", run.path / "curves.png", title=f"mixer {run.command} {self.cfg.name}")
+        run.finish(results)
+        if trainer.is_global_zero and progress:
+            print_summary(results)
+        return results
+
+    def trainer(self, run: Run, progress: bool) -> L.Trainer:
+        trainer = build_trainer(
+            self.cfg.trainer, run.path, self.plan,
+            callbacks=[*build_callbacks(self.cfg.callbacks, run.path), *self.callbacks],
+            loggers=build_loggers(self.cfg.logger, run.path, run.continues), progress=progress,
+            micro_batches_per_epoch=self.datamodule.micro_batches_per_epoch,
+        )
+        if trainer.world_size != self.plan.world_size:
+            raise RuntimeError(f"planned for {self.plan.world_size} devices, Lightning runs {trainer.world_size}")
+        return trainer
+
+    def summary(self, run: Run, trainer: L.Trainer, seconds: float, trained: dict, tested: dict) -> dict:
+        plan = self.plan
+        return {
+            "command": run.command,
+            "name": self.cfg.name,
+            "model": describe(self.model),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "data": self.cfg.data.source,
+            "batch": plan.describe(),
+            "devices": plan.world_size,
+            "epochs": round(trainer.global_step / self.steps_per_epoch, 2),
+            "steps": trainer.global_step,
+            "planned_steps": self.steps,
+            "train_seconds": round(seconds, 1),
+            "device_hours": round(seconds * plan.world_size / 3600, 4),
+            "train_loss": trained.get("train/loss"),
+            "top1": tested["test/top1"],
+            "top5": tested["test/top5"],
+            "num_samples": int(tested["test/num_samples"]),  # = the split's size: exact, unpadded
+            **({"real_top1": tested["test/real_top1"], "real_num_samples": int(tested["test/real_num_samples"])}
+               if "test/real_top1" in tested else {}),
+            # the last linear few-shot accuracies, when `fewshot.every_n_steps` logged them (Figure 4)
+            **{f"fewshot_{k.removeprefix('fewshot/')}": v for k, v in trained.items() if k.startswith("fewshot/")},
+            "run_dir": str(run.path),
+            **{f"dev_{k.removeprefix('dev/')}": v for k, v in tested.items()
+               if k.startswith("dev/") and k != "dev/loss"},
+        }
+
+
+def build(cfg: DictConfig, model: nn.Module, splits: Splits) -> Job:
+    """The Job that trains `model` on `splits` as cfg says. Everything that can be wrong in the config
+    is built, and so checked, here: before any run directory exists."""
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the data order; the caller seeded the model
     t = cfg.trainer
-    train_set, eval_set = datasets or build_datasets(cfg)
-    eval_set, real_top1 = real_labels_for(cfg.data, eval_set)  # data.real_labels: ReaL top-1 as well
-    dev_set = build_dev_set(cfg)
+    test_set, real_top1 = real_labels_for(cfg.data, splits.test)  # data.real_labels: ReaL top-1 as well
     plan = plan_batches(cfg.data.global_batch, world_size(t), t.device_batch)
-    steps_per_epoch = max(num_samples(train_set) // cfg.data.global_batch, 1)
+    steps_per_epoch = max(num_samples(splits.train) // cfg.data.global_batch, 1)
     steps = t.steps or steps_per_epoch * t.epochs
-    check_data(cfg, train_set)
-    datamodule = ImageDataModule(train_set, eval_set, plan.device_batch, cfg.data.num_workers,
-                                 micro_batches_per_epoch=steps_per_epoch * plan.accumulate)
-    if isinstance(model, Mixer):
-        model.pretrained_cfg = preprocessing(cfg)
-        model.set_grad_checkpointing(t.grad_checkpointing)
+    check_data(cfg, splits.train)
+    datamodule = ImageDataModule(test_set, plan.device_batch, cfg.data.num_workers, train_set=splits.train,
+                                 dev_set=splits.dev, micro_batches_per_epoch=steps_per_epoch * plan.accumulate)
+    model.pretrained_cfg = preprocessing(cfg)  # timm's contract: what a checkpoint's user feeds the model
+    model.set_grad_checkpointing(t.grad_checkpointing)
     if t.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay plain
     module = Classifier(
@@ -120,80 +191,12 @@ def fit(
         scheduler=partial(instantiate(cfg.sched), total_steps=steps),
         num_classes=cfg.data.num_classes,
         mixup=BatchMixup(cfg.aug.mixup) if cfg.aug.get("mixup") else None,
-        checkpoint_extras=partial(mixer_record, model),
         real_top1=real_top1,
+        test_splits=("test", "dev") if splits.dev is not None else ("test",),
         **device_preprocessing(cfg),
     )
-    with Run(cfg, command, path=run_dir) as run:
-        trainer = build_trainer(
-            t, run.path, plan,
-            callbacks=[*build_callbacks(cfg.callbacks, run.path), *(callbacks or [])],
-            loggers=build_loggers(cfg.logger, run.path, run.continues), progress=progress,
-            micro_batches_per_epoch=datamodule.micro_batches_per_epoch,
-        )
-        if trainer.world_size != plan.world_size:
-            raise RuntimeError(f"planned for {plan.world_size} devices, Lightning runs {trainer.world_size}")
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=run.path / "last.ckpt" if run.continues else None,
-                    weights_only=False)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # evaluation clears them
-        if module.validated_at_step != trainer.global_step:  # every run ends evaluated, whatever its length
-            metrics |= evaluate(trainer, module, datamodule.val_dataloader())
-        dev = evaluate(trainer, module, datamodule.eval_loader(dev_set), "dev") if dev_set is not None else {}
-        seconds = time.perf_counter() - start
-        trainer.save_checkpoint(run.path / "last.ckpt", weights_only=False)
-        results = {**summarise(cfg, command, trainer, model, plan, steps, steps_per_epoch, seconds, run.path, metrics),
-                   **(extra_results or {}),
-                   **{f"dev_{k.removeprefix('dev/')}": v for k, v in dev.items() if k != "dev/loss"}}
-        if trainer.is_global_zero:
-            plot_curves(run.path / "metrics.csv", run.path / "curves.png", title=f"mixer {command} {cfg.name}")
-        run.finish(results)
-    if trainer.is_global_zero and progress:
-        print_summary(results)
-    return results
-
-
-def evaluate(trainer: L.Trainer, module: Classifier, loader, split: str = "val") -> dict:
-    """The evaluation metrics of `module` on one pass over `loader`, named `split`/top1 etc."""
-    module.eval_split = split
-    try:
-        (metrics,) = trainer.validate(module, dataloaders=loader, verbose=False, weights_only=False)
-    finally:
-        module.eval_split = "val"
-    return metrics
-
-
-def describe_model(cfg: DictConfig, model: nn.Module) -> str:
-    if not isinstance(model, Mixer):
-        return type(model).__name__
-    s = model.spec
-    return cfg.model.get("variant") or f"custom (patch {s.patch_size}, C {s.hidden_dim}, {s.num_blocks} blocks)"
-
-
-def summarise(cfg, command, trainer, model, plan, steps, steps_per_epoch, seconds, run_dir, metrics) -> dict:
-    return {
-        "command": command,
-        "name": cfg.name,
-        "model": describe_model(cfg, model),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "data": cfg.data.source,
-        "batch": plan.describe(),
-        "devices": plan.world_size,
-        "epochs": round(trainer.global_step / steps_per_epoch, 2),
-        "steps": trainer.global_step,
-        "planned_steps": steps,
-        "train_seconds": round(seconds, 1),
-        "device_hours": round(seconds * plan.world_size / 3600, 4),
-        "train_loss": metrics.get("train/loss"),
-        "top1": metrics["val/top1"],
-        "top5": metrics["val/top5"],
-        "num_samples": int(metrics["val/num_samples"]),  # = the split's size: exact, unpadded
-        **({"real_top1": metrics["val/real_top1"], "real_num_samples": int(metrics["val/real_num_samples"])}
-           if "val/real_top1" in metrics else {}),
-        # the last linear few-shot accuracies, when `fewshot.every_n_steps` logged them (Figure 4)
-        **{f"fewshot_{k.removeprefix('fewshot/')}": v for k, v in metrics.items() if k.startswith("fewshot/")},
-        "run_dir": str(run_dir),
-    }
+    probe = fewshot_callback(cfg)
+    return Job(cfg, model, module, datamodule, plan, steps, steps_per_epoch, callbacks=[probe] if probe else [])
 
 
 def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = True) -> dict:
@@ -205,12 +208,7 @@ def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = T
     cfg = resume_config(run_dir, overrides)
     model = load_mixer(run_dir / "last.ckpt", dropout=cfg.model.dropout, drop_path=cfg.model.drop_path,
                        drop_path_rescale=cfg.model.get("drop_path_rescale", False))
-    extra = {"from": str(cfg.checkpoint)} if cfg.get("checkpoint") else None
-    return fit(cfg, model, command, run_dir=run_dir, progress=progress, extra_results=extra,
-               callbacks=probes(cfg))
-
-
-def probes(cfg: DictConfig) -> list:
-    """The few-shot probe that `fewshot.every_n_steps` asks for (Figure 4's curves), if any."""
-    probe = fewshot_callback(cfg) if cfg.get("fewshot") else None
-    return [probe] if probe is not None else []
+    job = build(cfg, model, build_datasets(cfg))
+    if cfg.get("checkpoint"):
+        job.record["from"] = str(cfg.checkpoint)
+    return job.run(command, run_dir, progress)

@@ -1,9 +1,15 @@
-"""The LightningModule: a classifier that receives its network, loss, mixup and optimiser factories.
+"""The LightningModules: an `Evaluator` (a network and its metrics), and the `Classifier` that also
+trains it with the loss, mixup and optimiser factories it receives.
 
-It never reads the config tree; `train/fit.py` builds every piece and hands them over, as in
+They never read the config tree; `train/fit.py` builds every piece and hands them over, as in
 lightning-hydra-template (the ReaL metric too, with its labels: evaluation batches then carry each
 image's number or key after image and label). The network is any image classifier (a Mixer, or the
 ResNet of the shuffle experiment).
+
+Splits are Lightning's loops, not a switch on the module: the validation loop reads the data's
+evaluation split during training (`val/...`); the test loop reads the splits of `test_splits`, one
+dataloader each, in the DataModule's order (`test/...` for the evaluation split, `dev/...` for the
+one held out of training).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric, SumMetric
 
+from mixer_cli.models.contract import checkpoint_record
 from mixer_cli.train.losses import target_rows
 from mixer_cli.train.mixup import BatchMixup
 from mixer_cli.train.optim import param_groups
@@ -28,37 +35,55 @@ def top_k_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Ten
     return targets.gather(1, top).gt(0).any(dim=1).float()
 
 
-class Classifier(L.LightningModule):
+# The data's evaluation split, read during training (validation loop) and at the end (test loop):
+# the splits ReaL labels belong to. The dev split is held out of the training images.
+EVAL_SPLITS = ("val", "test")
+
+
+class SplitMetrics(nn.Module):
+    """top-1, top-5, loss and sample count over one split, averaged over samples (not batches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.top1, self.top5, self.loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.num_samples = SumMetric()  # equals the split's size: nothing dropped or counted twice
+
+    def update(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, top5_k: int) -> None:
+        self.top1.update(top_k_hits(logits, y, 1))
+        self.top5.update(top_k_hits(logits, y, top5_k))
+        self.loss.update(loss, weight=len(y))
+        self.num_samples.update(len(y))
+
+    def compute_and_reset(self) -> dict[str, torch.Tensor]:
+        values = {"loss": self.loss, "top1": self.top1, "top5": self.top5, "num_samples": self.num_samples}
+        computed = {name: metric.compute() for name, metric in values.items()}
+        for metric in values.values():
+            metric.reset()
+        return computed
+
+
+class Evaluator(L.LightningModule):
+    """A network and its evaluation: what `mixer eval` runs, and what the Classifier trains."""
+
     def __init__(
         self,
         model: nn.Module,
-        loss: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
         num_classes: int,
-        mixup: BatchMixup | None = None,
-        checkpoint_extras: Callable[[], dict] | None = None,
+        loss: nn.Module | None = None,
         normalize: nn.Module | None = None,
         device_decode: tuple[Callable, Callable] | None = None,
         real_top1: Metric | None = None,
+        test_splits: tuple[str, ...] = ("test",),
     ):
         super().__init__()
         self.model = model
-        self.loss = loss
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.loss = loss if loss is not None else nn.CrossEntropyLoss()
         self.num_classes = num_classes
-        self.mixup = mixup
-        self.checkpoint_extras = checkpoint_extras
         self.normalize = normalize  # uint8 batches (data.decode=uint8|gpu) become floats on the device
         self.device_decode = device_decode  # (train, eval) transforms for encoded batches (data.decode=gpu)
-        self.val_top1 = MeanMetric()
-        self.val_top5 = MeanMetric()
-        self.val_loss = MeanMetric()
-        self.val_num_samples = SumMetric()  # equals the split's size: nothing dropped or counted twice
-        self.val_real_top1 = real_top1  # RealTop1 of the eval split's images (evaluate/real_labels.py), or None
-        self.validated_at_step = -1
-        self.eval_split = "val"  # the prefix of the evaluation metrics: "dev" while the dev split is read
+        self.real_top1 = real_top1  # RealTop1 of the eval split's images (evaluate/real_labels.py), or None
+        self.test_splits = tuple(test_splits)
+        self.split_metrics = nn.ModuleDict({split: SplitMetrics() for split in ("val", *self.test_splits)})
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         x, y, *names = batch
@@ -78,6 +103,58 @@ class Classifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def validation_step(self, batch, batch_idx):
+        self.evaluate_batch("val", batch)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self.evaluate_batch(self.test_splits[dataloader_idx], batch)
+
+    def evaluate_batch(self, split: str, batch) -> None:
+        x, y, *names = batch
+        logits = self(x)
+        if self.scores_real(split) and names:
+            self.real_top1.update(logits, names[0])
+        self.split_metrics[split].update(logits, y, self.loss(logits, y), min(5, self.num_classes))
+
+    def on_validation_epoch_end(self):
+        self.log_split("val")
+
+    def on_test_epoch_end(self):
+        for split in self.test_splits:
+            self.log_split(split)
+
+    def log_split(self, split: str) -> None:
+        # Computed here on every rank, not logged per step: evaluation is exact and unpadded, so a rank
+        # may have had fewer batches, or none (fewer eval shards than ranks), and must still join the sync.
+        for name, value in self.split_metrics[split].compute_and_reset().items():
+            self.log(f"{split}/{name}", value, prog_bar=name == "top1", add_dataloader_idx=False)
+        if self.scores_real(split):
+            self.log(f"{split}/real_top1", self.real_top1.compute(), add_dataloader_idx=False)  # NaN: no lists
+            self.log(f"{split}/real_num_samples", float(self.real_top1.num_counted()), add_dataloader_idx=False)
+            self.real_top1.reset()
+
+    def scores_real(self, split: str) -> bool:
+        return self.real_top1 is not None and split in EVAL_SPLITS
+
+
+class Classifier(Evaluator):
+    """The Evaluator, trained: mixup, the loss, and the optimiser and schedule from their factories."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
+        num_classes: int,
+        mixup: BatchMixup | None = None,
+        **evaluation,
+    ):
+        super().__init__(model, num_classes, loss=loss, **evaluation)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.mixup = mixup
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         targets = target_rows(y, self.num_classes) if self.mixup is not None else y
@@ -87,35 +164,6 @@ class Classifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        x, y, *names = batch
-        logits = self(x)
-        if self.real_top1_wanted() and names:  # the dev split (train images) has no ReaL labels
-            self.val_real_top1.update(logits, names[0])
-        self.val_top1.update(top_k_hits(logits, y, 1))
-        self.val_top5.update(top_k_hits(logits, y, min(5, self.num_classes)))
-        self.val_loss.update(self.loss(logits, y), weight=len(y))
-        self.val_num_samples.update(len(y))
-
-    def on_validation_epoch_end(self):
-        # Computed here on every rank, not logged per step: evaluation is exact and unpadded, so a rank
-        # may have had fewer batches, or none (fewer eval shards than ranks), and must still join the sync.
-        metrics = {"loss": self.val_loss, "top1": self.val_top1, "top5": self.val_top5,
-                   "num_samples": self.val_num_samples}
-        for name, metric in metrics.items():
-            self.log(f"{self.eval_split}/{name}", metric.compute(), prog_bar=name == "top1")
-            metric.reset()
-        if self.real_top1_wanted():
-            real = self.val_real_top1
-            self.log("val/real_top1", real.compute())  # NaN if every image's list was empty
-            self.log("val/real_num_samples", float(real.num_counted()))
-            real.reset()
-        if self.eval_split == "val":
-            self.validated_at_step = self.global_step
-
-    def real_top1_wanted(self) -> bool:
-        return self.val_real_top1 is not None and self.eval_split == "val"
-
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.model))
         scheduler = self.scheduler_factory(optimizer)
@@ -123,5 +171,4 @@ class Classifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What it takes to rebuild and feed the network without guessing (the Mixer's spec and preprocessing).
-        if self.checkpoint_extras is not None:
-            checkpoint.update(self.checkpoint_extras())
+        checkpoint.update(checkpoint_record(self.model))

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, Checkpoint
-from lightning.pytorch.trainer.states import TrainerFn
 
 from mixer_cli.data.shards import rng_states, set_rng_states
 
@@ -68,16 +67,14 @@ class StepCheckpoint(Checkpoint):
         self._step, self._saved_at = trainer.global_step, time.monotonic()
         self._take_signals()  # a signal since the sanity check stops the run after its first step
 
-    def on_validation_start(self, trainer, pl_module) -> None:
-        # The final evaluation, after training, runs to its end whatever arrives (a second Ctrl+C aside):
-        # it is short, and its numbers are what the run was for. Lightning's SIGTERM handler would end
-        # it with exit status 0 and no results.
-        if trainer.state.fn == TrainerFn.VALIDATING:
-            self._take_signals()
+    def on_test_start(self, trainer, pl_module) -> None:
+        # The final evaluation (the test loop, after training) runs to its end whatever arrives (a second
+        # Ctrl+C aside): it is short, and its numbers are what the run was for. Lightning's SIGTERM
+        # handler would end it with exit status 0 and no results.
+        self._take_signals()
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING:
-            self._restore_handlers()
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
 
     def _take_signals(self) -> None:
         if not self._previous_handlers and threading.current_thread() is threading.main_thread():  # Python's rule
