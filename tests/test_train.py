@@ -1,13 +1,29 @@
-"""Batch planning, device counting, the learning-rate schedule, optimiser groups and crash-safe checkpoints."""
+"""Batch planning, device counting, the learning-rate schedule, optimiser groups, crash-safe checkpoints,
+and why our checkpoint-on-a-timer and SIGUSR1 handling are not Lightning's."""
+import os
+import re
+import signal
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from functools import partial
+
+import lightning as L
 import pytest
 import torch
 from fsspec.implementations.local import LocalFileOpener
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from mixer_cli.core.errors import UserError
 from mixer_cli.models import build_mixer
 from mixer_cli.train.batching import devices_per_node, plan_batches
-from mixer_cli.train.optim import lr_factor, param_groups, warmup_schedule
+from mixer_cli.train.module import Classifier
+from mixer_cli.train.optim import lr_factor, warmup_schedule
+from mixer_cli.train.preemption import StepCheckpoint, Stopped
 
 
 @pytest.mark.parametrize(
@@ -30,12 +46,24 @@ def test_global_batch_that_does_not_split_is_a_clear_error():
         plan_batches(100, 3)
 
 
-@pytest.mark.parametrize(
-    "devices,expected", [(2, 2), ("3", 3), ("0,1", 2), ("1,", 1), ([0, 2, 3], 3), ("auto", 1), (-1, 1)]
-)
-def test_devices_per_node_reads_lightnings_device_notations(devices, expected):
-    # Lightning: an int or "N" is a count, "1," and lists are device ids; auto/-1 all (one CPU device)
-    assert devices_per_node("cpu", devices) == expected
+@pytest.mark.parametrize("devices", [2, "3", "0,1", "1,", [0, 2, 3], "auto", -1, 0])
+def test_devices_per_node_counts_what_lightnings_trainer_counts(devices):
+    try:
+        expected = L.Trainer(accelerator="cpu", devices=devices, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False).num_devices
+    except (MisconfigurationException, TypeError):  # e.g. device ids on CPUs: refused, as one line
+        with pytest.raises(UserError, match=rf"^trainer\.devices={re.escape(str(devices))} on trainer\.accelerator="
+                                            r"cpu: `devices` selected with `CPUAccelerator` should be an int > 0"):
+            devices_per_node("cpu", devices)
+    else:
+        assert devices_per_node("cpu", devices) == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_an_accelerator_this_machine_lacks_is_a_clear_error():
+    with pytest.raises(UserError, match=r"^trainer\.accelerator=gpu: there is no cuda device on this machine; "
+                                        r"use trainer\.accelerator=cpu \(or auto\)$"):
+        devices_per_node("gpu", 1)
 
 
 def test_linear_warmup_then_linear_decay():
@@ -62,16 +90,19 @@ def test_warmup_schedule_steps_the_optimisers_lr_by_lr_factor():
     assert seen == pytest.approx([0.5 * lr_factor(s, 8, 3, "cosine") for s in range(8)])
 
 
-def test_weight_decay_only_on_kernels():
+def test_weight_decay_goes_to_kernels_only_and_none_leaves_one_group():
     model = build_mixer(None, num_classes=3, img_size=16, patch_size=4, hidden_dim=8, num_blocks=1,
                         tokens_mlp_dim=4, channels_mlp_dim=16)
-    decay, keep = param_groups(model)
-    # the first group takes the optimiser's weight_decay, the second none
-    assert "weight_decay" not in decay and keep["weight_decay"] == 0.0
-    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in keep["params"])
-    assert len(decay["params"]) + len(keep["params"]) == len(list(model.parameters()))
-    opt = torch.optim.AdamW([decay, keep], lr=1e-3, weight_decay=0.1)
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    kernels = {name for name, p in model.named_parameters() if p.ndim >= 2}
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert {"stem.proj.weight", "head.weight"} <= kernels and not {"head.bias", "norm.weight"} & kernels
+    for weight_decay, expected in ((0.1, {0.1: kernels, 0.0: set(names.values()) - kernels}),
+                                   (0.0, {0.0: set(names.values())})):  # fine-tuning's SGD: no decay
+        module = Classifier(model, torch.nn.CrossEntropyLoss(), num_classes=3,
+                            optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=weight_decay),
+                            scheduler=partial(warmup_schedule, total_steps=8, warmup_steps=1, decay="linear"))
+        optimizer = module.configure_optimizers()["optimizer"]
+        assert {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups} == expected
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -92,3 +123,84 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypa
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _SavedAfter(Callback):
+    """The micro-batch after which each checkpoint was written; a clock at one minute per micro-batch."""
+
+    def __init__(self, clock: list[float]):
+        self.clock, self.batch, self.at = clock, None, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.batch, self.clock[0] = batch_idx, 60.0 * (batch_idx + 1)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        self.at.append(self.batch)
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_timed_checkpoints_wait_for_the_end_of_an_accumulation_cycle_which_lightnings_do_not(tmp_path, monkeypatch,
+                                                                                              ours):
+    # Why train/preemption.py keeps StepCheckpoint over ModelCheckpoint(train_time_interval=...): a
+    # checkpoint written inside a cycle holds the loader past micro-batches whose gradients it lacks,
+    # so the run continued from it is not the run left alone.
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    saved = _SavedAfter(clock)
+    timed = StepCheckpoint(tmp_path, every_n_minutes=2.5) if ours else \
+        ModelCheckpoint(tmp_path, train_time_interval=timedelta(minutes=2.5))
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, accumulate_grad_batches=2, callbacks=[saved, timed],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(_Tiny(), DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=2))
+    assert saved.at == ([3, 7] if ours else [2, 5])  # micro-batch 2 opens the second cycle
+
+
+class _SignalAt(_SavedAfter):
+    """SIGUSR1 to this process after micro-batch `at` (as SLURM warns of the time limit), then as _SavedAfter."""
+
+    def __init__(self, at: int):
+        super().__init__([0.0])
+        self.signal_at = at
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+        if batch_idx == self.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_sigusr1_checkpoints_at_the_end_of_the_accumulation_cycle_which_lightnings_slurm_handler_does_not(
+        tmp_path, monkeypatch, ours):
+    # Why train/preemption.py handles SIGUSR1 itself over SLURMEnvironment(auto_requeue=True): Lightning
+    # writes hpc_ckpt_N.ckpt from inside the signal handler, in the middle of the cycle, and trains on.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'requeued'}\n")
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    for key, value in dict(SLURM_JOB_ID="7", SLURM_JOB_NAME="train", SLURM_NTASKS="1", SLURM_PROCID="0",
+                           SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost").items():
+        monkeypatch.setenv(key, value)
+    saved = _SignalAt(2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, accumulate_grad_batches=2, logger=False,
+                        callbacks=[saved, StepCheckpoint(tmp_path)] if ours else [saved],
+                        plugins=[] if ours else [SLURMEnvironment(auto_requeue=True)], enable_checkpointing=ours,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(Stopped) if ours else nullcontext() as stop:
+        trainer.fit(_Tiny(), DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=2))
+    assert (tmp_path / "requeued").read_text() == "requeue 7\n"
+    if ours:  # after micro-batch 3, the cycle's end; then the run stops for the requeued job to continue it
+        assert saved.at == [3] and stop.value.code == 128 + signal.SIGUSR1 and (tmp_path / "last.ckpt").is_file()
+    else:  # after micro-batch 2, inside the cycle; and the run goes on training
+        assert saved.at == [2] and trainer.global_step == 4 and (tmp_path / "hpc_ckpt_1.ckpt").is_file()

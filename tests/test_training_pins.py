@@ -80,10 +80,10 @@ def test_adamw_decays_kernels_only_with_the_configs_betas_lr_and_weight_decay(ad
     cfg, _, _, keep = adamw_run
     assert type(keep.optimizer) is torch.optim.AdamW  # not Adam: weight decay decoupled from the gradient
     kernels = {name for name, ndim in keep.ndim.items() if ndim >= 2}
-    assert keep.groups == [kernels, set(keep.ndim) - kernels]
+    by_decay = {g["weight_decay"]: names for g, names in zip(keep.optimizer.param_groups, keep.groups)}
+    assert by_decay == {cfg.optim.weight_decay: kernels, 0.0: set(keep.ndim) - kernels} and cfg.optim.weight_decay > 0
     assert {"stem.proj.weight", "head.weight"} <= kernels and not {"head.bias", "norm.weight"} & kernels
-    decay, no_decay = keep.optimizer.param_groups
-    assert decay["weight_decay"] == cfg.optim.weight_decay > 0 and no_decay["weight_decay"] == 0.0
+    decay, no_decay = sorted(keep.optimizer.param_groups, key=lambda g: -g["weight_decay"])
     assert list(cfg.optim.betas) == [0.9, 0.999]  # Appendix B
     for group in (decay, no_decay):
         assert group["betas"] == (0.9, 0.999) and group["initial_lr"] == cfg.optim.lr

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from mixer_cli.config.run_dirs import Run
 from mixer_cli.core.console import console
+from mixer_cli.core.devices import pick_device
 from mixer_cli.core.errors import UserError
 from mixer_cli.models.mixer import VARIANTS, build_mixer, spec_for
 
@@ -146,7 +147,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
                 raise UserError(
                     f"resolution {r} does not suit {c.label} (patch {c.patch}); use a multiple of {c.patch}"
                 )
-    device = _device(str(cfg.device))
+    device = pick_device(str(cfg.device))
     batches = [int(b) for b in cfg.batch_sizes] if cfg.batch_sizes else _default_batches(device)
     memory_batches = tuple(int(b) for b in cfg.memory_batches)
     for what, values in (("batch_sizes", batches), ("memory_batches", memory_batches)):
@@ -165,20 +166,6 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     return Plan(contenders, res, modes, sorted(set(batches)), device, str(cfg.precision), bool(cfg.compile),
                 bool(cfg.grad_checkpointing), int(cfg.warmup), iters, int(cfg.repeats), memory_batches,
                 str(cfg.clock))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU here; use device=cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"device {name!r} is not supported by the benchmark; use cpu or cuda")
-    return device
 
 
 def _default_batches(device: torch.device) -> list[int]:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
@@ -71,12 +70,6 @@ def default_name(checkpoint: Path) -> str:
     run_config = checkpoint.parent / "config.yaml"
     run_name = OmegaConf.load(run_config).get("name") if run_config.is_file() else None
     return f"{run_name}-{checkpoint.stem}" if run_name else checkpoint.stem
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class PassingBar(RichProgressBar):

@@ -15,9 +15,10 @@ from omegaconf import DictConfig
 from rich.table import Table
 from timm.data import resolve_data_config
 
-from mixer_cli.commands.eval import pick_device, with_checkpoint_preprocessing
+from mixer_cli.commands.eval import with_checkpoint_preprocessing
 from mixer_cli.config.run_dirs import Run
 from mixer_cli.core.console import console
+from mixer_cli.core.devices import pick_device
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import csv_text
 from mixer_cli.core.plots import pyplot, save_figure

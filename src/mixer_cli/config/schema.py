@@ -275,14 +275,14 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "eval.devices": DEVICES,
     "eval.num_nodes": whole(1),
     "eval.precision": lambda: one_of(*lightning_precisions()),
-    # benchmark (plan_from_config checks the names and the device)
+    # benchmark (plan_from_config checks the model names and modes)
     "models": list_of(TEXT, "a non-empty list of model names"),
     "res": list_of(whole(1), "a non-empty list of whole numbers >= 1"),
     "modes": list_of(TEXT, "a non-empty list of modes"),
     "precision": TEXT,
     "compile": FLAG,
     "grad_checkpointing": FLAG,
-    "device": TEXT,
+    "device": DEVICE,
     "threads": whole(1) | NULL,
     "batch_sizes": list_of(whole(1), "a non-empty list of whole numbers >= 1") | NULL,
     "warmup": whole(0),

@@ -9,13 +9,11 @@ model=m)` and `timm.data.create_transform(**cfg)` prepare images for it.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from timm.layers import DropPath, lecun_normal_
 from torch import nn
-from torch.nn import functional as F
 
 from mixer_cli.core.errors import UserError
 
@@ -148,52 +146,6 @@ class PatchStem(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class LinearFastInputGrad(torch.autograd.Function):
-    """y = x W^T + b, as F.linear (autocast included), whose input gradient dy @ W multiplies by a
-    contiguous copy of W^T. On CPUs without bf16 instructions PyTorch runs bf16 matmuls in a
-    fallback kernel that is about 10x slower when the right operand is row-major, as W is in dy @ W;
-    the copy costs one pass over the weight, small beside the product over B x S rows
-    (docs/benchmark.md, "bf16 training on a CPU without bf16 instructions")."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled("cpu"):
-            # cast here, as autocast would inside F.linear, so that backward sees the casts
-            dtype = torch.get_autocast_dtype("cpu")
-            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        dy = dy.reshape(-1, dy.shape[-1])
-        dx = dy @ weight.t().contiguous().t()
-        dweight = dy.t() @ x.reshape(-1, x.shape[-1])
-        return dx.view(x.shape), dweight, dy.sum(0)  # autograd casts each to its input's dtype
-
-
-@functools.cache
-def cpu_has_bf16_instructions() -> bool:
-    caps = torch.cpu.get_capabilities()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
-def slow_bf16_input_grad(x: torch.Tensor) -> bool:
-    """True where LinearFastInputGrad pays: a bf16 training step on a CPU that emulates bf16."""
-    if x.device.type != "cpu" or not torch.is_grad_enabled():
-        return False
-    bf16 = x.dtype == torch.bfloat16 or (
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return bf16 and not cpu_has_bf16_instructions()
-
-
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    if slow_bf16_input_grad(x):
-        return LinearFastInputGrad.apply(x, layer.weight, layer.bias)
-    return F.linear(x, layer.weight, layer.bias)
-
-
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, gelu: str, dropout: float):
         super().__init__()
@@ -203,7 +155,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(linear(self.drop(self.act(linear(x, self.fc1))), self.fc2))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def stochastic_depth(rate: float, rescale: bool) -> nn.Module:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import AcceleratorRegistry
+
 from mixer_cli.core.errors import UserError
 
 
@@ -35,24 +38,28 @@ def plan_batches(global_batch: int, world_size: int, max_device_batch: int | Non
 
 
 def devices_per_node(accelerator: str, devices) -> int:
-    """How many devices Lightning will use on each node for `trainer.accelerator` and
-    `trainer.devices` (a count, a list or "0,1" string of ids, or "auto"/-1 for all of them)."""
-    if isinstance(devices, str) and devices not in ("auto", "-1"):
-        ids = [d for d in devices.split(",") if d.strip()]
-        return len(ids) if len(ids) > 1 or devices.endswith(",") else int(ids[0])
-    if isinstance(devices, int) and devices > 0:
-        return devices
-    if not isinstance(devices, (str, int)):  # a list of device ids
-        return len(devices)
-    return _accelerator_class(accelerator).auto_device_count()
+    """How many devices the Trainer will use on each node: Lightning's own parsing of `trainer.devices`
+    for `trainer.accelerator`, as its Trainer does it. The batch plan needs the count before the Trainer
+    exists (the Trainer is built in the run directory, which is made only once everything is checked)."""
+    name = _accelerator_name(accelerator)
+    found = AcceleratorRegistry[name]["accelerator"]
+    if not found.is_available():
+        raise UserError(f"trainer.accelerator={accelerator}: there is no {name} device on this machine; "
+                        "use trainer.accelerator=cpu (or auto)")
+    try:
+        count = found.auto_device_count() if devices == "auto" else devices
+        return len(found.get_parallel_devices(found.parse_devices(count)))
+    except (MisconfigurationException, TypeError, ValueError) as e:
+        raise UserError(f"trainer.devices={devices} on trainer.accelerator={accelerator}: {e}") from None
 
 
-def _accelerator_class(name: str):
-    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator, XLAAccelerator
+def _accelerator_name(name: str) -> str:
+    """`auto` and `gpu` resolved as the Trainer resolves them: Lightning's order of preference."""
+    def available(n: str) -> bool:
+        return AcceleratorRegistry[n]["accelerator"].is_available()
 
-    if name == "auto":  # Lightning's own order of preference
-        return next((a for a in (XLAAccelerator, CUDAAccelerator, MPSAccelerator) if a.is_available()), CPUAccelerator)
+    if name == "auto":
+        return next((n for n in ("tpu", "mps", "cuda") if available(n)), "cpu")
     if name == "gpu":
-        return CUDAAccelerator if CUDAAccelerator.is_available() else MPSAccelerator
-    return {"cpu": CPUAccelerator, "cuda": CUDAAccelerator, "mps": MPSAccelerator, "tpu": XLAAccelerator,
-            "xla": XLAAccelerator}[name]
+        return "mps" if available("mps") else "cuda"
+    return name

@@ -134,8 +134,6 @@ class Job:
             loggers=build_loggers(self.cfg.logger, run.path, run.continues), progress=progress,
             micro_batches_per_epoch=self.datamodule.micro_batches_per_epoch,
         )
-        if trainer.world_size != self.plan.world_size:
-            raise RuntimeError(f"planned for {self.plan.world_size} devices, Lightning runs {trainer.world_size}")
         return trainer
 
     def summary(self, run: Run, trainer: L.Trainer, seconds: float, trained: dict, tested: dict) -> dict:

@@ -17,13 +17,13 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchmetrics import MeanMetric, Metric, SumMetric
 
 from mixer_cli.models.contract import checkpoint_record
 from mixer_cli.train.losses import target_rows
 from mixer_cli.train.mixup import BatchMixup
-from mixer_cli.train.optim import param_groups
 
 
 def top_k_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -165,7 +165,10 @@ class Classifier(Evaluator):
         return loss
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(param_groups(self.model))
+        # The config's weight decay on kernels only, not biases or LayerNorm scales: timm's groups, as
+        # big_vision's `wd_mults` default does for the paper's models. The factory is Hydra's partial.
+        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(param_groups_weight_decay(self.model, weight_decay))
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

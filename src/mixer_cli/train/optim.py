@@ -1,23 +1,13 @@
 """Optimiser parameter groups and the learning-rate schedule (Appendix B: pre-training; C: fine-tuning).
 
 The optimiser itself is a config (`conf/optim/*.yaml`: `_target_: torch.optim.AdamW`, partial); the
-LightningModule calls it on `param_groups(network)`.
+LightningModule calls it on timm's weight-decay groups of the network (train/module.py).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
-
-
-def param_groups(model: nn.Module) -> list[dict]:
-    """Decay kernels only (matrices and conv filters), not biases or LayerNorm scales, as
-    big_vision's `wd_mults` default does for the paper's models. The first group takes the
-    optimiser's weight_decay; the second has none."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    keep = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay}, {"params": keep, "weight_decay": 0.0}]
 
 
 def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:

@@ -11,8 +11,9 @@ SIGUSR1 also requeues the job; the requeued job (SLURM_RESTART_COUNT >= 1) finds
 (named after the job id; see config/run_dirs.py) and continues from its last.ckpt.
 
 Lightning's own handling does not do this: its SIGTERM handler ends the loop after any micro-batch
-and saves nothing, and its SLURM handler writes hpc_ckpt_N.ckpt from inside the signal handler, in
-the middle of a step. Ours replace both from Lightning's sanity check to the end of the training loop,
+and saves nothing, and its SLURM handler (`SLURMEnvironment(auto_requeue=True)`) writes
+hpc_ckpt_N.ckpt from inside the signal handler, in the middle of a step, and trains on
+(tests/test_train.py shows it). Ours replace both from Lightning's sanity check to the end of the training loop,
 and during the final evaluation; Lightning restores them after.
 
 A continued run is the run left alone because the checkpoint holds all it depends on: weights,
@@ -48,7 +49,9 @@ class StepCheckpoint(Checkpoint):
     of training (None: never), and on a stop signal, before the run exits.
 
     Lightning's ModelCheckpoint has both periods (every_n_train_steps, train_time_interval), but one
-    callback takes only one of them, and its timer may fire inside a gradient-accumulation cycle.
+    callback takes only one of them, and its timer may fire inside a gradient-accumulation cycle: the
+    checkpoint then holds the loader past micro-batches whose gradients it lacks, and the continued run
+    is not the run left alone (tests/test_train.py shows it).
     As a `Checkpoint` it runs after the other callbacks of a step (Lightning orders them so), so what
     they did at this step is in the checkpoint."""
 

@@ -36,8 +36,8 @@ def quiet_lightning() -> None:
 
 
 def keep_metrics_on_resume(logger: CSVLogger) -> None:
-    """Lightning's CSV logger deletes an existing metrics.csv when it starts; a resumed run must
-    append to it instead, so the curves cover the whole run."""
+    """Lightning's CSV logger (2.6) deletes an existing metrics.csv when it starts; a resumed run must
+    append to it instead, so the curves cover the whole run (tests/test_cli.py resumes one)."""
     path = Path(logger.log_dir) / "metrics.csv"
     if not path.is_file():
         return
