@@ -83,6 +83,15 @@ def test_the_checkpoints_preprocessing_fills_what_the_user_left_unset():
     assert cfg.data.img_size is None  # the given config is not changed
 
 
+def test_a_bad_eval_crop_is_refused_when_the_config_is_composed():
+    """The schema is the one check: `mixer eval` leaves the crop null for the checkpoint's, not unchecked."""
+    with pytest.raises(UserError, match=r"^aug\.eval_crop_mode must be one of squash, center or null, "
+                                        r"got 'resize-crop'$"):
+        compose(["aug.eval_crop_mode=resize-crop"], config_name="eval")
+    with pytest.raises(UserError, match=r"^aug\.eval_crop_pct must be a number in \(0, 1\] or null, got 1\.14$"):
+        compose(["aug.eval_crop_pct=1.14"], config_name="eval")
+
+
 def test_a_checkpoint_for_other_classes_is_a_one_line_error_and_writes_nothing(tmp_path, constant_checkpoint,
                                                                                  val_folder):
     cfg = eval_config(tmp_path, "data.num_classes=1000")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from mixer_cli.cli import app
 from mixer_cli.commands.finetune import with_lr_grid
-from mixer_cli.commands.sweep import varying
+from mixer_cli.commands.sweep import sweep_points, varying
 from test_finetune import save_checkpoint, tiny_pretrained
 
 SHORT = ["trainer.steps=2", "data.global_batch=125", "sched.warmup_steps=1"]
@@ -46,6 +46,14 @@ def test_varying_keeps_the_swept_overrides_only():
     points = [["recipe=ft_pets", "optim.lr=0.01", "seed=0"], ["recipe=ft_pets", "optim.lr=0.03", "seed=0"],
               ["recipe=ft_pets", "optim.lr=0.01", "seed=1"]]
     assert varying(points[2], points) == {"optim.lr": "0.01", "seed": "1"}
+
+
+def test_sweep_points_are_the_basic_sweepers():
+    """The cartesian product in order of first mention, the last value of a key given twice; ranges expanded."""
+    assert sweep_points(["optim.lr=0.1,0.2", "seed=range(0,2)", "recipe=ft_pets", "optim.lr=0.3,0.4"]) == [
+        ["optim.lr=0.3", "seed=0", "recipe=ft_pets"], ["optim.lr=0.3", "seed=1", "recipe=ft_pets"],
+        ["optim.lr=0.4", "seed=0", "recipe=ft_pets"], ["optim.lr=0.4", "seed=1", "recipe=ft_pets"]]
+    assert sweep_points(["data.mean=[0.5]", "+extra='a,b'"]) == [["data.mean=[0.5]", "+extra='a,b'"]]
 
 
 def test_lr_grid_is_the_targets_unless_the_user_sweeps_lr():

@@ -211,6 +211,8 @@ def test_a_damaged_suite_record_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["data.tasks=[dtd,pets]"], "error: unknown VTAB-1k task 'pets'; tasks: caltech101, cifar100, dtd, "),
+    (["data.tasks=[]"], "error: data.tasks is empty: name VTAB-1k tasks, e.g. data.tasks=[dtd,svhn], or null for "
+                        "all 19"),
     (["data.tasks=[svhn,dtd,eurosat]"], "error: no VTAB-1k shards in {data}/vtab/dtd/train800val200, "
      "{data}/vtab/dtd/test, {data}/vtab/eurosat/train800val200, {data}/vtab/eurosat/test; write each split with "
      "`mixer data write --from FOLDER --to PATH` (the root is $MIXER_DATA/vtab/<task>/)"),

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from mixer_cli.core.console import err_console as err
 from mixer_cli.core.errors import UserError
@@ -53,7 +54,9 @@ def user_errors(fn):
         except (UserError, MisconfigurationException, InstantiationException) as e:
             # A config's _target_ raised: the cause is what the user must read.
             cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
-            err.print(f"[bold red]error:[/] {str(cause).strip().splitlines()[0]}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets (data.tasks=[dtd,svhn]) that rich would read as markup
+            err.print(f"[bold red]error:[/] {escape(str(cause).strip().splitlines()[0])}", highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: the last complete checkpoint is kept; continue with --resume RUN_DIR")

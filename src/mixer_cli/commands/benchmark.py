@@ -129,42 +129,31 @@ def list_overrides(overrides: list[str]) -> list[str]:
 
 
 def plan_from_config(cfg: DictConfig) -> Plan:
-    """Every check a user's mistake could fail, before anything is built or timed."""
-    names = list(cfg.models)
-    unknown = [n for n in names if n not in CONTENDERS]
-    if unknown or not names:
-        raise UserError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONTENDERS)}")
+    """The checks of names and of their combinations, before anything is built or timed; the
+    schema has checked each value."""
+    unknown = [n for n in cfg.models if n not in CONTENDERS]
+    if unknown:
+        raise UserError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
     if cfg.precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
     modes = list(cfg.modes)
-    if not modes or set(modes) - set(MODES):
+    if set(modes) - set(MODES):
         raise UserError(f"modes must be a list drawn from {', '.join(MODES)}, not {modes}")
-    res = [int(r) for r in cfg.res]
-    contenders = [CONTENDERS[n] for n in names]
+    res = list(cfg.res)
+    contenders = [CONTENDERS[n] for n in cfg.models]
     for r in res:
         for c in contenders:
-            if r <= 0 or (c.patch and r % c.patch):
+            if c.patch and r % c.patch:
                 raise UserError(
                     f"resolution {r} does not suit {c.label} (patch {c.patch}); use a multiple of {c.patch}"
                 )
     device = pick_device(str(cfg.device))
-    batches = [int(b) for b in cfg.batch_sizes] if cfg.batch_sizes else _default_batches(device)
-    memory_batches = tuple(int(b) for b in cfg.memory_batches)
-    for what, values in (("batch_sizes", batches), ("memory_batches", memory_batches)):
-        if not values or min(values) < 1:
-            raise UserError(f"{what} must be positive integers, e.g. {what}=[8,32]")
-    if len(memory_batches) != 2 or memory_batches[0] >= memory_batches[1]:
-        raise UserError("memory_batches must be two increasing batch sizes, e.g. memory_batches=[32,64]")
-    iters = int(cfg.iters) if cfg.iters is not None else (1 if device.type == "cpu" else 10)
-    for what, value in (("warmup", int(cfg.warmup)), ("iters", iters), ("repeats", int(cfg.repeats))):
-        if value < (0 if what == "warmup" else 1):
-            raise UserError(f"{what} must be at least {0 if what == 'warmup' else 1}, not {value}")
+    batches = list(cfg.batch_sizes) if cfg.batch_sizes else _default_batches(device)
+    iters = cfg.iters if cfg.iters is not None else (1 if device.type == "cpu" else 10)
     if cfg.clock not in CLOCKS or (cfg.clock == "cpu" and device.type != "cpu"):
         raise UserError(f"clock must be wall, or cpu when timing on a CPU, not {cfg.clock!r}")
-    if cfg.threads is not None and int(cfg.threads) < 1:
-        raise UserError(f"threads must be at least 1, not {cfg.threads}")
     return Plan(contenders, res, modes, sorted(set(batches)), device, str(cfg.precision), bool(cfg.compile),
-                bool(cfg.grad_checkpointing), int(cfg.warmup), iters, int(cfg.repeats), memory_batches,
+                bool(cfg.grad_checkpointing), cfg.warmup, iters, cfg.repeats, tuple(cfg.memory_batches),
                 str(cfg.clock))
 
 

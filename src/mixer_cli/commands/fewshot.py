@@ -43,8 +43,6 @@ def fewshot_command(cfg: DictConfig, checkpoint: Path, shots: list[int]) -> dict
     0..fewshot.seeds-1; every user mistake that can be seen before reading data is raised before
     the run directory exists."""
     f = cfg.fewshot
-    if f.seeds < 1:
-        raise UserError(f"fewshot.seeds must be at least 1, got {f.seeds}")
     model = load_mixer(checkpoint)
     cfg = with_checkpoint_preprocessing(cfg, resolve_data_config({}, model=model))
     evaluator = fewshot_evaluator(cfg, shots, seeds=range(f.seeds))

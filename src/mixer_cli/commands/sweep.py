@@ -7,6 +7,7 @@ so it is the same whichever launcher ran the points.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 from collections.abc import Callable
 from functools import partial
@@ -15,6 +16,9 @@ from pathlib import Path
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 from rich.table import Table
 
@@ -59,17 +63,29 @@ def multirun(command: str, config_name: str, overrides: list[str],
 
 def check_points(config_name: str, overrides: list[str]) -> None:
     """Compose (and so validate) every point of the sweep before any runs: a bad value in the last
-    point should not cost the first ones' training. The points are Hydra's basic sweeper's own."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        (points,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
-    except HydraException as e:
-        raise UserError(f"bad sweep override: {str(e).splitlines()[0]}") from None
-    for point in points:
+    point should not cost the first ones' training."""
+    for point in sweep_points(overrides):
         compose(point, config_name)
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]]:
+    """The points Hydra's basic sweeper runs, in its order: the cartesian product of each key's
+    values, keys in order of first mention, a key given twice taking its last value."""
+    try:
+        choices = {o.get_key_element(): override_values(o) for o in OverridesParser.create().parse_overrides(overrides)}
+    except HydraException as e:  # a syntax error; a glob(), which needs Hydra's running sweeper
+        raise UserError(f"bad sweep override: {str(e).splitlines()[0]}") from None
+    return [list(point) for point in itertools.product(*choices.values())]
+
+
+def override_values(override: Override) -> list[str]:
+    """`key=value` for each value the override takes (one unless it sweeps)."""
+    key = override.get_key_element()
+    if not override.is_sweep_override():
+        return [f"{key}={override.get_value_element_as_str()}"]
+    if not override.is_discrete_sweep():  # interval(a,b): a sweeper that samples, not the basic one
+        raise UserError(f"bad sweep override: BasicSweeper does not support sweep type : {override.value_type.name}")
+    return [f"{key}={value}" for value in override.sweep_string_iterator()]
 
 
 def read_results(run_dir: Path) -> dict:

@@ -12,9 +12,11 @@ from pathlib import Path
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import HydraException, MissingConfigException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from mixer_cli.config.recipes import config_name_of, recipe_command, recipe_names
 from mixer_cli.config.schema import check_config
@@ -44,14 +46,32 @@ def compose(overrides: list[str] = (), config_name: str = "config", resolve: boo
     resolve=False keeps interpolations and ??? values (for listing recipes without their data)."""
     root = package_root()
     _check_recipe(overrides, config_name)
+    parsed = parse_overrides(overrides)
+    check_no_sweep(parsed)
     try:
         with hydra_on_conf(root):
             cfg = hydra_compose(config_name=config_name, overrides=hydra_overrides(overrides))
     except MissingConfigException as e:
-        raise UserError(_missing_option_message(str(e))) from None
+        raise UserError(_missing_option_message(e)) from None
+    except ConfigCompositionException as e:
+        raise UserError(_composition_message(e, parsed, root, config_name)) from None
     except HydraException as e:
-        raise UserError(_override_message(str(e), root, config_name)) from None
+        raise UserError(_bad_override_message(e)) from None
     return validate(cfg) if resolve else cfg
+
+
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    """The user's overrides as Hydra reads them; a syntax error is one line."""
+    try:
+        return OverridesParser.create().parse_overrides(hydra_overrides(overrides))
+    except OverrideParseException as e:
+        raise UserError(_bad_override_message(e)) from None
+
+
+def check_no_sweep(parsed: list[Override]) -> None:
+    # Hydra would refuse a sweep outside --multirun too, in several lines that name its own flag.
+    if any(o.is_sweep_override() for o in parsed):
+        raise UserError("these overrides list several values (a sweep): add --multirun")
 
 
 def load_recipe(name: str, resolve: bool = False) -> DictConfig:
@@ -94,23 +114,36 @@ def _check_recipe(overrides, config_name: str) -> None:
                 raise UserError(f"{name} is a recipe for `{command} recipe={name}`; recipes of this command: {fits}")
 
 
-def _missing_option_message(msg: str) -> str:
-    m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
-    options = re.findall(r"^\t(\S+)$", msg.split("Config search path")[0], flags=re.M)
-    if m:
-        group = "recipe" if m.group(1) == "recipes" else m.group(1)
-        return f"unknown {group} {m.group(2)!r}; choose one of: {', '.join(options)}"
-    return msg.splitlines()[0]
+def _bad_override_message(e: HydraException) -> str:
+    return f"bad override: {str(e).splitlines()[0]}"
 
 
-def _override_message(msg: str, root: Path, config_name: str) -> str:
-    if msg.startswith("Ambiguous value for argument"):
-        return "these overrides list several values (a sweep): add --multirun"
-    m = re.search(r"Could not override '([^']+)'", msg)
-    if not m:
-        return f"bad override: {msg.splitlines()[0]}"
-    key = m.group(1)
-    parent, _, leaf = key.rpartition(".")
+def _missing_option_message(e: MissingConfigException) -> str:
+    group, _, option = (e.missing_cfg_file or "").rpartition("/")
+    if not group:  # the primary config, not an option of a group
+        return str(e).splitlines()[0]
+    group = "recipe" if group == "recipes" else group
+    return f"unknown {group} {option!r}; choose one of: {', '.join(e.options or ())}"
+
+
+def _composition_message(e: ConfigCompositionException, parsed: list[Override], root: Path, config_name: str) -> str:
+    if isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)):  # OmegaConf's: the key is not in the config
+        return _unknown_key_message(_overridden_key(parsed, e.__cause__.full_key), root, config_name)
+    return _bad_override_message(e)
+
+
+def _overridden_key(parsed: list[Override], missing: str) -> str:
+    """The override Hydra could not apply, from the key OmegaConf found missing (its full_key, list
+    items as [i]): the whole key (optim.lrr) or the first absent part of its path (foo of foo.bar).
+    An earlier override under that path would have failed first or made it exist, so the first one
+    under it is the culprit."""
+    path = re.sub(r"\[(\d+)\]", r".\1", missing)
+    under = (o.key_or_group for o in parsed if o.key_or_group == path or o.key_or_group.startswith(f"{path}."))
+    return next(under, path)
+
+
+def _unknown_key_message(key: str, root: Path, config_name: str) -> str:
+    parent = key.rpartition(".")[0]
     with hydra_on_conf(root):
         base = hydra_compose(config_name=config_name, overrides=[f"hydra.searchpath=[file://{root}]"])
     node = OmegaConf.select(base, parent) if parent else base

@@ -97,6 +97,7 @@ DEVICE = Rule("auto, cpu, cuda or cuda:N",
               lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None)
 SHOTS = whole(1) | list_of(whole(1), "a non-empty list of whole numbers >= 1")
 L2 = Rule("a number > 0 or 'select'", lambda v: above(0).ok(v) or v == "select")
+DEFAULT_L2 = 2.0**10  # big_vision's l2_reg, the paper's setting: the few-shot probe's (evaluate/fewshot.py)
 
 # timm's interpolation names (timm.data.transforms.str_to_interp_mode), which every transform reads.
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
@@ -139,6 +140,10 @@ def lightning_devices(v) -> bool:
     if isinstance(v, list):
         return len(v) >= 1 and all(is_whole(d) and d >= 0 for d in v) and len(set(v)) == len(v)
     return is_whole(v) and (v >= 1 or v == -1)
+
+
+def increasing_pair(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(whole(1).ok(b) for b in v) and v[0] < v[1]
 
 
 DEVICES = Rule("auto, a count >= 1 (-1: all), a list of device ids or a string of ids such as '0,1'",
@@ -289,7 +294,7 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "iters": whole(1) | NULL,
     "repeats": whole(1),
     "clock": TEXT,
-    "memory_batches": list_of(whole(1), "two whole numbers >= 1", length=2),
+    "memory_batches": Rule("two increasing batch sizes, e.g. [32, 64]", increasing_pair),
 }
 
 # null means "the checkpoint's" where a checkpoint supplies the value: the run name and the
@@ -382,9 +387,25 @@ def check_patches_tile_the_image(cfg: DictConfig) -> None:
     raise bad_value("data.img_size", f"a multiple of {source} (e.g. {suggestions})", size)
 
 
+def check_probe_l2_while_training(cfg: DictConfig) -> None:
+    """The probe during training (fewshot.every_n_steps) draws its curves at one given l2; choosing
+    l2 on held-out examples is `mixer fewshot`'s."""
+    if OmegaConf.select(cfg, "fewshot.every_n_steps") and OmegaConf.select(cfg, "fewshot.l2") == "select":
+        raise UserError(f"fewshot.l2=select is for `mixer fewshot`; during training give a number "
+                        f"(default {DEFAULT_L2:g})")
+
+
+def check_shuffle_probe_runs(cfg: DictConfig) -> None:
+    """The shuffle experiment's curves are the probe's evaluations during training."""
+    if "shuffle" in cfg and OmegaConf.select(cfg, "fewshot.every_n_steps") == 0:
+        raise bad_value("fewshot.every_n_steps", "at least 1 (the curves)", 0)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise UserError (one line: key, what it must be, value given) at the first bad value of a
     resolved config."""
     check_values(cfg)
     check_per_channel(cfg)
     check_patches_tile_the_image(cfg)
+    check_probe_l2_while_training(cfg)
+    check_shuffle_probe_runs(cfg)

@@ -22,14 +22,12 @@ from torchvision.transforms import v2
 from mixer_cli.core.errors import UserError
 from mixer_cli.data.randaugment import RandAugment
 
-EVAL_CROP_MODES = ("squash", "center")
+EVAL_CROP_MODES = ("squash", "center")  # the schema checks aug.eval_crop_mode against these
 
 
 def randaugment(aug: DictConfig) -> RandAugment | None:
     """The paper's RandAugment with `randaug_layers` ops at magnitude `randaug_magnitude`; None when either is 0."""
     layers, magnitude = aug.get("randaug_layers", 2), aug.get("randaug_magnitude", 0)
-    if layers < 0 or magnitude < 0:
-        raise UserError(f"aug.randaug_layers={layers} and aug.randaug_magnitude={magnitude} must be >= 0 (0 = off)")
     return RandAugment(layers, magnitude) if layers and magnitude else None
 
 
@@ -57,10 +55,6 @@ def eval_data_config(data: DictConfig, aug: DictConfig) -> dict:
     """The evaluation preprocessing in timm's data-config keys, as a model's `pretrained_cfg` holds it.
     Without the keys: squash at 1.0, i.e. resize straight to the resolution."""
     mode, pct = aug.get("eval_crop_mode", "squash"), aug.get("eval_crop_pct", 1.0)
-    if mode not in EVAL_CROP_MODES:
-        raise UserError(f"unknown aug.eval_crop_mode {mode!r}; choose one of: {', '.join(EVAL_CROP_MODES)}")
-    if not 0 < pct <= 1:
-        raise UserError(f"aug.eval_crop_pct={pct} must be in (0, 1]: the crop's share of the resized image")
     return {"input_size": (data.get("channels", 3), data.img_size, data.img_size), "interpolation": data.interpolation,
             "mean": tuple(data.mean), "std": tuple(data.std), "crop_pct": pct, "crop_mode": mode}
 

@@ -124,8 +124,6 @@ def write_shards(
 ) -> WriteReport:
     """Write `samples` in a seeded random order (so each shard mixes the classes) into `out`;
     `on_skip(name, reason)` hears of each unreadable file, `on_shard(samples)` of each shard written."""
-    if shard_size < 1:
-        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     order = list(range(len(samples)))

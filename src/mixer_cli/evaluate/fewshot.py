@@ -43,11 +43,11 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from mixer_cli.config.compose import compose
+from mixer_cli.config.schema import DEFAULT_L2
 from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
 from mixer_cli.data.workers import worker_init
 
-DEFAULT_L2 = 2.0**10  # big_vision's l2_reg, the paper's setting
 L2_GRID = tuple(2.0**i for i in range(-10, 20))  # big_vision's grid for choosing l2
 STD_EPS = 1e-5
 
@@ -348,8 +348,6 @@ class FewShotCallback(L.Callback):
     Every rank computes (a sharded model needs all ranks in its forward); rank zero logs."""
 
     def __init__(self, evaluator: FewShotEvaluator, every_n_steps: int):
-        if every_n_steps < 1:
-            raise UserError(f"fewshot.every_n_steps must be at least 1, got {every_n_steps}")
         self.evaluator, self.every_n_steps = evaluator, every_n_steps
         self._last_step = -1
 
@@ -382,17 +380,10 @@ class FewShotCallback(L.Callback):
 # From a config: `fewshot.*` with `data` and `aug`
 
 
-def parse_l2(value) -> float | None:
-    """fewshot.l2: a positive number, or None for 'select' (chosen on held-out train examples)."""
-    if isinstance(value, str) and value.strip().lower() == "select":
-        return None
-    try:
-        l2 = float(value)
-    except (TypeError, ValueError):
-        l2 = None
-    if l2 is None or not l2 > 0:
-        raise UserError(f"fewshot.l2 must be positive (default {DEFAULT_L2:g}) or 'select', not {value!r}")
-    return l2
+def l2_of(value: float | str) -> float | None:
+    """fewshot.l2 as the evaluator takes it: the number, or None for 'select' (chosen on held-out
+    train examples)."""
+    return None if value == "select" else float(value)
 
 
 def probe_data(cfg: DictConfig) -> DictConfig:
@@ -420,7 +411,7 @@ def fewshot_evaluator(
     preprocessing (the few-shot samples are never augmented). shots: default fewshot.shots; seeds:
     default [fewshot.seed] (one sample, as the training curves use)."""
     f, data = cfg.fewshot, probe_data(cfg)
-    l2 = parse_l2(f.l2)
+    l2 = l2_of(f.l2)
     if shots is None:
         shots = [f.shots] if isinstance(f.shots, int) else list(f.shots)
     return FewShotEvaluator(
@@ -438,7 +429,4 @@ def fewshot_callback(
     every = cfg.get("fewshot", {}).get("every_n_steps")
     if not every:
         return None
-    if parse_l2(cfg.fewshot.l2) is None:
-        raise UserError(f"fewshot.l2=select is for `mixer fewshot`; during training give a number "
-                        f"(default {DEFAULT_L2:g})")
     return FewShotCallback(fewshot_evaluator(cfg, transform=transform), every)
