@@ -33,7 +33,6 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
 from mixer_cli.data.folder import UnreadableImage
 from mixer_cli.data.subsets import Selection
-from mixer_cli.models import build_mixer
 from mixer_cli.models.checkpoints import export_safetensors
 
 
@@ -46,14 +45,8 @@ def names(file: str) -> Match:
     return Match(rf".*{{files}}/{re.escape(file)}\b.*")
 
 
-def tiny_mixer():
-    return build_mixer(None, num_classes=10, img_size=28, in_chans=1, patch_size=4, hidden_dim=8, num_blocks=1,
-                       tokens_mlp_dim=8, channels_mlp_dim=16)
-
-
-def write_checkpoints(d: Path) -> None:
-    """A good checkpoint (ckpt.safetensors, for the digits of the demo) and bad ones of every format."""
-    model = tiny_mixer()
+def write_checkpoints(d: Path, model) -> None:
+    """A good checkpoint (ckpt.safetensors of `model`, for the digits of the demo) and bad ones of every format."""
     export_safetensors(model, d / "ckpt.safetensors")
     torch.save(model.state_dict(), d / "timm.pth")
     np.savez(d / "other.npz", kernel=np.zeros((3, 3)))  # an .npz, but not the paper's parameter names
@@ -119,9 +112,9 @@ def write_data(d: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> Path:
+def files(tmp_path_factory, tiny_mixer) -> Path:
     d = tmp_path_factory.mktemp("files")
-    write_checkpoints(d)
+    write_checkpoints(d, tiny_mixer())
     write_run_dirs(d)
     write_data(d)
     return d

@@ -19,7 +19,7 @@ from mixer_cli.models import VARIANTS, build_mixer, load_mixer
 from mixer_cli.models.checkpoints import export_safetensors, infer_spec
 
 
-def _ours(gelu="tanh", classes=5, channels_mlp_dim=20):
+def _ours(gelu="tanh", classes=5, channels_mlp_dim=20):  # kept: distinct sizes, 2 blocks, so a mis-mapped kernel fails
     model = build_mixer(None, num_classes=classes, img_size=24, patch_size=4, hidden_dim=12, num_blocks=2,
                         tokens_mlp_dim=6, channels_mlp_dim=channels_mlp_dim, gelu=gelu).eval()
     with torch.no_grad():
@@ -147,9 +147,9 @@ def test_lightning_checkpoint_loads_with_recorded_spec_and_preprocessing(tmp_pat
     ("none", 28, [28, 28]), ("resize-crop", 32, [32, 32]), ("resize-crop", 50, [50, 50]),
     ("resmall-crop", 32, 32), ("resmall-crop", 50, 50),
 ])
-def test_older_checkpoints_recording_preprocess_keep_their_pipeline(tmp_path, eval_crop, eval_resize, resize):
-    ref = build_mixer(None, num_classes=3, img_size=28, patch_size=4, hidden_dim=8, num_blocks=1, tokens_mlp_dim=4,
-                      channels_mlp_dim=8)
+def test_older_checkpoints_recording_preprocess_keep_their_pipeline(tmp_path, eval_crop, eval_resize, resize,
+                                                                   tiny_mixer):
+    ref = tiny_mixer(num_classes=3, in_chans=3)
     preprocess = {"img_size": 28, "channels": 3, "mean": [0.1] * 3, "std": [0.2] * 3, "interpolation": "bilinear",
                   "eval_crop": eval_crop, "eval_resize": eval_resize}
     loaded = load_mixer(_save_ckpt(tmp_path / "old.ckpt", ref, {"preprocess": preprocess}))

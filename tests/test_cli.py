@@ -13,10 +13,7 @@ from typer.testing import CliRunner
 from mixer_cli.cli import app
 from mixer_cli.models import load_mixer
 
-TINY = [
-    "model.hidden_dim=32", "model.num_blocks=1", "model.tokens_mlp_dim=16", "model.channels_mlp_dim=64",
-    "data.global_batch=1000", "sched.warmup_steps=2",  # 4 steps per epoch over the 4,000 demo images
-]
+SHORT = ["data.global_batch=1000", "sched.warmup_steps=2"]  # 4 steps per epoch over the 4,000 demo images
 
 
 def mixer(*args, cwd):
@@ -26,8 +23,8 @@ def mixer(*args, cwd):
 
 
 @pytest.mark.slow
-def test_pretrain_writes_a_complete_run_directory_and_resumes(tmp_path):
-    r = mixer("pretrain", *TINY, "trainer.epochs=1", f"run_root={tmp_path}", cwd=tmp_path)
+def test_pretrain_writes_a_complete_run_directory_and_resumes(tmp_path, tiny_run):
+    r = mixer("pretrain", *tiny_run, *SHORT, "trainer.epochs=1", f"run_root={tmp_path}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (run,) = (tmp_path / "pretrain").iterdir()
     assert {"config.yaml", "metrics.csv", "last.ckpt", "best.ckpt", "results.json", "curves.png"} <= {
@@ -43,7 +40,7 @@ def test_pretrain_writes_a_complete_run_directory_and_resumes(tmp_path):
 
     # The checkpoint describes its model and preprocessing: loading needs no guessing.
     model = load_mixer(run / "last.ckpt")
-    assert (model.spec.hidden_dim, model.spec.img_size, model.spec.in_chans) == (32, 28, 1)
+    assert (model.spec.hidden_dim, model.spec.img_size, model.spec.in_chans) == (16, 28, 1)  # tiny_run's width
     assert tuple(model.pretrained_cfg["mean"]) == (0.1307,) and tuple(model.pretrained_cfg["input_size"]) == (1, 28, 28)
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 

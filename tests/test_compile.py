@@ -9,16 +9,15 @@ from mixer_cli.config.compose import compose
 from mixer_cli.models import load_mixer
 from mixer_cli.reporting.runs import read_metrics
 
-TINY = ["model.patch_size=7", "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8",
-        "model.channels_mlp_dim=16", "trainer.steps=3", "trainer.log_every_steps=1", "trainer.accelerator=cpu",
-        "data.global_batch=32"]
+SHORT = ["model.patch_size=7", "trainer.steps=3", "trainer.log_every_steps=1", "data.global_batch=32"]
 
 
 @pytest.mark.slow
-def test_compiled_training_gives_the_eager_losses_and_a_plain_checkpoint(tmp_path):
+def test_compiled_training_gives_the_eager_losses_and_a_plain_checkpoint(tmp_path, tiny_run):
     runs = {}
     for compiled in (False, True):
-        cfg = compose([*TINY, f"trainer.compile={str(compiled).lower()}", f"run_root={tmp_path / str(compiled)}"])
+        cfg = compose([*tiny_run, *SHORT, f"trainer.compile={str(compiled).lower()}",
+                       f"run_root={tmp_path / str(compiled)}"])
         runs[compiled] = pretrain(cfg, progress=False)
     eager, compiled = (read_metrics(Path(runs[c]["run_dir"]) / "metrics.csv")["train/loss"] for c in (False, True))
     assert [s for s, _ in eager] == [s for s, _ in compiled] and len(eager) == 3

@@ -1,6 +1,5 @@
 """The data layer: shard writer round trip, corrupt data, shard streams, transforms, sources."""
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -21,13 +20,17 @@ from mixer_cli.data.writer import demo_samples, folder_samples, read_index, writ
 CLASSES = ["cat", "dog", "eel"]
 
 
-def pixels(i: int, size: int = 16) -> np.ndarray:
-    """A distinct RGB image per sample index (so samples can be identified after a round trip)."""
-    rng = np.random.default_rng(i)
-    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+@pytest.fixture
+def image_folder(sample_pixels):
+    """Factory: an image folder of sample_pixels; its (label, pixels) by file name."""
+
+    def write(root: Path, per_class: int = 4, bad: bool = True) -> dict[str, tuple[int, np.ndarray]]:
+        return write_image_folder(root, sample_pixels, per_class, bad)
+
+    return write
 
 
-def image_folder(root: Path, per_class: int = 4, bad: bool = True) -> dict[str, tuple[int, np.ndarray]]:
+def write_image_folder(root: Path, pixels, per_class: int, bad: bool) -> dict[str, tuple[int, np.ndarray]]:
     """PNGs (lossless) and one JPEG per class; with `bad`, a corrupt and a truncated JPEG too."""
     expected = {}
     for label, name in enumerate(CLASSES):
@@ -51,7 +54,7 @@ def read_raw(folder: Path) -> list[dict]:
     return list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
 
 
-def test_written_shards_read_back_to_the_same_images_and_labels(tmp_path):
+def test_written_shards_read_back_to_the_same_images_and_labels(tmp_path, image_folder):
     expected = image_folder(tmp_path / "pics")
     classes, samples = folder_samples(tmp_path / "pics")
     report = write_shards(classes, samples, tmp_path / "shards", shard_size=5, source="pics", workers=2)
@@ -116,21 +119,6 @@ def label_of(x: torch.Tensor) -> np.ndarray:
     return np.round((x.permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255).astype(np.uint8)
 
 
-def write_index_shards(folder: Path, n: int, shard_size: int) -> None:
-    """n PNG samples whose label is their index, so every sample can be told apart after batching."""
-    folder.mkdir(parents=True)
-    shards = []
-    for k, start in enumerate(range(0, n, shard_size)):
-        name = f"shard-{k:06d}.tar"
-        with wds.TarWriter(str(folder / name)) as sink:
-            for i in range(start, min(start + shard_size, n)):
-                buf = io.BytesIO()
-                Image.fromarray(pixels(i)).save(buf, format="PNG")
-                sink.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "cls": i})
-        shards.append({"file": name, "samples": min(shard_size, n - start)})
-    (folder / "index.json").write_text(json.dumps({"num_samples": n, "shards": shards}))
-
-
 def eval_labels(folder: Path, batch_size=4, workers=0) -> list[int]:
     urls, size = resolve_shards(str(folder), None, "eval_path")
     ds = EvalShards(urls, size, eval_transform(DATA, PLAIN), channels=3)
@@ -138,19 +126,19 @@ def eval_labels(folder: Path, batch_size=4, workers=0) -> list[int]:
     return [int(v) for _, y in DataLoader(ds, batch_size=None, num_workers=workers) for v in y]
 
 
-def test_eval_reads_every_sample_exactly_once_and_decodes_the_pixels(tmp_path):
-    write_index_shards(tmp_path / "s", n=11, shard_size=3)
+def test_eval_reads_every_sample_exactly_once_and_decodes_the_pixels(tmp_path, index_shards, sample_pixels):
+    index_shards(tmp_path / "s", n=11, shard_size=3)
     urls, size = resolve_shards(str(tmp_path / "s"), None, "eval_path")
     ds = EvalShards(urls, size, eval_transform(DATA, PLAIN), channels=3)
     ds.batch_size = 4
     for x, y in DataLoader(ds, batch_size=None):
         for img, i in zip(x, y):
-            assert np.abs(label_of(img).astype(int) - pixels(int(i))).max() <= 1
+            assert np.abs(label_of(img).astype(int) - sample_pixels(int(i))).max() <= 1
     assert sorted(eval_labels(tmp_path / "s", workers=2)) == list(range(11))
 
 
-def test_training_stream_gives_exactly_the_epoch_length_with_workers_and_keeps_going(tmp_path):
-    write_index_shards(tmp_path / "s", n=24, shard_size=4)
+def test_training_stream_gives_exactly_the_epoch_length_with_workers_and_keeps_going(tmp_path, index_shards):
+    index_shards(tmp_path / "s", n=24, shard_size=4)
     urls, _ = resolve_shards(str(tmp_path / "s"), None, "train_path")
     ds = TrainShards(urls, 24, eval_transform(DATA, PLAIN), channels=3, shuffle_buffer=8, seed=0)
     ds.set_epoch_length(batch_size=5, batches_per_epoch=7)  # more than one pass: resampled, never runs dry
@@ -167,8 +155,8 @@ def test_training_stream_gives_exactly_the_epoch_length_with_workers_and_keeps_g
     assert sorted(y.tolist()) == list(range(24)) and y.tolist() != list(range(24))
 
 
-def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(tmp_path):
-    write_index_shards(tmp_path / "s", n=6, shard_size=3)
+def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(tmp_path, index_shards):
+    index_shards(tmp_path / "s", n=6, shard_size=3)
     urls, _ = resolve_shards(str(tmp_path / "s"), None, "train_path")
     ds = TrainShards(urls, 6, eval_transform(DATA, PLAIN), channels=3, shuffle_buffer=1, seed=0)
     ds.check_split(world_size=2, num_workers=1)
@@ -176,12 +164,12 @@ def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(tmp_path):
         ds.check_split(world_size=2, num_workers=2)
 
 
-def test_bad_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path, caplog):
-    write_index_shards(tmp_path / "s", n=12, shard_size=4)  # shards of samples 0-3, 4-7, 8-11
+def test_bad_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path, caplog, index_shards, sample_pixels):
+    index_shards(tmp_path / "s", n=12, shard_size=4)  # shards of samples 0-3, 4-7, 8-11
     with wds.TarWriter(str(tmp_path / "s" / "shard-000000.tar")) as sink:  # sample 2 becomes a bad JPEG
         for i in range(4):
             buf = io.BytesIO()
-            Image.fromarray(pixels(i)).save(buf, format="PNG")
+            Image.fromarray(sample_pixels(i)).save(buf, format="PNG")
             sink.write({"__key__": f"{i:09d}", "jpg": b"\xff\xd8\xffnot a jpeg", "cls": i} if i == 2 else
                        {"__key__": f"{i:09d}", "png": buf.getvalue(), "cls": i})
     last = tmp_path / "s" / "shard-000002.tar"
@@ -293,7 +281,7 @@ def test_mixup_mixes_images_and_targets_with_one_beta_p_p_weight():
 
 # --- sources -------------------------------------------------------------------------------------
 
-def test_image_folder_is_a_source_and_a_wrong_class_count_is_a_user_error(tmp_path):
+def test_image_folder_is_a_source_and_a_wrong_class_count_is_a_user_error(tmp_path, image_folder):
     image_folder(tmp_path / "train", bad=False)
     image_folder(tmp_path / "val", per_class=2, bad=False)
     paths = {"train_path": str(tmp_path / "train"), "eval_path": str(tmp_path / "val")}
@@ -312,7 +300,7 @@ def test_image_folder_is_a_source_and_a_wrong_class_count_is_a_user_error(tmp_pa
 
 # --- command line --------------------------------------------------------------------------------
 
-def test_data_write_reports_skipped_files_and_refuses_to_overwrite(tmp_path):
+def test_data_write_reports_skipped_files_and_refuses_to_overwrite(tmp_path, image_folder):
     from typer.testing import CliRunner
 
     from mixer_cli.cli import app
@@ -330,7 +318,7 @@ def test_data_write_reports_skipped_files_and_refuses_to_overwrite(tmp_path):
     assert r.exit_code == 2 and "no such folder" in r.output and not (tmp_path / "o2").exists()
 
 
-def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path):
+def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path, image_folder, tiny_run):
     from mixer_cli.commands.pretrain import pretrain
     from mixer_cli.config.compose import compose
 
@@ -340,8 +328,7 @@ def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path):
         "data=folder", f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'val'}",
         "data.num_classes=3", "data.img_size=16", "data.global_batch=8", "data.num_workers=0",
         "aug=randaug_mixup", "aug.randaug_magnitude=10", "aug.mixup=0.2", "aug.eval_crop_pct=0.8",
-        "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16",
-        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.epochs=1", f"run_root={tmp_path / 'runs'}",
+        *tiny_run, "trainer.epochs=1", f"run_root={tmp_path / 'runs'}",
     ])
     results = pretrain(cfg, progress=False)
     assert results["steps"] == 24 // 8 and results["num_samples"] == 9

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from test_data import write_index_shards
-
 SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -48,17 +46,16 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_two_ranks_see_disjoint_training_data_right_steps_and_exact_evaluation(tmp_path):
-    write_index_shards(tmp_path / "train", n=40, shard_size=10)  # 4 shards: 1 per (rank, loader worker)
-    write_index_shards(tmp_path / "eval", n=21, shard_size=21)  # 1 shard: rank 1 evaluates nothing
+def test_two_ranks_see_disjoint_training_data_right_steps_and_exact_evaluation(tmp_path, index_shards, tiny_run):
+    index_shards(tmp_path / "train", n=40, shard_size=10)  # 4 shards: 1 per (rank, loader worker)
+    index_shards(tmp_path / "eval", n=21, shard_size=21)  # 1 shard: rank 1 evaluates nothing
     (tmp_path / "run.py").write_text(SCRIPT)
     overrides = [
         "data.source=shards", f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'eval'}",
         "data.num_classes=40", "data.img_size=16", "data.channels=3", "data.mean=[0.5,0.5,0.5]",
         "data.std=[0.5,0.5,0.5]", "data.global_batch=8", "data.num_workers=2", "data.shuffle_buffer=5",
-        "aug.pad_crop=0", "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8",
-        "model.channels_mlp_dim=16", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-        "trainer.epochs=2", f"run_root={tmp_path}",
+        "aug.pad_crop=0", *tiny_run, "trainer.devices=2", "trainer.strategy=ddp", "trainer.epochs=2",
+        f"run_root={tmp_path}",
     ]
     proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), *overrides],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)

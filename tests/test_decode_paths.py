@@ -14,9 +14,6 @@ from mixer_cli.data.device_transforms import NormalizeOnDevice
 from mixer_cli.train.fit import device_preprocessing
 from mixer_cli.train.module import Evaluator
 
-TINY = ["model.patch_size=4", "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8",
-        "model.channels_mlp_dim=16", "trainer.steps=2", "trainer.accelerator=cpu", "data.num_workers=0"]
-
 
 def photo(seed: int, size=(40, 32)) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -35,10 +32,16 @@ def folders(tmp_path_factory):
     return root
 
 
-def config(folders, decode: str, *extra):
-    return compose(["data=folder", f"data.train_path={folders / 'train'}", f"data.eval_path={folders / 'val'}",
-                    "data.num_classes=3", "data.img_size=16", "data.global_batch=4", "aug=finetune",
-                    f"data.decode={decode}", *TINY, *extra])
+@pytest.fixture(scope="module")
+def folder_run(folders, tiny_run) -> list[str]:
+    """Two steps of the tiny Mixer on the folders."""
+    return ["data=folder", f"data.train_path={folders / 'train'}", f"data.eval_path={folders / 'val'}",
+            "data.num_classes=3", "data.img_size=16", "data.global_batch=4", "data.num_workers=0", "aug=finetune",
+            *tiny_run, "model.patch_size=4", "trainer.steps=2"]
+
+
+def config(folder_run, decode: str, *extra):
+    return compose([*folder_run, f"data.decode={decode}", *extra])
 
 
 def classifier(cfg) -> Evaluator:
@@ -56,10 +59,10 @@ def model_input(module: Evaluator, dataset) -> torch.Tensor:
     return module.on_after_batch_transfer(batch, 0)[0]
 
 
-def test_every_decode_path_feeds_the_network_the_same_normalised_images(folders):
+def test_every_decode_path_feeds_the_network_the_same_normalised_images(folder_run):
     inputs = {}
     for decode in ("pil", "uint8", "gpu"):
-        cfg = config(folders, decode)
+        cfg = config(folder_run, decode)
         inputs[decode] = model_input(classifier(cfg), build_dataset(cfg.data, cfg.aug, "test"))
     level = 1 / 255 / 0.5  # one grey level after normalisation with std 0.5
     assert inputs["pil"].dtype == inputs["uint8"].dtype == inputs["gpu"].dtype == torch.float32
@@ -70,8 +73,8 @@ def test_every_decode_path_feeds_the_network_the_same_normalised_images(folders)
 
 
 @pytest.mark.parametrize("decode", ["uint8", "gpu"])
-def test_training_runs_on_the_device_side_paths(folders, tmp_path, decode):
-    results = pretrain(config(folders, decode, f"run_root={tmp_path}"), progress=False)
+def test_training_runs_on_the_device_side_paths(folder_run, tmp_path, decode):
+    results = pretrain(config(folder_run, decode, f"run_root={tmp_path}"), progress=False)
     assert results["steps"] == 2 and results["num_samples"] == 6 and 0 <= results["top1"] <= 1
 
 

@@ -9,32 +9,12 @@ from PIL import Image
 from mixer_cli.commands.eval import evaluate_checkpoint, with_checkpoint_preprocessing
 from mixer_cli.config.compose import compose
 from mixer_cli.core.errors import UserError
-from mixer_cli.models import build_mixer
 
-NUM_CLASSES = 6
-# The model below ignores its input: its head has zero weights and this bias, so every image gets
-# class 1 at top-1 and classes {1, 3, 5, 2, 4} at top-5 (all but 0).
-BIAS = [0.0, 5.0, 1.0, 4.0, 2.0, 3.0]
+NUM_CLASSES = 6  # those of the `constant_checkpoint` fixture
 # Image number -> its class folder (ImageNet's validation images are numbered across classes).
 IMAGES = {1: 0, 2: 1, 3: 2, 4: 1, 5: 3, 6: 4, 7: 5, 8: 0}
 # ReaL lists of images 1..8 (image 3's list is empty: it is left out; image 9 is in the file, not the folder).
 REAL = [[0, 1], [1], [], [2], [3], [1, 4], [5], [0], [1]]
-
-
-def constant_model_file(path):
-    """A timm-format state dict of a tiny Mixer whose logits are BIAS for every image, at `path`."""
-    model = build_mixer(None, num_classes=NUM_CLASSES, img_size=16, in_chans=3, patch_size=8, hidden_dim=8,
-                        num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=8)
-    with torch.no_grad():
-        model.head.weight.zero_()
-        model.head.bias.copy_(torch.tensor(BIAS))
-    torch.save(model.state_dict(), path)
-    return path
-
-
-@pytest.fixture()
-def constant_checkpoint(tmp_path):
-    return constant_model_file(tmp_path / "tiny.pth")
 
 
 @pytest.fixture()
@@ -182,7 +162,7 @@ Path(sys.argv[1], f"rank{os.environ.get('LOCAL_RANK', '0')}.json").write_text(js
 
 
 @pytest.mark.slow
-def test_two_ranks_evaluate_every_image_once_and_agree_with_one_process(tmp_path, val_folder):
+def test_two_ranks_evaluate_every_image_once_and_agree_with_one_process(tmp_path, val_folder, tiny_mixer):
     """2 CPU processes (gloo): 8 images in shards of 3, 3, 2, so rank 0 reads 5 and rank 1 reads 3; the
     counts and accuracies are those of one process (a padded sampler would count 10 images, or 6)."""
     import subprocess
@@ -191,8 +171,7 @@ def test_two_ranks_evaluate_every_image_once_and_agree_with_one_process(tmp_path
     from mixer_cli.data.writer import folder_samples, write_shards
 
     write_shards(*folder_samples(val_folder), tmp_path / "shards", shard_size=3)
-    model = build_mixer(None, num_classes=NUM_CLASSES, img_size=16, in_chans=3, patch_size=8, hidden_dim=8,
-                        num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=8)
+    model = tiny_mixer(num_classes=NUM_CLASSES, img_size=16, in_chans=3, patch_size=8)
     torch.nn.init.normal_(model.head.weight)  # the zero head would give every image class 0
     torch.save(model.state_dict(), tmp_path / "random.pth")
     (tmp_path / "real.json").write_text(json.dumps(REAL))

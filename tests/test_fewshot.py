@@ -116,7 +116,7 @@ def test_more_shots_than_a_class_has_is_a_clear_error():
         FewShotEvaluator(_images(3), _images(3), 3, [1, 5])  # before any feature is computed
 
 
-def _tiny_mixer(num_classes=3, img=8):
+def _tiny_mixer(num_classes=3, img=8):  # kept: 8 px images of 4 px patches, 2 x 2 tokens, as _images draws
     return build_mixer(None, num_classes=num_classes, img_size=img, in_chans=1, patch_size=4, hidden_dim=16,
                        num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=32)
 
@@ -271,10 +271,9 @@ def test_fewshot_data_is_a_data_set_apart_drawn_as_the_training_data():
         probe_data(compose(["fewshot.data=nope"]))
 
 
-def _checkpoint(path, img_size=28):
-    """A tiny Mixer on grey images with MNIST's normalisation, as `mixer export` writes it."""
-    model = build_mixer(None, num_classes=10, img_size=img_size, in_chans=1, patch_size=4, hidden_dim=16,
-                        num_blocks=1, tokens_mlp_dim=8, channels_mlp_dim=32)
+def _checkpoint(model, path):
+    """The tiny Mixer on grey images with MNIST's normalisation, as `mixer export` writes it."""
+    img_size = model.spec.img_size
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (1, img_size, img_size), "mean": (0.1307,),
                             "std": (0.3081,), "interpolation": "bilinear", "crop_mode": "squash", "crop_pct": 1.0}
     return export_safetensors(model, path)
@@ -293,9 +292,9 @@ def _run_fewshot(tmp_path, checkpoint, shots="1,5", *overrides):
     ("5", ["fewshot.l2=-1"], "fewshot.l2 must be a number > 0 or 'select', got -1"),
     ("5", ["fewshot.seeds=0"], "fewshot.seeds must be a whole number >= 1, got 0"),
 ])
-def test_user_mistakes_are_one_line_and_write_nothing(tmp_path, shots, overrides, message):
+def test_user_mistakes_are_one_line_and_write_nothing(tmp_path, shots, overrides, message, tiny_mixer):
     with pytest.raises(UserError) as e:
-        _run_fewshot(tmp_path, _checkpoint(tmp_path / "a.safetensors"), shots, *overrides)
+        _run_fewshot(tmp_path, _checkpoint(tiny_mixer(), tmp_path / "a.safetensors"), shots, *overrides)
     assert str(e.value) == message
     assert not (tmp_path / "runs").exists()
 
@@ -309,9 +308,10 @@ def test_shots_are_parsed_or_refused_in_one_line():
         parse_shots("0,5")
 
 
-def test_command_probes_the_digits_with_the_checkpoints_preprocessing(tmp_path):
+def test_command_probes_the_digits_with_the_checkpoints_preprocessing(tmp_path, tiny_mixer):
     """The checkpoint takes 16 x 16 images; the digits (28 x 28 in their data config) are drawn at 16."""
-    results = _run_fewshot(tmp_path, _checkpoint(tmp_path / "a.safetensors", img_size=16), "1,5", "fewshot.seeds=2")
+    checkpoint = _checkpoint(tiny_mixer(img_size=16), tmp_path / "a.safetensors")
+    results = _run_fewshot(tmp_path, checkpoint, "1,5", "fewshot.seeds=2")
     (run_dir,) = (tmp_path / "runs" / "fewshot").iterdir()
     assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "results.json", "fewshot.csv", "fewshot.png"}
     assert json.loads((run_dir / "results.json").read_text()) == results
@@ -340,12 +340,12 @@ def _write_folder(root, per_class, seed):
     return root
 
 
-def test_image_folders_and_shards_give_the_same_probe(tmp_path):
+def test_image_folders_and_shards_give_the_same_probe(tmp_path, tiny_mixer):
     """With exactly `shots` train images per class both sources hold the same sample: the folder is
     sampled by its labels, the shards by streaming, and the test split must be read exactly once."""
     from mixer_cli.data.writer import folder_samples, write_shards
 
-    ckpt = _checkpoint(tmp_path / "a.safetensors")
+    ckpt = _checkpoint(tiny_mixer(), tmp_path / "a.safetensors")
     folders = {"train": _write_folder(tmp_path / "train", 3, 0), "val": _write_folder(tmp_path / "val", 5, 1)}
     for split, folder in folders.items():
         write_shards(*folder_samples(folder), tmp_path / "shards" / split, shard_size=4)

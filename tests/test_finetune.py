@@ -10,32 +10,15 @@ from mixer_cli.cli import app
 from mixer_cli.commands.finetune import finetune, finetune_model
 from mixer_cli.config.compose import compose
 from mixer_cli.core.errors import UserError
-from mixer_cli.models import build_mixer, load_mixer
-from mixer_cli.models.contract import checkpoint_record
+from mixer_cli.models import load_mixer
 from mixer_cli.train.fit import resume
 
 
-def tiny_pretrained(classes=7, img_size=28, in_chans=1, patch_size=4):
-    """A small Mixer with weights far from the zero head's, so a copied or moved body shows."""
-    model = build_mixer(None, num_classes=classes, img_size=img_size, in_chans=in_chans, patch_size=patch_size,
-                        hidden_dim=16, num_blocks=1, tokens_mlp_dim=8, channels_mlp_dim=32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
-
-
-def save_checkpoint(model, path):
-    """The file a training run leaves: Lightning's state_dict of the module plus our model record."""
-    weights = {f"model.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"state_dict": weights, **checkpoint_record(model)}, path)
-    return path
-
-
 @pytest.fixture
-def ckpt(tmp_path):
-    model = tiny_pretrained()
-    return model, save_checkpoint(model, tmp_path / "last.ckpt")
+def ckpt(tiny_mixer, write_checkpoint):
+    """A tiny 7-class Mixer on the demo's digits, trained-looking so a copied or moved body shows."""
+    model = tiny_mixer(num_classes=7, trained=True)
+    return model, write_checkpoint(model)
 
 
 def test_new_head_is_zero_for_the_target_classes_and_keeps_the_body(ckpt):
@@ -49,11 +32,11 @@ def test_new_head_is_zero_for_the_target_classes_and_keeps_the_body(ckpt):
         assert tuned(x).abs().sum() == 0
 
 
-def test_paper_fine_tuning_protocol():
+def test_paper_fine_tuning_protocol(tiny_mixer):
     cfg = compose(["recipe=ft_cifar10"], config_name="finetune")
     assert (cfg.trainer.steps, cfg.sched.warmup_steps, cfg.trainer.grad_clip, cfg.data.global_batch) == (
         10000, 500, 1.0, 512)
-    opt = instantiate(cfg.optim)(tiny_pretrained().parameters())
+    opt = instantiate(cfg.optim)(tiny_mixer(num_classes=7, trained=True).parameters())
     assert isinstance(opt, torch.optim.SGD)
     assert all(g["momentum"] == 0.9 and g["weight_decay"] == 0.0 and not g["nesterov"] for g in opt.param_groups)
     sched = instantiate(cfg.sched)(opt, total_steps=cfg.trainer.steps)

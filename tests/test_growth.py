@@ -5,7 +5,7 @@ import torch
 from mixer_cli.models import build_mixer, grow_resolution
 
 
-def _tiny(img_size=16, **kw):
+def _tiny(img_size=16, **kw):  # kept: 2 blocks and token MLP width 6, distinct, so every grown block is checked
     model = build_mixer(None, num_classes=5, img_size=img_size, patch_size=4, hidden_dim=12, num_blocks=2,
                         tokens_mlp_dim=6, channels_mlp_dim=24, **kw).eval()
     with torch.no_grad():  # a trained-looking model: non-zero head and biases everywhere

@@ -218,10 +218,9 @@ def _pil(width=40, height=30, channels=3):
     return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels)
 
 
-def test_timm_resolves_the_papers_evaluation_preprocessing():
+def test_timm_resolves_the_papers_evaluation_preprocessing(tiny_mixer):
     """build_mixer's default: pixels to [-1, 1], shorter side bilinearly to img/0.875, centre crop."""
-    model = build_mixer(None, num_classes=4, img_size=16, patch_size=4, hidden_dim=8, num_blocks=1,
-                        tokens_mlp_dim=4, channels_mlp_dim=8, in_chans=1)
+    model = tiny_mixer(num_classes=4, img_size=16)
     cfg = resolve_data_config({}, model=model)
     assert cfg == {"input_size": (1, 16, 16), "interpolation": "bilinear", "mean": (0.5,), "std": (0.5,),
                    "crop_pct": 0.875, "crop_mode": "center"}

@@ -40,13 +40,12 @@ def test_labels_text_becomes_a_multi_hot_row():
         parse_label(b"7", 5)
 
 
-def test_multi_label_shards_train_with_sigmoid_loss_and_mixup(tmp_path):
+def test_multi_label_shards_train_with_sigmoid_loss_and_mixup(tmp_path, tiny_run):
     write_multilabel_shards(tmp_path / "s")
     cfg = compose(["data=imagenet", f"data.train_path={tmp_path / 's'}", f"data.eval_path={tmp_path / 's'}",
                    "data.train_size=null", "data.eval_size=null", "data.num_classes=5", "data.img_size=16",
                    "data.global_batch=4", "data.num_workers=0", "loss=sigmoid", "aug.randaug_magnitude=0",
-                   "aug.mixup=0.5", "model.patch_size=4", "model.hidden_dim=8", "model.num_blocks=1",
-                   "model.tokens_mlp_dim=8", "model.channels_mlp_dim=8", "trainer.steps=2", "trainer.accelerator=cpu",
+                   "aug.mixup=0.5", *tiny_run, "model.patch_size=4", "trainer.steps=2",
                    f"run_root={tmp_path / 'runs'}"])
     eval_set = build_dataset(cfg.data, cfg.aug, "test")
     eval_set.batch_size = 8

@@ -17,7 +17,6 @@ from mixer_cli.evaluate.real_labels import (
     read_real_labels,
     with_image_numbers,
 )
-from test_eval import constant_model_file
 
 # Images 1..5: image 2 has no correct label (left out), image 3 has two.
 LABELS = [[3], [], [1, 3], [0], [2]]
@@ -186,12 +185,6 @@ def test_eval_shards_carry_each_samples_key_when_asked(tmp_path):
     assert seen == VAL_IMAGES
 
 
-@pytest.fixture()
-def constant_checkpoint(tmp_path):
-    """A tiny 6-class Mixer that gives every image class 1 at top-1, all classes but 0 at top-5."""
-    return constant_model_file(tmp_path / "tiny.pth")
-
-
 def shards_eval_args(tmp_path, ckpt, real_file):
     return ["eval", "--from", str(ckpt), "data=shards", f"data.eval_path={tmp_path / 'shards'}", "data.num_classes=6",
             "data.num_workers=0", f"data.real_labels={real_file}", "eval.accelerator=cpu", "eval.batch_size=4",
@@ -242,7 +235,7 @@ def test_a_shard_key_without_an_image_number_is_one_line_naming_it(tmp_path, con
         "original file names, in folders or as shard keys")
 
 
-def test_pretraining_logs_real_top1_that_its_last_checkpoint_gives(tmp_path):
+def test_pretraining_logs_real_top1_that_its_last_checkpoint_gives(tmp_path, tiny_run):
     """val/real_top1 in metrics.csv and results.json equals ReaL top-1 computed here, by hand, from the
     predictions of last.ckpt on the validation images."""
     import csv
@@ -262,9 +255,8 @@ def test_pretraining_logs_real_top1_that_its_last_checkpoint_gives(tmp_path):
     cfg = compose([
         "data=shards", f"data.train_path={tmp_path / 'train_shards'}", f"data.eval_path={tmp_path / 'shards'}",
         "data.num_classes=3", "data.img_size=16", "data.global_batch=4", "data.num_workers=0",
-        f"data.real_labels={tmp_path / 'real.json'}", "aug=demo", "aug.pad_crop=0", "model.hidden_dim=16",
-        "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16", "optim.lr=0.01",
-        "sched.warmup_steps=1", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.epochs=2",
+        f"data.real_labels={tmp_path / 'real.json'}", "aug=demo", "aug.pad_crop=0", *tiny_run, "optim.lr=0.01",
+        "sched.warmup_steps=1", "trainer.epochs=2",
         f"run_root={tmp_path / 'runs'}", "name=real",
     ])
     results = pretrain(cfg, progress=False)

@@ -1,16 +1,14 @@
 """Recipes: every recipe's composed config against the paper's values (written out here, not read
-from the recipes), and every recipe run end to end for 2 optimiser steps on shards the test writes."""
-import io
+from the recipes), every recipe composed and validated, and representative recipes run end to end
+for 2 optimiser steps on shards (the `shards` fixture)."""
 import json
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 from typer.testing import CliRunner
 
 from mixer_cli.cli import app
@@ -19,9 +17,7 @@ from mixer_cli.commands.pretrain import pretrain
 from mixer_cli.commands.shuffle import run_experiment
 from mixer_cli.config.compose import compose
 from mixer_cli.config.recipes import config_name_of, recipe_names
-from mixer_cli.data.writer import Sample, write_shards
 from mixer_cli.models import load_mixer
-from test_finetune import save_checkpoint, tiny_pretrained
 
 # ------------------------------------------------------------------------------------------------
 # The paper's values
@@ -235,83 +231,75 @@ def test_recipes_command_shows_one_resolved():
 
 
 # ------------------------------------------------------------------------------------------------
-# Every recipe, 2 optimiser steps, a tiny model
+# Every recipe composes and validates; representatives train 2 optimiser steps, a tiny model
 
-CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 4, 4, 2
-SHARD_IMG, DEMO_IMG = 32, 28  # shards: 4 x 4 patches of 8 px; the demo digits: 7 x 7 of 4 px
-RUN = ["trainer=default", "trainer.steps=2", "trainer.precision=32-true", "data.num_workers=0"]
-TINY_MIXER = ["model.variant=null", "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8",
-              "model.channels_mlp_dim=16"]
+# What a recipe cannot set itself: the checkpoint a fine-tuning starts from, the task of a suite.
+REQUIRED = {"finetune": ["checkpoint=last.ckpt"], "config": [], "shuffle": []}
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_composes_and_validates(name):
+    task = ["data.task=tiny", "data.num_classes=4"] if OmegaConf.is_missing(composed(name).data, "task") else []
+    cfg = compose([f"recipe={name}", *REQUIRED[config_name_of(name)], *task], config_name_of(name))
+    assert cfg.name == name and not OmegaConf.missing_keys(cfg)
+
+
+# Training covers what composing cannot: one recipe per code path a run takes. Pre-training: the demo
+# (softmax, demo digits) and i1k_b16 (sigmoid, shards, RandAugment + mixup; no recipe pre-trains on
+# shards with softmax); fine-tuning: ft_demo (demo digits), ft_i21k_l16_448 (shards at twice the
+# pre-training resolution: the model grows) and ft_vtab (a suite of tasks); both shuffle recipes (the
+# demo's small ResNet, the paper's BiT ResNet). The other recipes differ from these in values only.
+TRAINED = ["demo", "i1k_b16", "ft_demo", "ft_i21k_l16_448", "ft_vtab", "shuffle_demo", "shuffle_b16_r50"]
+DEMO_IMG = 28  # the demo digits: 7 x 7 patches of 4 px
+RUN = ["trainer=default", "trainer.steps=2", "data.num_workers=0"]
 TINY_RESNET = {  # the recipe's ResNet family, narrow enough to train in a blink
     "small": ["resnet.channels=[8,16,16,16]", "resnet.stem_width=8"],
     "resnetv2_50x1_bit": ["+resnet.channels=[128,128,128,128]", "+resnet.stem_chs=32"],  # GroupNorm: 32 groups
 }
 
 
-def jpeg(label: int, rng: np.random.Generator) -> bytes:
-    """Noise tinted by the class, so the classes differ."""
-    pixels = rng.integers(0, 64, (40, 40, 3)) + 60 * np.eye(3, dtype=int)[label % 3] * (1 + label // 3)
-    buf = io.BytesIO()
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="session", name="shards")
-def shard_folders(tmp_path_factory):
-    """Train and test shards of a few 40x40 JPEGs per class, as `mixer data write` writes them."""
-    root, rng = tmp_path_factory.mktemp("shards"), np.random.default_rng(0)
-    for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        samples = [Sample(f"{split}/{i}", i // per_class, lambda b=jpeg(i // per_class, rng): b)
-                   for i in range(CLASSES * per_class)]
-        write_shards([f"c{c}" for c in range(CLASSES)], samples, root / split)
-    return root
+def test_trained_recipes_are_recipes():
+    assert set(TRAINED) <= set(recipe_names())
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
+def checkpoints(shards, tiny_mixer, write_checkpoint):
     """Tiny pre-trained Mixers: (channels, resolution) -> checkpoint path."""
-    root = tmp_path_factory.mktemp("pretrained")
-    shapes = {(3, SHARD_IMG): 8, (3, SHARD_IMG // 2): 8, (1, DEMO_IMG): 4}  # -> patch size
-    return {(c, s): save_checkpoint(tiny_pretrained(img_size=s, in_chans=c, patch_size=p), root / f"{c}x{s}.ckpt")
+    shapes = {(3, shards.img_size): 8, (3, shards.img_size // 2): 8, (1, DEMO_IMG): 4}  # -> patch size
+    return {(c, s): write_checkpoint(tiny_mixer(num_classes=7, img_size=s, in_chans=c, patch_size=p, trained=True))
             for (c, s), p in shapes.items()}
 
 
-def shard_data(root) -> list[str]:
-    """Overrides that point a shards data config (conf/data/) at the shards of the `shards` fixture."""
-    return [f"data.train_path={root / 'train'}", f"data.eval_path={root / 'test'}", f"data.num_classes={CLASSES}",
-            "data.train_size=null", "data.eval_size=null", f"data.shuffle_buffer={CLASSES * TRAIN_PER_CLASS}",
-            f"data.img_size={SHARD_IMG}"]
-
-
-def data_overrides(cfg, shards) -> list[str]:
+def data_overrides(cfg, shard_data) -> list[str]:
     if cfg.data.source == "demo":  # batches of 64: the 1,000 test digits in 16 evaluation batches, not 125
         return ["data.global_batch=64"]
     task = ["data.task=tiny"] if OmegaConf.is_missing(cfg.data, "task") else []
-    return [*shard_data(shards), "data.global_batch=8", *task]
+    return [*shard_data, "data.global_batch=8", *task]
 
 
-def checkpoint_for(cfg, checkpoints):
+def checkpoint_for(cfg, checkpoints, shards):
     """A checkpoint at the resolution the recipe's model was pre-trained at, in tiny: a 448 recipe
     fine-tunes a 224 model, so here a 16 px model grows to 32 px by Appendix C."""
     if cfg.data.source == "demo":
         return checkpoints[(1, DEMO_IMG)]
-    return checkpoints[(3, SHARD_IMG * 224 // cfg.data.img_size)]
+    return checkpoints[(3, shards.img_size * 224 // cfg.data.img_size)]
 
 
-def run_recipe(name: str, tmp_path, shards, checkpoints):
+def run_recipe(name: str, tmp_path, shards, shard_data, checkpoints, tiny_run, cpu_run):
     """Run the recipe with its command's function; returns (results, the checkpoint it started from)."""
     cfg = composed(name)
-    common = [f"recipe={name}", *RUN, *data_overrides(cfg, shards), f"run_root={tmp_path}"]
+    common = [f"recipe={name}", *RUN, *data_overrides(cfg, shard_data), f"run_root={tmp_path}"]
     patch = [f"model.patch_size={4 if cfg.data.source == 'demo' else 8}"]
     if config_name_of(name) == "finetune":
-        start = checkpoint_for(cfg, checkpoints)
-        return finetune(compose([*common, "model.variant=null", f"checkpoint={start}"], "finetune"), False), start
+        start = checkpoint_for(cfg, checkpoints, shards)
+        return finetune(compose([*common, *cpu_run, "model.variant=null", f"checkpoint={start}"], "finetune"),
+                        False), start
     if config_name_of(name) == "shuffle":
         probe = ["fewshot.every_n_steps=1", "fewshot.shots=1", "fewshot.seeds=1", "fewshot.data=null",
                  "shuffle.pipelines=[original]", "shuffle.progress=false"]
         resnet = TINY_RESNET[cfg.resnet.get("model_name", "small")]
-        return run_experiment(compose([*common, *TINY_MIXER, *patch, *probe, *resnet], "shuffle")), None
-    return pretrain(compose([*common, *TINY_MIXER, *patch]), progress=False), None
+        return run_experiment(compose([*common, *tiny_run, *patch, *probe, *resnet], "shuffle")), None
+    return pretrain(compose([*common, *tiny_run, *patch]), progress=False), None
 
 
 @pytest.fixture
@@ -323,15 +311,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name", recipe_names())
-def test_every_recipe_runs_two_steps(name, tmp_path, shards, checkpoints, one_thread):
-    results, start = run_recipe(name, tmp_path, shards, checkpoints)
+@pytest.mark.parametrize("name", TRAINED)
+def test_representative_recipes_run_two_steps(name, tmp_path, shards, shard_data, checkpoints, tiny_run, cpu_run,
+                                              one_thread):
+    results, start = run_recipe(name, tmp_path, shards, shard_data, checkpoints, tiny_run, cpu_run)
     demo = composed(name).data.source == "demo"
     if config_name_of(name) == "shuffle":
         assert [(r["model"], r["pipeline"], r["steps"]) for r in results] == [("mixer", "original", 2),
                                                                                ("resnet", "original", 2)]
         return
-    eval_size = 1000 if demo else CLASSES * TEST_PER_CLASS  # exact and unpadded
+    eval_size = 1000 if demo else shards.classes * shards.test_per_class  # exact and unpadded
     assert (results["name"], results["steps"], results["num_samples"]) == (name, 2, eval_size)
     run = Path(results["run_dir"])
     assert run.parent == tmp_path / results["command"]
@@ -339,4 +328,5 @@ def test_every_recipe_runs_two_steps(name, tmp_path, shards, checkpoints, one_th
     if start is not None:  # the fine-tuned model: a new head for the target, at the target's resolution
         tuned = load_mixer(run / "last.ckpt")
         assert results["from"] == str(start)
-        assert (tuned.spec.num_classes, tuned.spec.img_size) == ((10, DEMO_IMG) if demo else (CLASSES, SHARD_IMG))
+        assert (tuned.spec.num_classes, tuned.spec.img_size) == ((10, DEMO_IMG) if demo else
+                                                                 (shards.classes, shards.img_size))

@@ -34,14 +34,16 @@ from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import build, build_datasets, resume
 from mixer_cli.train.preemption import Stopped
 
-TINY = [
-    "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16",
-    "trainer.accelerator=cpu", "trainer.devices=1", "sched.warmup_steps=5",
-]
 # 500 steps per epoch: every stop is mid-epoch; the run is shorter than an epoch.
-DEMO = [*TINY, "data.global_batch=8", "trainer.device_batch=4", "trainer.steps=100"]
+DEMO = ["data.global_batch=8", "trainer.device_batch=4", "trainer.steps=100"]
 # 40 steps per epoch over 800 training samples, two loader workers; the run ends in its second epoch.
-SHARDS = [*TINY, "data.num_workers=2", "data.global_batch=20", "trainer.steps=50"]
+SHARDS = ["data.num_workers=2", "data.global_batch=20", "trainer.steps=50"]
+
+
+@pytest.fixture(scope="module")
+def warm_run(tiny_run) -> list[str]:
+    """The tiny run, warming up over its first 5 steps."""
+    return [*tiny_run, "sched.warmup_steps=5"]
 WAIT_S = 240  # bounds every wait; a loaded machine starts Python slowly
 
 
@@ -162,11 +164,12 @@ def requeued(job: dict, times: int) -> dict:
 
 
 @pytest.mark.slow
-def test_sigusr1_requeues_the_slurm_job_which_continues_its_run_by_itself_and_ends_as_the_run_left_alone(tmp_path):
+def test_sigusr1_requeues_the_slurm_job_which_continues_its_run_by_itself_and_ends_as_the_run_left_alone(
+        tmp_path, warm_run):
     runs, slurm = tmp_path / "runs", slurm_job(tmp_path)
-    command = ["pretrain", *DEMO, "trainer.checkpoint_every_steps=10", f"run_root={runs}"]
+    command = ["pretrain", *warm_run, *DEMO, "trainer.checkpoint_every_steps=10", f"run_root={runs}"]
     first = mixer(command, tmp_path, slurm)
-    ref, run, step = while_running_reference(tmp_path, DEMO, first, signal.SIGUSR1)
+    ref, run, step = while_running_reference(tmp_path, [*warm_run, *DEMO], first, signal.SIGUSR1)
     assert step % 10 == 0  # written by checkpoint_every_steps, inside the first epoch
     rc, err = stopped(first, signal.SIGUSR1)
     stop1 = assert_stopped(rc, err, signal.SIGUSR1, run, 0, 100)
@@ -239,9 +242,9 @@ class SignalAt(Callback):
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_left_alone(tmp_path):
+def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_left_alone(tmp_path, warm_run):
     # In this process, to keep the test short: the signal is as real, the stop step known.
-    shards = [*SHARDS, *write_demo_shards(tmp_path)]
+    shards = [*warm_run, *SHARDS, *write_demo_shards(tmp_path)]
     cfg = compose([*shards, f"run_root={tmp_path / 'runs'}"])
     with pytest.raises(Stopped) as stop:
         one_thread(train, cfg, SignalAt(13, signal.SIGTERM))
@@ -299,10 +302,10 @@ JOB = textwrap.dedent(
     (signal.SIGTERM, "evaluation", 41),  # the evaluation after epoch 0 of 40 steps ends; the next step stops
 ])
 def test_a_signal_to_every_process_of_the_job_stops_it_as_a_signal_to_its_main_process(
-        sig, moment, stop_step, tmp_path):
+        sig, moment, stop_step, tmp_path, warm_run):
     (tmp_path / "job.py").write_text(JOB)
     runs = tmp_path / "runs"
-    shards = [*SHARDS, *write_demo_shards(tmp_path), f"run_root={runs}"]
+    shards = [*warm_run, *SHARDS, *write_demo_shards(tmp_path), f"run_root={runs}"]
     job = subprocess.run([sys.executable, "job.py", str(int(sig)), moment, *shards], cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
                          capture_output=True, text=True, timeout=WAIT_S)
@@ -426,8 +429,8 @@ def in_the_final_evaluation(trainer) -> bool:
     return trainer.state.fn == "test"
 
 
-def test_a_signal_before_the_first_step_stops_the_run_after_it_with_a_checkpoint(tmp_path, capsys):
-    cfg = compose([*TINY, "data.global_batch=100", "trainer.steps=3", f"run_root={tmp_path}"])
+def test_a_signal_before_the_first_step_stops_the_run_after_it_with_a_checkpoint(tmp_path, capsys, warm_run):
+    cfg = compose([*warm_run, "data.global_batch=100", "trainer.steps=3", f"run_root={tmp_path}"])
     with pytest.raises(Stopped) as stop:  # not Lightning's SIGTERMException, which exits with status 0
         train(cfg, SigtermInEvaluation(in_the_sanity_check))
     assert stop.value.code == 128 + signal.SIGTERM
@@ -436,9 +439,9 @@ def test_a_signal_before_the_first_step_stops_the_run_after_it_with_a_checkpoint
     assert f"stopped by SIGTERM after step 1 (epoch 0); {run / 'last.ckpt'} holds it" in capsys.readouterr().err
 
 
-def test_a_signal_during_the_final_evaluation_lets_it_finish_and_write_its_results(tmp_path):
+def test_a_signal_during_the_final_evaluation_lets_it_finish_and_write_its_results(tmp_path, warm_run):
     # 3 steps of an epoch of 40: no evaluation during training, so the final one is the run's only one.
-    cfg = compose([*TINY, "data.global_batch=100", "trainer.steps=3", f"run_root={tmp_path}"])
+    cfg = compose([*warm_run, "data.global_batch=100", "trainer.steps=3", f"run_root={tmp_path}"])
     signal_it = SigtermInEvaluation(in_the_final_evaluation)
     results = train(cfg, signal_it)
     assert signal_it.sent and results["steps"] == 3 and results["num_samples"] == 1000

@@ -1,4 +1,5 @@
 """The permutation experiment (Sec. 3.4, Figure 4): the shuffles, and why the Mixer is immune to one."""
+import copy
 import csv
 import json
 
@@ -21,9 +22,7 @@ from mixer_cli.commands.shuffle import (
 from mixer_cli.config.compose import compose
 from mixer_cli.data import demo_arrays
 from mixer_cli.evaluate.fewshot import fewshot_callback
-from mixer_cli.models import build_mixer
 from mixer_cli.train.fit import build_datasets
-from test_recipes import shard_data, shard_folders  # noqa: F401 (shard_folders: the `shards` fixture)
 
 IMG, PATCH = 12, 4  # a 3 x 3 grid of 4 x 4 patches
 
@@ -85,20 +84,10 @@ def test_global_shuffle_breaks_patches(perms):
     assert not out & src
 
 
-def _mixer():
-    model = build_mixer(None, num_classes=5, img_size=IMG, in_chans=3, patch_size=PATCH, hidden_dim=16,
-                        num_blocks=2, tokens_mlp_dim=8, channels_mlp_dim=32).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
-
-
 def _mixer_for_shuffled_inputs(model, patch_order, pixel_order):
     """Permute the stem kernels like the pixels inside a patch, and the token-mixing weights like
     the patches: token s of the shuffled image is then token patch_order[s] of the original."""
-    out = _mixer()
-    out.load_state_dict(model.state_dict())
+    out = copy.deepcopy(model)
     with torch.no_grad():
         w = out.stem.proj.weight
         w.copy_(w.flatten(-2)[..., pixel_order].view(w.shape))
@@ -110,10 +99,12 @@ def _mixer_for_shuffled_inputs(model, patch_order, pixel_order):
 
 
 @pytest.mark.slow
-def test_mixer_with_permuted_weights_is_exactly_invariant_to_patch_pixel_shuffle():
+def test_mixer_with_permuted_weights_is_exactly_invariant_to_patch_pixel_shuffle(tiny_mixer):
     patch_order, pixel_order = torch.randperm(9), torch.randperm(PATCH * PATCH)
     shuffle = ShufflePixels(patch_pixel_permutation(IMG, PATCH, patch_order, pixel_order))
-    model = _mixer()
+    # two blocks: every block's token mixing is permuted; float64 for an exact comparison
+    model = tiny_mixer(num_classes=5, img_size=IMG, in_chans=3, patch_size=PATCH, num_blocks=2, trained=True)
+    model = model.double().eval()
     twin = _mixer_for_shuffled_inputs(model, patch_order, pixel_order)
     x = torch.randn(4, 3, IMG, IMG, dtype=torch.float64)
     with torch.no_grad():
@@ -147,12 +138,21 @@ def test_cnn_is_not_rescued_by_the_same_weight_permutation():
 # ------------------------------------------------------------------------------------------------
 # The experiment: data pipeline, drops, verdict, and the command end to end.
 
-TINY_RUN = [
-    "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=32",
-    "data.global_batch=64", "sched.warmup_steps=1", "trainer.steps=2", "fewshot.every_n_steps=1", "fewshot.seeds=1",
-    "shuffle.progress=false",
-]
-TINY = [*TINY_RUN, "resnet.channels=[8,16,16,16]", "resnet.stem_width=8"]  # the small ResNet of the demo
+SHORT = ["data.global_batch=64", "sched.warmup_steps=1", "trainer.steps=2", "fewshot.every_n_steps=1",
+         "fewshot.seeds=1", "shuffle.progress=false"]
+SMALL_RESNET = ["resnet.channels=[8,16,16,16]", "resnet.stem_width=8"]  # the small ResNet of the demo
+
+
+@pytest.fixture
+def short_run(tiny_run) -> list[str]:
+    """Two steps of the tiny Mixer, probed after each, with the ResNet the config picks."""
+    return [*tiny_run, *SHORT]
+
+
+@pytest.fixture
+def tiny_experiment(short_run) -> list[str]:
+    """Two steps of the tiny Mixer and of the demo's small ResNet."""
+    return [*short_run, *SMALL_RESNET]
 
 
 class PixelFeatures(nn.Module):
@@ -171,8 +171,8 @@ class PixelFeatures(nn.Module):
         return x.mean(1)
 
 
-def test_every_split_is_shuffled_after_its_own_preprocessing():
-    cfg = compose(TINY, config_name="shuffle")
+def test_every_split_is_shuffled_after_its_own_preprocessing(tiny_experiment):
+    cfg = compose(tiny_experiment, config_name="shuffle")
     shuffle = ShufflePixels(draw_permutations(28, 4, seed=0)["patch_pixel"])
     (plain_train, plain_eval, _), (train, eval_set, _) = build_datasets(cfg), build_datasets(cfg)
     with_shuffle(train, shuffle)
@@ -222,16 +222,16 @@ def test_relative_drops_and_the_verdict():
     (["fewshot.every_n_steps=0"], "error: fewshot.every_n_steps must be at least 1 (the curves), got 0"),
     (["fewshot.shots=500"], "error: class 0 has only 400 training example(s), fewer than the 500 shots asked for;"),
 ])
-def test_user_errors_are_one_line_and_write_nothing(tmp_path, args, message):
-    tiny = TINY_RUN if "resnet=bit_r50x1" in args else TINY
+def test_user_errors_are_one_line_and_write_nothing(tmp_path, args, message, short_run, tiny_experiment):
+    tiny = short_run if "resnet=bit_r50x1" in args else tiny_experiment
     r = CliRunner().invoke(app, ["shuffle-experiment", *tiny, *args, f"run_root={tmp_path}"])
     assert r.exit_code == 2, r.output
     assert r.output.startswith(message) and len(r.output.strip().splitlines()) == 1, r.output
     assert not any(tmp_path.iterdir())
 
 
-def test_too_few_shards_fail_before_anything_is_written(tmp_path, shards):
-    r = CliRunner().invoke(app, ["shuffle-experiment", *TINY, "data=imagenet", *shard_data(shards),
+def test_too_few_shards_fail_before_anything_is_written(tmp_path, shard_data, tiny_experiment):
+    r = CliRunner().invoke(app, ["shuffle-experiment", *tiny_experiment, "data=imagenet", *shard_data,
                                  "data.num_workers=2", "model.patch_size=8", f"run_root={tmp_path}"])
     assert r.exit_code == 2, r.output
     assert r.output == ("error: 1 training shard(s) cannot feed 1 rank(s) x 2 loader worker(s) = 2; write smaller "
@@ -239,10 +239,11 @@ def test_too_few_shards_fail_before_anything_is_written(tmp_path, shards):
     assert not any(tmp_path.iterdir())
 
 
-def test_command_writes_curves_table_and_permutations(tmp_path, shards):
-    tiny_data = ["data=imagenet", *shard_data(shards), "data.num_workers=0", "model.patch_size=8", "fewshot.shots=2"]
-    r = CliRunner().invoke(app, ["shuffle-experiment", *TINY, *tiny_data, "shuffle.pipelines=[original,patch_pixel]",
-                                 f"run_root={tmp_path}"], env={"COLUMNS": "200"})
+def test_command_writes_curves_table_and_permutations(tmp_path, shard_data, tiny_experiment):
+    tiny_data = ["data=imagenet", *shard_data, "data.num_workers=0", "model.patch_size=8", "fewshot.shots=2"]
+    r = CliRunner().invoke(app, ["shuffle-experiment", *tiny_experiment, *tiny_data,
+                                 "shuffle.pipelines=[original,patch_pixel]", f"run_root={tmp_path}"],
+                           env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     (run,) = (tmp_path / "shuffle-experiment").iterdir()
     assert {"config.yaml", "permutations.safetensors", "fewshot_curves.csv", "fewshot_curves.png", "results.csv",

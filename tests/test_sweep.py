@@ -11,14 +11,13 @@ from typer.testing import CliRunner
 from mixer_cli.cli import app
 from mixer_cli.commands.finetune import with_lr_grid
 from mixer_cli.commands.sweep import sweep_points, varying
-from test_finetune import save_checkpoint, tiny_pretrained
 
 SHORT = ["trainer.steps=2", "data.global_batch=125", "sched.warmup_steps=1"]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_checkpoint(tiny_pretrained(), tmp_path_factory.mktemp("pretrained") / "last.ckpt")
+def ckpt(tiny_mixer, write_checkpoint):
+    return write_checkpoint(tiny_mixer(num_classes=7, trained=True))
 
 
 def sweep(root: Path, command: str, *args: str) -> tuple[Path, list[dict]]:
@@ -84,11 +83,10 @@ def test_lr_sweep_through_submitit_local(tmp_path, ckpt):
     assert len(list((sweep_dir / ".submitit").glob("*/*_0_log.out"))) == 2  # one job per point
 
 
-def test_a_sweep_point_may_compose_configs(tmp_path):
+def test_a_sweep_point_may_compose_configs(tmp_path, tiny_run):
     """A point's few-shot probe on another data set (fewshot.data) composes that data config inside
     the job, where Hydra is already running the sweep (one point shows it)."""
-    tiny = ["model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16"]
-    sweep_dir, rows = sweep(tmp_path, "pretrain", *tiny, "trainer.steps=1", "data.global_batch=125",
+    sweep_dir, rows = sweep(tmp_path, "pretrain", *tiny_run, "trainer.steps=1", "data.global_batch=125",
                             "fewshot.every_n_steps=1", "fewshot.data=digits")
     assert len(rows) == 1 and rows[0]["fewshot_5shot"]
     assert "fewshot/5shot" in (sweep_dir / "0" / "metrics.csv").read_text().splitlines()[0]

@@ -19,7 +19,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from mixer_cli.core.errors import UserError
-from mixer_cli.models import build_mixer
 from mixer_cli.train.batching import devices_per_node, plan_batches
 from mixer_cli.train.module import Classifier
 from mixer_cli.train.optim import lr_factor, warmup_schedule
@@ -90,9 +89,8 @@ def test_warmup_schedule_steps_the_optimisers_lr_by_lr_factor():
     assert seen == pytest.approx([0.5 * lr_factor(s, 8, 3, "cosine") for s in range(8)])
 
 
-def test_weight_decay_goes_to_kernels_only_and_none_leaves_one_group():
-    model = build_mixer(None, num_classes=3, img_size=16, patch_size=4, hidden_dim=8, num_blocks=1,
-                        tokens_mlp_dim=4, channels_mlp_dim=16)
+def test_weight_decay_goes_to_kernels_only_and_none_leaves_one_group(tiny_mixer):
+    model = tiny_mixer()
     kernels = {name for name, p in model.named_parameters() if p.ndim >= 2}
     names = {id(p): name for name, p in model.named_parameters()}
     assert {"stem.proj.weight", "head.weight"} <= kernels and not {"head.bias", "norm.weight"} & kernels

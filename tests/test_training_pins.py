@@ -22,10 +22,11 @@ from mixer_cli.train.mixup import BatchMixup
 from mixer_cli.train.module import Classifier, Evaluator, top_k_hits
 from mixer_cli.train.optim import lr_factor
 
-TINY = [
-    "model.hidden_dim=16", "model.num_blocks=1", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16",
-    "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_steps=1",
-]
+
+@pytest.fixture(scope="module")
+def pin_run(tiny_run) -> list[str]:
+    """The tiny run on the demo digits, its loss logged at every step."""
+    return [*tiny_run, "trainer.log_every_steps=1"]
 
 
 class KeepOptimizer(Callback):
@@ -38,9 +39,9 @@ class KeepOptimizer(Callback):
         self.ndim = {name: p.ndim for name, p in module.model.named_parameters()}
 
 
-def train(root, *overrides, callbacks=()):
+def train(pin_run, root, *overrides, callbacks=()):
     """(config, results.json, run directory, initial weights) of a tiny demo run under `root`."""
-    cfg = compose([*TINY, f"run_root={root}", *overrides])
+    cfg = compose([*pin_run, f"run_root={root}", *overrides])
     initial = {k: v.clone() for k, v in build_model(cfg).state_dict().items()}
     job = build(cfg, build_model(cfg), build_datasets(cfg))
     job.callbacks += callbacks
@@ -67,10 +68,10 @@ ADAMW_STEPS, ADAMW_WARMUP = 6, 2
 
 
 @pytest.fixture(scope="module")
-def adamw_run(tmp_path_factory):
+def adamw_run(tmp_path_factory, pin_run):
     keep = KeepOptimizer()
     cfg, results, run_dir, _ = train(
-        tmp_path_factory.mktemp("adamw"), f"trainer.steps={ADAMW_STEPS}", f"sched.warmup_steps={ADAMW_WARMUP}",
+        pin_run, tmp_path_factory.mktemp("adamw"), f"trainer.steps={ADAMW_STEPS}", f"sched.warmup_steps={ADAMW_WARMUP}",
         callbacks=[keep],
     )
     return cfg, results, run_dir, keep
@@ -151,15 +152,15 @@ def test_a_multi_label_hit_is_any_true_class_among_the_top_k():
 SGD = ["optim=sgd", "optim.momentum=0", "optim.weight_decay=0"]
 
 
-def one_step(root, clip: float):
-    cfg, _, run_dir, initial = train(root, *SGD, "optim.lr=10", f"trainer.grad_clip={clip}", "trainer.steps=1")
+def one_step(pin_run, root, clip: float):
+    cfg, _, run_dir, initial = train(pin_run, root, *SGD, "optim.lr=10", f"trainer.grad_clip={clip}", "trainer.steps=1")
     lr = cfg.optim.lr * lr_factor(0, 1, cfg.sched.warmup_steps, cfg.sched.decay)
     return update(run_dir, initial), lr
 
 
-def test_gradients_are_clipped_to_the_global_norm(tmp_path):
-    clipped, lr = one_step(tmp_path / "small", clip=1e-3)
-    free, _ = one_step(tmp_path / "huge", clip=1e6)
+def test_gradients_are_clipped_to_the_global_norm(tmp_path, pin_run):
+    clipped, lr = one_step(pin_run, tmp_path / "small", clip=1e-3)
+    free, _ = one_step(pin_run, tmp_path / "huge", clip=1e6)
     # lr 10 makes the update large against float32 rounding of the weights
     assert clipped.norm().item() == pytest.approx(lr * 1e-3, rel=1e-5)
     assert free.norm().item() > 10 * lr * 1e-3
@@ -167,10 +168,10 @@ def test_gradients_are_clipped_to_the_global_norm(tmp_path):
     torch.testing.assert_close(clipped / clipped.norm(), free / free.norm(), atol=1e-5, rtol=0)
 
 
-def test_device_batch_accumulation_gives_the_weights_of_the_full_batch(tmp_path):
+def test_device_batch_accumulation_gives_the_weights_of_the_full_batch(tmp_path, pin_run):
     common = ["optim=sgd", "optim.lr=0.5", "data.global_batch=64", "trainer.steps=3", "sched.warmup_steps=2"]
-    _, full, full_dir, initial = train(tmp_path / "full", *common)
-    _, split, split_dir, _ = train(tmp_path / "split", *common, "trainer.device_batch=16")
+    _, full, full_dir, initial = train(pin_run, tmp_path / "full", *common)
+    _, split, split_dir, _ = train(pin_run, tmp_path / "split", *common, "trainer.device_batch=16")
     assert split["batch"] == "global batch 64 = 1 device(s) x 16 x 4 accumulation step(s)"
     a, b = final_weights(full_dir), final_weights(split_dir)
     assert (a["head.weight"] - initial["head.weight"]).abs().max() > 1e-2  # the runs did train
@@ -178,10 +179,10 @@ def test_device_batch_accumulation_gives_the_weights_of_the_full_batch(tmp_path)
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_an_epoch_has_the_same_optimiser_steps_whatever_the_device_batch(tmp_path):
+def test_an_epoch_has_the_same_optimiser_steps_whatever_the_device_batch(tmp_path, pin_run):
     # 1,000 images at global batch 300: 3 steps an epoch. In micro-batches of 100 that is 9 of the 10
     # the loader holds; a 4th step from the 10th alone would overrun the schedule on a third of a batch.
-    cfg = compose([*TINY, f"run_root={tmp_path}", "data.global_batch=300", "trainer.device_batch=100",
+    cfg = compose([*pin_run, f"run_root={tmp_path}", "data.global_batch=300", "trainer.device_batch=100",
                    "trainer.epochs=1"])
     splits = build_datasets(cfg)
     results = build(cfg, build_model(cfg), splits._replace(train=Subset(splits.train, range(1000)))).run(
@@ -216,8 +217,8 @@ def test_sigmoid_loss_sums_binary_cross_entropy_over_classes_and_averages_over_t
 
 
 @pytest.mark.parametrize("loss,bias", [("sigmoid", -math.log(10)), ("softmax", 0.0)])
-def test_the_loss_chooses_the_initial_head_bias(loss, bias):
-    model = build_model(compose([*TINY, f"loss={loss}"]))
+def test_the_loss_chooses_the_initial_head_bias(loss, bias, pin_run):
+    model = build_model(compose([*pin_run, f"loss={loss}"]))
     torch.testing.assert_close(model.head.bias, torch.full((10,), bias))
     assert not model.head.weight.any()
 
@@ -234,8 +235,8 @@ def test_mixup_mixes_multi_hot_targets_with_the_images_weight():
     torch.testing.assert_close(rows, lam * targets + (1 - lam) * targets.flip(0))
 
 
-def test_training_step_mixes_images_and_one_hot_labels_with_one_weight(monkeypatch):
-    model = build_model(compose(TINY))
+def test_training_step_mixes_images_and_one_hot_labels_with_one_weight(monkeypatch, pin_run):
+    model = build_model(compose(pin_run))
     with torch.no_grad():
         model.head.weight.normal_()  # a zero head would give the same loss for any targets
     module = Classifier(model, SoftmaxCrossEntropy(), optimizer=None, scheduler=None, num_classes=10,

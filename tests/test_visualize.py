@@ -44,6 +44,7 @@ def test_pairs_are_sorted_by_frequency():
 
 def test_unit_image_follows_the_patch_layout():
     """The weight drawn at grid cell (r, c) is the one that reads the patch at row r, column c."""
+    # kept: a 6 x 6 grid and 4 token-mixing units, the shape the drawing is checked against
     model = build_mixer(None, num_classes=3, img_size=24, in_chans=1, patch_size=4, hidden_dim=8, num_blocks=1,
                         tokens_mlp_dim=4, channels_mlp_dim=8)
     x = torch.zeros(1, 1, 24, 24)
@@ -59,6 +60,7 @@ def test_unit_image_follows_the_patch_layout():
 def _checkpoint(path, in_chans=1):
     """A file as `mixer pretrain` wrote it before `pretrained_cfg`: spec and `preprocess` under "mixer",
     weights under "model." (such files must keep loading)."""
+    # kept: 2 blocks of 9 token-mixing units (an odd count: one unit has no partner), as the tests count
     model = build_mixer(None, num_classes=10, img_size=28, in_chans=in_chans, patch_size=4, hidden_dim=16,
                         num_blocks=2, tokens_mlp_dim=9, channels_mlp_dim=32)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}

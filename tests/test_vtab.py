@@ -20,7 +20,6 @@ from mixer_cli.evaluate import vtab
 from mixer_cli.models import load_mixer
 from mixer_cli.reporting.paper import Measure, Runs, find_runs
 from mixer_cli.train.fit import Job
-from test_finetune import save_checkpoint, tiny_pretrained
 
 # A table of four tiny tasks in place of the 19: small images fine-tune at data.resolutions.small
 # (16, the checkpoint's own), large ones at .large (32: the token-mixing MLPs grow, Appendix C).
@@ -60,10 +59,9 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
+def ckpt(tiny_mixer, write_checkpoint) -> Path:
     torch.manual_seed(0)  # module-scoped: made before the per-test seed, whichever test comes first
-    model = tiny_pretrained(classes=5, img_size=16, in_chans=3, patch_size=4)
-    return save_checkpoint(model, tmp_path_factory.mktemp("pretrained") / "last.ckpt")
+    return write_checkpoint(tiny_mixer(num_classes=5, img_size=16, in_chans=3, patch_size=4, trained=True))
 
 
 @pytest.fixture
