@@ -118,8 +118,7 @@ def train_one(cfg: DictConfig, kind: str, pipeline: str, perm: torch.Tensor, run
     The probe sees the pipeline's images too (the permutation applies to its batches)."""
     shuffle = ShufflePixels(perm)
     model = build_network(cfg, kind)
-    job = build(cfg, model, build_datasets(cfg).map(partial(with_shuffle, shuffle=shuffle)))
-    job.callbacks = [fewshot_callback(cfg, transform=shuffle)]  # the config's probe, seeing the permutation
+    job = build(cfg, model, build_datasets(cfg).map(partial(with_shuffle, shuffle=shuffle)), probe_transform=shuffle)
     run_dir.mkdir()
     results = job.run("shuffle-experiment", run_dir, progress=cfg.shuffle.progress)
     final = fewshot_evaluator(cfg, seeds=range(cfg.fewshot.seeds), transform=shuffle).run(model)

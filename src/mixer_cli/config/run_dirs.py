@@ -84,11 +84,9 @@ class Run:
         """Whether the directory holds a run to continue (its last.ckpt): a resumed or requeued one."""
         return (self.path / "last.ckpt").is_file()
 
-    def write(self, name: str, content: str | bytes) -> Path:
-        path = self.path / name
+    def write(self, name: str, content: str | bytes) -> None:
         if self.is_main:
-            write_atomic(path, content)
-        return path
+            write_atomic(self.path / name, content)
 
     def finish(self, results: dict | list) -> None:
         """results.json, written last (and atomically): its presence means the run is complete."""

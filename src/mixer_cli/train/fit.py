@@ -14,6 +14,7 @@ the final weights, whatever the run's length.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -165,9 +166,10 @@ class Job:
         }
 
 
-def build(cfg: DictConfig, model: nn.Module, splits: Splits) -> Job:
+def build(cfg: DictConfig, model: nn.Module, splits: Splits, probe_transform: Callable | None = None) -> Job:
     """The Job that trains `model` on `splits` as cfg says. Everything that can be wrong in the config
-    is built, and so checked, here: before any run directory exists."""
+    is built, and so checked, here: before any run directory exists. probe_transform: what the
+    few-shot probe applies to its images too (the shuffle experiment's permutation)."""
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the data order; the caller seeded the model
     t = cfg.trainer
@@ -193,7 +195,7 @@ def build(cfg: DictConfig, model: nn.Module, splits: Splits) -> Job:
         test_splits=("test", "dev") if splits.dev is not None else ("test",),
         **device_preprocessing(cfg),
     )
-    probe = fewshot_callback(cfg)
+    probe = fewshot_callback(cfg, transform=probe_transform)
     return Job(cfg, model, module, datamodule, plan, steps, steps_per_epoch, callbacks=[probe] if probe else [])
 
 
