@@ -92,7 +92,7 @@ def test_official_npz_round_trip_gives_same_logits_and_vit_jax_preprocessing(tmp
     # vit_jax evaluates by resizing straight to the resolution, bilinearly, pixels to [-1, 1]
     assert loaded.pretrained_cfg == {"input_size": (3, 24, 24), "mean": (0.5,) * 3, "std": (0.5,) * 3,
                                      "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash",
-                                     "num_classes": 5}
+                                     "num_classes": 5, "head_activation": "softmax"}
     torch.testing.assert_close(_timm_prepares(loaded), _prepared(IMAGE, [24, 24], 24, "bilinear"))
 
 

@@ -1,6 +1,8 @@
 """Data sources: the bundled demo, image folders, and webdataset shards at scale."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from mixer_cli.core.errors import UserError
@@ -10,7 +12,7 @@ from mixer_cli.data.tensor import TensorImages
 from mixer_cli.data.transforms import demo_transform, eval_transform, train_transform
 
 SOURCES = ("demo", "digits", "folder", "shards")
-__all__ = ["build_dataset", "demo_arrays", "SOURCES"]
+__all__ = ["build_dataset", "class_names", "demo_arrays", "SOURCES"]
 
 
 def selection(data: DictConfig, part: str) -> Selection:
@@ -51,6 +53,27 @@ def build_dataset(data: DictConfig, aug: DictConfig, split: str, seed: int = 0, 
     from mixer_cli.data.shards import eval_shards, train_shards
 
     return train_shards(data, transform, seed, chosen) if augment else eval_shards(data, transform, key, chosen)
+
+
+def class_names(data: DictConfig) -> tuple[str, ...] | None:
+    """The names of the data's classes, in label order: the digits of the demo sets, an image folder's
+    sub-folder names, the classes a shard folder's index.json lists; None where the data names none
+    (shards written by another tool)."""
+    if data.source in ("demo", "digits"):
+        return tuple(str(digit) for digit in range(10))
+    root = Path(str(data.get("train_path") or data.get("eval_path") or ""))
+    if data.source == "folder" and root.is_dir():
+        from torchvision.datasets.folder import find_classes
+
+        try:
+            return tuple(find_classes(str(root))[0])
+        except FileNotFoundError:  # no class sub-folders: reading the folder says so
+            return None
+    if data.source == "shards" and (root / "index.json").is_file():
+        from mixer_cli.data.writer import read_index
+
+        return tuple(read_index(root).get("classes") or ()) or None
+    return None
 
 
 def image_transform(data: DictConfig, aug: DictConfig, augment: bool, decode: str):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mixer_cli.core.errors import UserError
+from mixer_cli.models.contract import ACTIVATION_KEY, LABEL_KEYS, with_class_names
 from mixer_cli.models.mixer import CROP_MODES, Mixer, MixerSpec, make_pretrained_cfg, validate, with_spec
 
 EXPORT_FORMAT = "mixer-cli/1"
@@ -39,6 +40,7 @@ FLAX_EVAL = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"
 # timm's default_cfgs for its mixer_* models: bicubic, shorter side to img_size / 0.875, centre crop.
 TIMM_EVAL = {"interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center"}
 EVAL_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+RECORDED_EXTRAS = (*LABEL_KEYS, ACTIVATION_KEY)  # what else our files may record: class names, head activation
 
 
 def unreadable(path: Path, kind: str, error: BaseException | str) -> UserError:
@@ -205,9 +207,9 @@ def recorded_model(record: dict, source: Path) -> tuple[MixerSpec, dict]:
         raise UserError(f"{source}: the recorded model spec is missing or not one this version reads ({e})") from None
     validate(spec)
     try:
-        cfg = record["pretrained_cfg"] if "pretrained_cfg" in record else pretrained_cfg_from_preprocess(
+        recorded = record["pretrained_cfg"] if "pretrained_cfg" in record else pretrained_cfg_from_preprocess(
             record["preprocess"])
-        cfg = {k: cfg[k] for k in EVAL_KEYS}
+        cfg = {k: recorded[k] for k in EVAL_KEYS} | {k: recorded[k] for k in RECORDED_EXTRAS if recorded.get(k)}
     except KeyError as e:
         raise UserError(f"{source}: the recorded preprocessing lacks {e}") from None
     crop_pct = cfg["crop_pct"]
@@ -303,8 +305,23 @@ def load_mixer(path: str | Path, **overrides) -> Mixer:
     state, spec, eval_cfg = read_model_file(path)
     model = Mixer(with_spec(spec, **overrides))
     load_weights(model, state, path)
-    model.pretrained_cfg = make_pretrained_cfg(model.spec, **eval_cfg)
+    preprocessing = make_pretrained_cfg(model.spec, **{k: v for k, v in eval_cfg.items() if k in EVAL_KEYS})
+    names = {k: eval_cfg[k] for k in LABEL_KEYS if k in eval_cfg} or imagenet_names(preprocessing)
+    model.pretrained_cfg = with_class_names(preprocessing, names.get("label_names"), names.get("label_descriptions"))
+    model.pretrained_cfg[ACTIVATION_KEY] = eval_cfg.get(ACTIVATION_KEY, "softmax")
     return model
+
+
+def imagenet_names(pretrained_cfg: dict) -> dict:
+    """For a file that names no classes: ImageNet's synsets and descriptions (shipped with timm) where
+    the head has as many classes as ImageNet-1k or -21k, as the paper's and timm's released weights do."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(pretrained_cfg)
+    if subset is None:
+        return {}
+    info = ImageNetInfo(subset)
+    return {"label_names": info.label_names(), "label_descriptions": info.label_descriptions()}
 
 
 # ---- export -------------------------------------------------------------------------------------

@@ -234,7 +234,9 @@ class Mixer(nn.Module):
         self.spec = replace(self.spec, num_classes=num_classes, head_bias=0.0)
         self.head = self._new_head(num_classes).to(self.norm.weight).train(self.training)
         self._zero_head()
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+        # a new head predicts new classes: the old head's names (pretrained_cfg label_names) go with it
+        kept = {k: v for k, v in self.pretrained_cfg.items() if not k.startswith("label_")}
+        self.pretrained_cfg = {**kept, "num_classes": num_classes}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass (for L and H at large batch)."""

@@ -29,13 +29,13 @@ from torch.utils.data import Dataset
 
 from mixer_cli.config.run_dirs import Run, resume_config
 from mixer_cli.core.errors import UserError
-from mixer_cli.data import build_dataset
+from mixer_cli.data import build_dataset, class_names
 from mixer_cli.data.device_transforms import NormalizeOnDevice, gpu_decode_transform
 from mixer_cli.data.transforms import eval_data_config
 from mixer_cli.evaluate.fewshot import fewshot_callback
 from mixer_cli.evaluate.real_labels import real_labels_for
 from mixer_cli.models import load_mixer
-from mixer_cli.models.contract import describe
+from mixer_cli.models.contract import ACTIVATION_KEY, describe, with_class_names
 from mixer_cli.reporting.runs import plot_curves, print_summary
 from mixer_cli.train.batching import BatchPlan, devices_per_node, plan_batches
 from mixer_cli.train.datamodule import ImageDataModule, num_samples
@@ -67,8 +67,9 @@ def check_data(cfg: DictConfig, train_set) -> None:
 
 def preprocessing(cfg: DictConfig) -> dict:
     """The evaluation preprocessing of this run in timm's `pretrained_cfg` keys: what a checkpoint's
-    user must do to an image before the model sees it."""
-    return {**eval_data_config(cfg.data, cfg.aug), "num_classes": cfg.data.num_classes}
+    user must do to an image before the model sees it, and the names of the classes it predicts."""
+    return with_class_names({**eval_data_config(cfg.data, cfg.aug), "num_classes": cfg.data.num_classes},
+                            class_names(cfg.data))
 
 
 def device_preprocessing(cfg: DictConfig) -> dict:
@@ -180,13 +181,15 @@ def build(cfg: DictConfig, model: nn.Module, splits: Splits, probe_transform: Ca
     check_data(cfg, splits.train)
     datamodule = ImageDataModule(test_set, plan.device_batch, cfg.data.num_workers, train_set=splits.train,
                                  dev_set=splits.dev, micro_batches_per_epoch=steps_per_epoch * plan.accumulate)
-    model.pretrained_cfg = preprocessing(cfg)  # timm's contract: what a checkpoint's user feeds the model
+    loss = instantiate(cfg.loss)
+    # timm's contract: what a checkpoint's user feeds the model, and how its logits become probabilities
+    model.pretrained_cfg = {**preprocessing(cfg), ACTIVATION_KEY: loss.activation}
     model.set_grad_checkpointing(t.grad_checkpointing)
     if t.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay plain
     module = Classifier(
         model,
-        loss=instantiate(cfg.loss),
+        loss=loss,
         optimizer=instantiate(cfg.optim),
         scheduler=partial(instantiate(cfg.sched), total_steps=steps),
         num_classes=cfg.data.num_classes,

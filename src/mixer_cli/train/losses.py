@@ -25,6 +25,8 @@ def target_rows(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 class SoftmaxCrossEntropy(nn.Module):
+    activation = "softmax"  # how the trained head's logits become probabilities (mixer predict)
+
     def initial_head_bias(self, num_classes: int) -> float:
         return 0.0
 
@@ -37,6 +39,8 @@ class SoftmaxCrossEntropy(nn.Module):
 
 
 class SigmoidCrossEntropy(nn.Module):
+    activation = "sigmoid"
+
     def initial_head_bias(self, num_classes: int) -> float:
         return -math.log(num_classes)
 
