@@ -337,6 +337,8 @@ def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path, image_
     assert {k: pre[k] for k in ("mean", "std", "interpolation", "crop_mode", "crop_pct")} == {
         "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_mode": "center", "crop_pct": 0.8}
     assert tuple(pre["input_size"]) == (3, 16, 16)
+    # the classes are named as the folders are, in label order; the loss says how logits become probabilities
+    assert (pre["label_names"], pre["head_activation"]) == (tuple(sorted(CLASSES)), "softmax")
 
 
 def test_shards_of_undecodable_images_stop_training_instead_of_spinning(tmp_path):

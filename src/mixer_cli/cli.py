@@ -153,6 +153,43 @@ def eval_(
 
 
 @app.command(
+    short_help="A checkpoint's top-k classes for your images (files, folders, globs).",
+    epilog="Examples: [bold]mixer predict --from runs/pretrain/20261125-101500-demo/last.ckpt ~/digits/[/] · "
+    "[bold]mixer predict --from Mixer-B_16.npz 'photos/*.jpg' --topk 3[/] (ImageNet's class names) · "
+    "[bold]mixer predict --from model.safetensors cat.png --class-map classes.txt predict.device=cpu[/]",
+)
+@user_errors
+def predict(
+    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
+                                    dir_okay=False, show_default=False),
+    inputs: list[str] = typer.Argument(..., metavar="PATH... [OVERRIDES]...", show_default=False,
+                                       help="Image files, folders (every image in them) and globs; then any "
+                                       "key=value overrides of conf/predict.yaml."),
+    topk: int | None = typer.Option(None, "--topk", help="Classes per image (default: predict.topk = 5).",
+                                    show_default=False),
+    class_map: Path | None = typer.Option(None, "--class-map", help="Class names, one per line in class order, "
+                                          "for weights that carry none.", dir_okay=False, show_default=False),
+):
+    """Top-k classes and probabilities of a checkpoint for each image, with the checkpoint's own
+    preprocessing; predictions.csv in runs/predict/, a short table here. Unreadable images are listed
+    and skipped."""
+    from mixer_cli.commands.predict import predict_command
+    from mixer_cli.config.compose import compose
+
+    paths, overrides = split_overrides(inputs)
+    cfg = compose(overrides + ([f"predict.topk={topk}"] if topk is not None else []), config_name="predict")
+    if class_map is not None:  # set after composing: a path needs no quoting for Hydra's parser
+        cfg.predict.class_map = str(class_map)
+    predict_command(cfg, checkpoint, paths)
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """(paths, Hydra overrides): an argument is an override when it reads key=value and names no file."""
+    overrides = [a for a in args if "=" in a.split("/")[0] and not Path(a).exists()]
+    return [a for a in args if a not in overrides], overrides
+
+
+@app.command(
     short_help="Linear few-shot accuracy on a checkpoint's frozen features.",
     epilog="Examples: [bold]mixer fewshot --from runs/pretrain/20261125-101500-demo/last.ckpt[/] (transfer to "
     "scikit-learn's digits) · [bold]mixer fewshot --from CKPT --shots 5 data=imagenet fewshot.seeds=5[/] · "

@@ -280,6 +280,13 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "eval.devices": DEVICES,
     "eval.num_nodes": whole(1),
     "eval.precision": lambda: one_of(*lightning_precisions()),
+    # predict
+    "predict.topk": whole(1),
+    "predict.class_map": TEXT | NULL,
+    "predict.batch_size": whole(1),
+    "predict.num_workers": whole(0),
+    "predict.device": DEVICE,
+    "predict.show": whole(0),
     # benchmark (plan_from_config checks the model names and modes)
     "models": list_of(TEXT, "a non-empty list of model names"),
     "res": list_of(whole(1), "a non-empty list of whole numbers >= 1"),
@@ -298,7 +305,7 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
 }
 
 # null means "the checkpoint's" where a checkpoint supplies the value: the run name and the
-# preprocessing of the configs that only read a model (eval, fewshot: they have no trainer), the
+# preprocessing of the configs that only read a model (eval, fewshot, predict: they have no trainer), the
 # GELU of a fine-tune (its model has no _target_). A config that builds these itself must set them.
 FROM_CHECKPOINT_UNLESS_TRAINING = ("name", "data.img_size", "data.channels", "data.mean", "data.std",
                                    "data.interpolation", "aug.eval_crop_mode", "aug.eval_crop_pct")
