@@ -332,22 +332,27 @@ def benchmark(
 
 
 @app.command(
-    short_help="A model as safetensors: timm's names, its spec and preprocessing.",
+    short_help="A model as safetensors or ONNX, with its spec and preprocessing.",
     epilog="Examples: [bold]mixer export --from runs/finetune/20261125-101500-ft_demo/best.ckpt "
     "--to ft.safetensors[/] · "
-    "[bold]mixer export --from Mixer-B_16.npz --to b16.safetensors[/]"
+    "[bold]mixer export --from Mixer-B_16.npz --to b16.safetensors[/] · "
+    "[bold]mixer export --from best.ckpt --to model.onnx[/] (checked with onnxruntime)"
 )
 @user_errors
 def export(
     checkpoint: Path = typer.Option(..., "--from", help="Any file `--from` accepts (.ckpt, .npz, .pth, .safetensors).",
                                     dir_okay=False, show_default=False),
-    out: Path = typer.Option(..., "--to", help="The .safetensors file to write.", dir_okay=False, show_default=False),
+    out: Path = typer.Option(..., "--to", help="The .safetensors or .onnx file to write.", dir_okay=False,
+                             show_default=False),
+    fmt: str | None = typer.Option(None, "--format", help="safetensors or onnx; default: --to's suffix.",
+                                   show_default=False),
 ):
-    """Export a model to safetensors: weights with timm's names, the spec and the preprocessing in
-    the metadata, so `load_mixer` (and timm) load it without guessing and without pickles."""
+    """Export a model to safetensors (weights with timm's names, so `load_mixer` and timm load it without
+    pickles) or to ONNX (a dynamic batch; onnxruntime's logits checked against PyTorch's before the file
+    is kept). Either way the spec, the preprocessing and the class names are in the file's metadata."""
     from mixer_cli.commands.export import export as run_export
 
-    run_export(checkpoint, out)
+    run_export(checkpoint, out, fmt)
 
 
 data_app = typer.Typer(help="Write webdataset shards; benchmark the input pipeline.", no_args_is_help=True)
