@@ -295,7 +295,7 @@ CASES = [
     (["export", "--from={files}/empty.ckpt", "--to={tmp}/m.safetensors"], names("empty.ckpt")),
     (["export", "--from={files}/truncated-timm.pth", "--to={tmp}/m.safetensors"], names("truncated-timm.pth")),
     (["export", CKPT, "--to={tmp}/m.pt"],
-     "--to {tmp}/m.pt: the export is a .safetensors file, e.g. {tmp}/m.safetensors"),
+     "--to {tmp}/m.pt: the export is a .safetensors or .onnx file, e.g. {tmp}/m.safetensors or {tmp}/m.onnx"),
     (["export", CKPT, "--to={tmp}/no/m.safetensors"], "--to {tmp}/no/m.safetensors: folder {tmp}/no does not exist"),
     # ---- data write, data bench
     (["data", "write", "--from={files}/nowhere", "--to={tmp}/shards"],

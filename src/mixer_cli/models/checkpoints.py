@@ -327,16 +327,21 @@ def imagenet_names(pretrained_cfg: dict) -> dict:
 # ---- export -------------------------------------------------------------------------------------
 
 
+def export_metadata(model: Mixer) -> dict[str, str]:
+    """What every export records beside the weights, as string pairs (safetensors metadata, ONNX
+    metadata_props): the format, the spec, and pretrained_cfg (preprocessing, class names, head activation)."""
+    return {"format": EXPORT_FORMAT, "spec": json.dumps(model.spec.to_dict()),
+            "pretrained_cfg": json.dumps(model.pretrained_cfg)}
+
+
 def export_safetensors(model: Mixer, path: str | Path) -> Path:
     """Write the weights (timm names, so timm loads them too) with the spec and pretrained_cfg in
     the safetensors metadata; atomically, so a reader never sees half a file."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    meta = {"format": EXPORT_FORMAT, "spec": json.dumps(model.spec.to_dict()),
-            "pretrained_cfg": json.dumps(model.pretrained_cfg)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(state, tmp, metadata=meta)
+    save_file(state, tmp, metadata=export_metadata(model))
     os.replace(tmp, path)
     return path

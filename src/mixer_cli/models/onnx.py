@@ -7,7 +7,6 @@ to prepare images and what each logit means.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mixer_cli.core.errors import UserError
-from mixer_cli.models.checkpoints import EXPORT_FORMAT
+from mixer_cli.models.checkpoints import export_metadata
 from mixer_cli.models.mixer import Mixer
 
 INPUT, OUTPUT = "pixels", "logits"
@@ -62,15 +61,9 @@ def write_onnx(model: Mixer, path: Path) -> None:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, input_names=[INPUT],
                                     output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},))
-    program.model.metadata_props.update(metadata(model))
+    program.model.metadata_props.update(export_metadata(model))
     # one self-contained file: protobuf caps it at 2 GB, above Mixer-H/14's 1.7 GB of float32 weights
     program.save(path, external_data=False)
-
-
-def metadata(model: Mixer) -> dict[str, str]:
-    """The metadata our safetensors export records (export_safetensors), as ONNX's string pairs."""
-    return {"format": EXPORT_FORMAT, "spec": json.dumps(model.spec.to_dict()),
-            "pretrained_cfg": json.dumps(model.pretrained_cfg)}
 
 
 def input_shape(model: Mixer) -> tuple[int, int, int]:
