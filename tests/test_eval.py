@@ -1,14 +1,24 @@
-"""`mixer eval`: a checkpoint's top-1, top-5 and ReaL top-1, with the checkpoint's preprocessing, counted exactly."""
+"""`mixer eval`: a checkpoint's top-1, top-5, ReaL top-1 and per-class scores, with the checkpoint's preprocessing,
+counted exactly."""
+import csv
+import io
 import json
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from mixer_cli.commands.eval import evaluate_checkpoint, with_checkpoint_preprocessing
+from mixer_cli.commands.eval import evaluate_checkpoint, macro_averages, with_checkpoint_preprocessing
 from mixer_cli.config.compose import compose
 from mixer_cli.core.errors import UserError
+from mixer_cli.data import build_dataset
+from mixer_cli.models import load_mixer
+from mixer_cli.models.contract import with_class_names
+from mixer_cli.train.module import ClassMetrics, Evaluator
 
 NUM_CLASSES = 6  # those of the `constant_checkpoint` fixture
 # Image number -> its class folder (ImageNet's validation images are numbered across classes).
@@ -95,6 +105,196 @@ def test_an_image_beyond_the_labels_file_stops_before_anything_is_written(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+# ---- per-class metrics and the confusion matrix ------------------------------------------------------
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def read_csv(path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def centroid_mixer(tiny_mixer):
+    """A tiny 10-class digit Mixer whose head scores each class by the distance to its mean feature over
+    training digits: a spread of right and wrong classes (a random head gives every digit one class).
+    Class 9 is never predicted (its precision is 0/0)."""
+    from mixer_cli.data import demo_arrays
+
+    model = tiny_mixer()
+    x, y = demo_arrays("train")
+    x, y = torch.tensor(x[::10], dtype=torch.float32)[:, None] / 255, torch.tensor(y[::10])
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features((x - 0.5) / 0.5), pre_logits=True)
+        means = torch.stack([features[y == c].mean(dim=0) for c in range(10)])
+        model.head.weight.copy_(means)
+        model.head.bias.copy_(-0.5 * means.pow(2).sum(dim=1))
+        model.head.bias[9] = -1e4
+    model.pretrained_cfg = with_class_names(model.pretrained_cfg, DIGIT_NAMES)
+    return model
+
+
+def predictions(cfg, checkpoint) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, arg-max predictions) of the checkpoint over cfg's evaluation split, in a plain loop."""
+    from timm.data import resolve_data_config
+
+    model = load_mixer(checkpoint).eval()
+    cfg = with_checkpoint_preprocessing(cfg, resolve_data_config({}, model=model))
+    labels, predicted = [], []
+    with torch.no_grad():
+        for x, y in DataLoader(build_dataset(cfg.data, cfg.aug, "test"), batch_size=250):
+            labels.append(y)
+            predicted.append(model(x).argmax(dim=1))
+    return torch.cat(labels).numpy(), torch.cat(predicted).numpy()
+
+
+def test_per_class_scores_and_confusion_matrix_agree_with_scikit_learn_on_the_demo_digits(tmp_path, tiny_mixer,
+                                                                                          write_checkpoint):
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    checkpoint = write_checkpoint(centroid_mixer(tiny_mixer))
+    cfg = compose(["eval.accelerator=cpu", f"run_root={tmp_path / 'runs'}"], config_name="eval")
+    results = evaluate_checkpoint(cfg, checkpoint)
+    y, predicted = predictions(cfg, checkpoint)
+    assert 5 <= len(set(predicted)) <= 9 and 9 not in predicted  # varied, and class 9's precision is 0/0
+    precision, recall, f1, support = precision_recall_fscore_support(y, predicted, labels=range(10), zero_division=0)
+    run_dir = tmp_path / "runs" / "eval" / Path(results["run_dir"]).name
+
+    header, *rows = read_csv(run_dir / "per_class.csv")
+    assert header == ["class", "name", "support", "predicted", "accuracy", "precision", "recall", "f1"]
+    assert [(int(r[0]), r[1]) for r in rows] == list(enumerate(DIGIT_NAMES))
+    columns = {name: np.array([float(r[i]) for r in rows]) for i, name in enumerate(header[2:], start=2)}
+    assert columns["support"].tolist() == support.tolist() == [100] * 10
+    assert columns["predicted"].tolist() == np.bincount(predicted, minlength=10).tolist()
+    for name, expected in (("precision", precision), ("recall", recall), ("f1", f1), ("accuracy", recall)):
+        np.testing.assert_allclose(columns[name], expected, atol=1e-6, err_msg=name)
+
+    header, *rows = read_csv(run_dir / "confusion_matrix.csv")
+    assert header == ["true \\ predicted", *DIGIT_NAMES] and [r[0] for r in rows] == DIGIT_NAMES
+    matrix = np.array([[int(v) for v in r[1:]] for r in rows])
+    assert matrix.tolist() == confusion_matrix(y, predicted, labels=range(10)).tolist()
+    assert matrix.sum(axis=1).tolist() == columns["support"].tolist()
+    with Image.open(run_dir / "confusion_matrix.png") as png:
+        assert png.format == "PNG" and min(png.size) > 500
+
+    macro = precision_recall_fscore_support(y, predicted, average="macro", zero_division=0)
+    expected = {"macro_precision": macro[0], "macro_recall": macro[1], "macro_f1": macro[2],
+                "macro_accuracy": macro[1]}
+    assert {k: results[k] for k in expected} == pytest.approx(expected, abs=1e-6)
+    assert results["macro_accuracy"] == pytest.approx(results["top1"], abs=1e-6)  # 100 digits of each class
+    assert results["per_class"] == {
+        "file": "per_class.csv", "targets": "single-label",
+        "accuracy": "recall: the share of the class's images predicted as it (one label per image)",
+        "zero_division": 0, "macro_classes": 10, "confusion_matrix": ["confusion_matrix.csv", "confusion_matrix.png"]}
+
+
+def logits_for(predicted: list[int], num_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(predicted), num_classes).float() * 4 - 2
+
+
+def test_per_class_scores_by_hand_with_a_class_only_predicted_and_one_neither_seen_nor_predicted():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    y, predicted = [0, 0, 1, 1, 1, 2, 2], [0, 1, 1, 1, 2, 2, 3]  # class 3: predicted once, no image; 4: neither
+    metrics = ClassMetrics(5)
+    for batch in (slice(0, 4), slice(4, 7)):  # counts add up over batches
+        metrics.update(logits_for(predicted[batch], 5), torch.tensor(y[batch]))
+    scores = metrics.compute_and_reset()
+    assert scores["support"].tolist() == [2, 3, 2, 0, 0] and scores["predicted"].tolist() == [1, 3, 2, 1, 0]
+    expected = {"precision": [1, 2 / 3, 1 / 2, 0, 0], "recall": [1 / 2, 2 / 3, 1 / 2, 0, 0],
+                "f1": [2 / 3, 2 / 3, 1 / 2, 0, 0]}  # 0/0 (class 3's recall, all of class 4's) is 0
+    assert {k: scores[k].tolist() for k in expected} == {k: pytest.approx(v) for k, v in expected.items()}
+    assert scores["accuracy"].tolist() == scores["recall"].tolist()
+    assert scores["confusion_matrix"].tolist() == [[1, 1, 0, 0, 0], [0, 2, 1, 0, 0], [0, 0, 1, 1, 0], [0] * 5, [0] * 5]
+    # the macro averages leave out class 4 (nothing but 0/0) and keep class 3 (a false positive): scikit-learn's
+    macro = macro_averages(scores)
+    assert macro == pytest.approx({"macro_precision": 13 / 24, "macro_recall": 5 / 12, "macro_f1": 11 / 24,
+                                   "macro_accuracy": 5 / 12})
+    assert macro["macro_f1"] == pytest.approx(precision_recall_fscore_support(y, predicted, average="macro",
+                                                                              zero_division=0)[2])
+
+
+def test_multi_hot_rows_score_each_class_as_a_yes_no_decision_and_have_no_confusion_matrix():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rows = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 1, 0]])
+    logits = torch.randn(6, 4)
+    logits[:, 3] = -8  # class 3: never labelled, never predicted
+    metrics = ClassMetrics(4)
+    metrics.update(logits[:4], rows[:4].float())
+    metrics.update(logits[4:], rows[4:].float())
+    scores = metrics.compute_and_reset()
+    predicted = (logits.sigmoid() > 0.5).int().numpy()
+    precision, recall, f1, support = precision_recall_fscore_support(rows.numpy(), predicted, zero_division=0)
+    assert scores["multi_label"] and scores["confusion_matrix"] is None
+    assert scores["support"].tolist() == support.tolist() == [3, 3, 3, 0]
+    for name, expected in (("precision", precision), ("recall", recall), ("f1", f1),
+                           ("accuracy", (predicted == rows.numpy()).mean(axis=0))):
+        np.testing.assert_allclose(scores[name].numpy(), expected, atol=1e-6, err_msg=name)
+    assert macro_averages(scores)["macro_f1"] == pytest.approx(f1[:3].mean())  # class 3 left out
+
+
+def test_training_does_not_count_per_class_scores_and_eval_counts_its_test_split_only():
+    assert Evaluator(torch.nn.Identity(), 6).class_metrics is None
+    module = Evaluator(torch.nn.Identity(), 6, per_class=True)
+    module.evaluate_batch("val", (logits_for([1, 2], 6), torch.tensor([1, 2])))
+    assert module.class_metrics.counts.tp.sum() == 0
+    module.evaluate_batch("test", (logits_for([1, 2], 6), torch.tensor([1, 2])))
+    assert module.class_metrics.counts.tp.sum() == 2
+
+
+def test_a_constant_model_by_hand_and_the_confusion_matrix_cap(tmp_path, constant_checkpoint, val_folder,
+                                                               monkeypatch):
+    for counted_in in ("mixer_cli.train.module", "mixer_cli.commands.eval"):  # the 6 classes are above the cap
+        monkeypatch.setattr(f"{counted_in}.CONFUSION_MATRIX_MAX_CLASSES", 5)
+    results = evaluate_checkpoint(eval_config(tmp_path), constant_checkpoint)
+    # class 1 for all 8 images: its precision 2/8, recall 1, F1 0.4; the other 5 classes score 0 (0/0 precision)
+    assert {k: results[k] for k in ("macro_precision", "macro_recall", "macro_f1")} == pytest.approx(
+        {"macro_precision": 0.25 / 6, "macro_recall": 1 / 6, "macro_f1": 0.4 / 6})
+    assert results["per_class"]["confusion_matrix"] == ("skipped: 6 classes, above the 5 a confusion matrix is "
+                                                        "kept for (it is classes x classes counts)")
+    run_dir = Path(results["run_dir"])
+    assert not (run_dir / "confusion_matrix.csv").exists() and not (run_dir / "confusion_matrix.png").exists()
+    header, *rows = read_csv(run_dir / "per_class.csv")
+    assert [(r[1], r[2], r[3], r[5]) for r in rows] == [("0", "2", "0", "0.000000"), ("1", "2", "8", "0.250000"),
+                                                       *((str(c), "1", "0", "0.000000") for c in range(2, 6))]
+
+
+def write_multi_label_shards(folder, labels: list[str]) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    with tarfile.open(folder / "shard-000000.tar", "w") as tar:
+        for i, text in enumerate(labels):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(png, format="PNG")
+            for ext, data in (("png", png.getvalue()), ("labels", text.encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (folder / "index.json").write_text(json.dumps(
+        {"shards": [{"file": "shard-000000.tar", "num_samples": len(labels)}], "num_samples": len(labels)}))
+
+
+def test_multi_label_data_gets_per_class_scores_and_a_note_instead_of_a_confusion_matrix(tmp_path, tiny_mixer,
+                                                                                          write_checkpoint):
+    write_multi_label_shards(tmp_path / "shards", ["0,2", "1", "3 4", "2", "0,1,4", "4"])
+    model = tiny_mixer(num_classes=5, img_size=16, in_chans=3, patch_size=8)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0]))  # yes to classes 0 and 2 for every image
+    results = evaluate_checkpoint(compose(["data=shards", f"data.eval_path={tmp_path / 'shards'}",
+                                           "data.num_classes=5", "data.num_workers=0", "eval.accelerator=cpu",
+                                           f"run_root={tmp_path / 'runs'}"], config_name="eval"),
+                                  write_checkpoint(model))
+    note = results["per_class"]
+    assert note["targets"] == "multi-label"
+    assert note["confusion_matrix"] == "skipped: multi-label targets give an image no single true class (its row)"
+    header, *rows = read_csv(Path(results["run_dir"]) / "per_class.csv")
+    # class 0: on 2 of 6 images, said yes to all 6: precision 2/6, recall 1, right on 2 of 6 decisions
+    assert rows[0][2:] == ["2", "6", "0.333333", "0.333333", "1.000000", "0.500000"]
+    assert rows[1][2:] == ["2", "0", "0.666667", "0.000000", "0.000000", "0.000000"]  # said no to all 6
+    assert not (Path(results["run_dir"]) / "confusion_matrix.csv").exists()
+
+
 # ---- VTAB-1k ------------------------------------------------------------------------------------
 
 # The reference task definitions (google-research/task_adaptation): classes per task.
@@ -164,7 +364,7 @@ Path(sys.argv[1], f"rank{os.environ.get('LOCAL_RANK', '0')}.json").write_text(js
 @pytest.mark.slow
 def test_two_ranks_evaluate_every_image_once_and_agree_with_one_process(tmp_path, val_folder, tiny_mixer):
     """2 CPU processes (gloo): 8 images in shards of 3, 3, 2, so rank 0 reads 5 and rank 1 reads 3; the
-    counts and accuracies are those of one process (a padded sampler would count 10 images, or 6)."""
+    counts, accuracies and per-class scores are those of one process (a padded sampler would count 10 images, or 6)."""
     import subprocess
     import sys
 
@@ -187,10 +387,13 @@ def test_two_ranks_evaluate_every_image_once_and_agree_with_one_process(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
 
-    measured = ("top1", "top5", "num_samples", "real_top1", "real_num_samples")
+    measured = ("top1", "top5", "num_samples", "real_top1", "real_num_samples", "macro_precision", "macro_recall",
+                "macro_f1", "macro_accuracy")
     assert r0["devices"] == 2 and one["devices"] == 1
     assert r0["num_samples"] == 8 and r0["real_num_samples"] == 7  # the split's size; image 3's list is empty
     assert {k: r0[k] for k in measured} == {k: r1[k] for k in measured} == pytest.approx({k: one[k] for k in measured})
     assert 0 < one["top1"] < 1  # the images get different classes: the two passes had something to disagree on
     (written,) = (tmp_path / "two" / "eval").iterdir()  # one run directory for both ranks, written by rank 0
     assert json.loads((written / "results.json").read_text()) == r0 and r1["run_dir"] == str(written)
+    for counts in ("per_class.csv", "confusion_matrix.csv"):  # per-class counts are summed over the ranks too
+        assert (written / counts).read_text() == (Path(one["run_dir"]) / counts).read_text()

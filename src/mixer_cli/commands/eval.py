@@ -1,4 +1,5 @@
-"""`mixer eval --from CKPT`: top-1, top-5 and ReaL top-1 of a checkpoint on a data set's evaluation split.
+"""`mixer eval --from CKPT`: top-1, top-5 and ReaL top-1 of a checkpoint on a data set's evaluation split,
+and per-class accuracy, precision, recall and F1 with their macro averages and the confusion matrix.
 
 Any file `load_mixer` reads is evaluated with the preprocessing it records (resolution, mean/std,
 interpolation, crop); conf/eval.yaml leaves those values null so that the checkpoint's fill them,
@@ -6,11 +7,15 @@ and a value the user sets wins. The pass is the training's final evaluation (the
 in Lightning's test loop over the DataModule's evaluation split): every image of the split is counted
 exactly once however many devices share it, no padding, no dropped last batch. With
 `data.real_labels=real.json` the ImageNet validation images are scored against the reassessed
-labels as well (evaluate/real_labels.py).
+labels as well (evaluate/real_labels.py). The per-class metrics (train/module.py's ClassMetrics) are
+counted in the same pass and written as per_class.csv, confusion_matrix.csv and confusion_matrix.png,
+with the class names the model carries.
 """
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import time
 from pathlib import Path
 
@@ -24,11 +29,12 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
 from mixer_cli.evaluate.real_labels import real_labels_for
 from mixer_cli.models import load_mixer
-from mixer_cli.models.contract import describe
+from mixer_cli.models.contract import class_names, describe
+from mixer_cli.reporting.confusion import plot_confusion_matrix
 from mixer_cli.reporting.runs import print_summary
 from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import device_preprocessing
-from mixer_cli.train.module import Evaluator
+from mixer_cli.train.module import CONFUSION_MATRIX_MAX_CLASSES, Evaluator
 from mixer_cli.train.trainer import quiet_lightning
 
 
@@ -114,11 +120,13 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
     check_fits(model.pretrained_cfg, cfg.data, checkpoint)
     dataset, real = real_labels_for(cfg.data, build_dataset(cfg.data, cfg.aug, "test"))
     # The training's module, for its evaluation: metrics, and device-side decoding (data.decode).
-    module = Evaluator(model, cfg.data.num_classes, real_top1=real, **device_preprocessing(cfg))
+    module = Evaluator(model, cfg.data.num_classes, real_top1=real, per_class=True, **device_preprocessing(cfg))
     trainer = eval_trainer(cfg.eval)
     with Run(cfg, "eval") as run:  # open before other ranks launch: they find it through the environment
         start = time.perf_counter()
         measured = measure(trainer, module, dataset, cfg.eval.batch_size, cfg.data.get("num_workers", 0))
+        per_class = module.class_results
+        title = f"{cfg.name} ({describe(model)}, {cfg.data.source})"
         results = {
             "command": "eval", "name": cfg.name, "from": str(checkpoint),
             "model": describe(model), "parameters": sum(p.numel() for p in model.parameters()),
@@ -127,6 +135,8 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
                               "interpolation": cfg.data.interpolation, "crop_mode": cfg.aug.eval_crop_mode,
                               "crop_pct": cfg.aug.eval_crop_pct},
             **measured,
+            **macro_averages(per_class),
+            "per_class": write_class_reports(run, per_class, class_names(model.pretrained_cfg), title),
             "devices": trainer.world_size,
             "eval_seconds": round(time.perf_counter() - start, 1),
             "run_dir": str(run.path),
@@ -137,10 +147,78 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
     return results
 
 
+MACRO_SCORES = ("accuracy", "precision", "recall", "f1")
+
+
+def macro_averages(per_class: dict) -> dict:
+    """The mean of each per-class score over the classes the split has images of or the model predicted
+    (scikit-learn's macro average): a class with neither has nothing but 0/0 to add."""
+    scored = measured_classes(per_class)
+    return {f"macro_{name}": per_class[name][scored].double().mean().item() for name in MACRO_SCORES}
+
+
+def measured_classes(per_class: dict):
+    return (per_class["support"] + per_class["predicted"]) > 0
+
+
+def write_class_reports(run: Run, per_class: dict, names: list[str], title: str) -> dict:
+    """per_class.csv, and confusion_matrix.csv and .png where there is one; what results.json says of them."""
+    run.write("per_class.csv", per_class_csv(per_class, names))
+    matrix = per_class["confusion_matrix"]
+    if matrix is not None:
+        run.write("confusion_matrix.csv", confusion_csv(matrix, names))
+        if run.is_main:
+            plot_confusion_matrix(matrix.numpy(), names, run.path / "confusion_matrix.png", title)
+    multi_label = per_class["multi_label"]
+    return {
+        "file": "per_class.csv",
+        "targets": "multi-label" if multi_label else "single-label",
+        "accuracy": ("(tp + tn) / images: each class's yes/no decision, sigmoid(logit) > 0.5" if multi_label else
+                     "recall: the share of the class's images predicted as it (one label per image)"),
+        "zero_division": 0,
+        "macro_classes": int(measured_classes(per_class).sum()),
+        "confusion_matrix": (["confusion_matrix.csv", "confusion_matrix.png"] if matrix is not None
+                             else skipped_matrix(multi_label, len(names))),
+    }
+
+
+def skipped_matrix(multi_label: bool, num_classes: int) -> str:
+    if multi_label:
+        return "skipped: multi-label targets give an image no single true class (its row)"
+    return (f"skipped: {num_classes:,} classes, above the {CONFUSION_MATRIX_MAX_CLASSES:,} a confusion matrix is "
+            "kept for (it is classes x classes counts)")
+
+
+def per_class_csv(per_class: dict, names: list[str]) -> str:
+    rows = [[i, name, per_class["support"][i].item(), per_class["predicted"][i].item(),
+             *(f"{per_class[score][i].item():.6f}" for score in MACRO_SCORES)] for i, name in enumerate(names)]
+    return csv_text(["class", "name", "support", "predicted", *MACRO_SCORES], rows)
+
+
+def confusion_csv(matrix, names: list[str]) -> str:
+    """Rows: true class, columns: predicted class, each named."""
+    return csv_text(["true \\ predicted", *names], [[name, *row] for name, row in zip(names, matrix.tolist())])
+
+
+def csv_text(header: list, rows: list[list]) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 def print_eval(results: dict) -> None:
     p = results["preprocessing"]
     shown = {k: results[k] for k in ("top1", "top5", "real_top1", "num_samples", "real_num_samples") if k in results}
+    shown |= {f"macro {name}": f"{100 * results[f'macro_{name}']:.2f}%" for name in MACRO_SCORES}
+    if results["per_class"]["targets"] == "single-label":
+        shown["macro accuracy"] += " (= macro recall: one label per image)"
     shown["preprocessing"] = (f"{p['img_size']}px, {p['interpolation']}, {p['crop_mode']} crop {p['crop_pct']:g}, "
                               f"mean {p['mean']}, std {p['std']}")
     print_summary(shown, title=f"mixer eval {results['name']} ({results['model']}, {results['data']})")
     console.print(f"results: {results['run_dir']}/results.json", highlight=False)
+    matrix = results["per_class"]["confusion_matrix"]
+    console.print(f"per class: {results['run_dir']}/per_class.csv; confusion matrix: "
+                  + (f"{results['run_dir']}/confusion_matrix.png" if isinstance(matrix, list) else matrix),
+                  highlight=False)

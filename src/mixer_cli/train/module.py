@@ -19,7 +19,16 @@ import lightning as L
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
+from torch.nn import functional as F
 from torchmetrics import MeanMetric, Metric, SumMetric
+from torchmetrics.classification import (
+    MulticlassConfusionMatrix,
+    MultilabelAccuracy,
+    MultilabelF1Score,
+    MultilabelPrecision,
+    MultilabelRecall,
+    MultilabelStatScores,
+)
 
 from mixer_cli.models.contract import checkpoint_record
 from mixer_cli.train.losses import target_rows
@@ -62,6 +71,63 @@ class SplitMetrics(nn.Module):
         return computed
 
 
+# A confusion matrix is K x K counts on every rank and in every sync: 8 MB at 1,000 classes, 3.8 GB at
+# ImageNet-21k's 21,843. Above this many classes it is not kept; the per-class vectors always are.
+CONFUSION_MATRIX_MAX_CLASSES = 1000
+
+# torchmetrics' per-class scores (average=None); 0/0 (a class never predicted, or with no images) is 0.
+CLASS_SCORES = {"accuracy": MultilabelAccuracy, "precision": MultilabelPrecision, "recall": MultilabelRecall,
+                "f1": MultilabelF1Score}
+
+
+class ClassMetrics(nn.Module):
+    """Per-class accuracy, precision, recall, F1 and counts over one split, and the confusion matrix of up to
+    CONFUSION_MATRIX_MAX_CLASSES classes (rows: true class, columns: predicted).
+
+    Labels (B,) predict one class per image, the arg-max; multi-hot rows (B, K) one yes/no per class,
+    sigmoid(logit) > 0.5 (no confusion matrix: an image has no single true class). Both are counted as 0/1
+    rows (B, K) by the Multilabel metrics: for one-hot rows their per-class counts are the Multiclass
+    metrics', which would build a K x K histogram on every batch (3.8 GB at 21,843 classes)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.scores = nn.ModuleDict({name: score(num_classes, average=None) for name, score in CLASS_SCORES.items()})
+        self.counts = MultilabelStatScores(num_classes, average=None)  # per class: tp, fp, tn, fn, support
+        capped = num_classes > CONFUSION_MATRIX_MAX_CLASSES
+        self.confusion = None if capped else MulticlassConfusionMatrix(num_classes)
+        self.multi_hot = SumMetric()  # images with multi-hot rows: synced, so every rank knows the data's kind
+
+    def update(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if y.ndim == 1:
+            predicted, truth = logits.argmax(dim=1), y.long()
+            if self.confusion is not None:
+                self.confusion.update(predicted, truth)
+            predicted, truth = F.one_hot(predicted, self.num_classes), F.one_hot(truth, self.num_classes)
+        else:
+            predicted, truth = logits.float().sigmoid().gt(0.5).long(), y.gt(0).long()
+        self.multi_hot.update(len(y) if y.ndim == 2 else 0)
+        for metric in (*self.scores.values(), self.counts):
+            metric.update(predicted, truth)
+
+    def compute_and_reset(self) -> dict:
+        """{"multi_label", "support", "predicted", "accuracy", "precision", "recall", "f1"}: per-class
+        vectors on the CPU (accuracy: the recall for labels, (tp + tn) / images for multi-hot rows), and
+        "confusion_matrix" (K, K), or None for multi-hot rows or above CONFUSION_MATRIX_MAX_CLASSES."""
+        multi_label = bool(self.multi_hot.compute() > 0)
+        tp, fp, _, _, support = self.counts.compute().unbind(dim=1)
+        computed = {"multi_label": multi_label, "support": support, "predicted": tp + fp}
+        computed |= {name: metric.compute() for name, metric in self.scores.items()}
+        if not multi_label:  # one label per image: the share of a class's images given that class
+            computed["accuracy"] = computed["recall"]
+        keeps_matrix = self.confusion is not None and not multi_label
+        computed["confusion_matrix"] = self.confusion.compute() if keeps_matrix else None
+        for metric in (*self.scores.values(), self.counts, self.confusion, self.multi_hot):
+            if metric is not None:
+                metric.reset()
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in computed.items()}
+
+
 class Evaluator(L.LightningModule):
     """A network and its evaluation: what `mixer eval` runs, and what the Classifier trains."""
 
@@ -74,6 +140,7 @@ class Evaluator(L.LightningModule):
         device_decode: tuple[Callable, Callable] | None = None,
         real_top1: Metric | None = None,
         test_splits: tuple[str, ...] = ("test",),
+        per_class: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -84,6 +151,10 @@ class Evaluator(L.LightningModule):
         self.real_top1 = real_top1  # RealTop1 of the eval split's images (evaluate/real_labels.py), or None
         self.test_splits = tuple(test_splits)
         self.split_metrics = nn.ModuleDict({split: SplitMetrics() for split in ("val", *self.test_splits)})
+        # Per-class metrics of the test loop's evaluation split (`mixer eval`; training's evaluations skip
+        # them), read from `class_results` after the pass: torchmetrics' vectors do not go through self.log.
+        self.class_metrics = ClassMetrics(num_classes) if per_class else None
+        self.class_results: dict | None = None
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         x, y, *names = batch
@@ -115,6 +186,8 @@ class Evaluator(L.LightningModule):
         if self.scores_real(split) and names:
             self.real_top1.update(logits, names[0])
         self.split_metrics[split].update(logits, y, self.loss(logits, y), min(5, self.num_classes))
+        if self.scores_per_class(split):
+            self.class_metrics.update(logits, y)
 
     def on_validation_epoch_end(self):
         self.log_split("val")
@@ -132,6 +205,11 @@ class Evaluator(L.LightningModule):
             self.log(f"{split}/real_top1", self.real_top1.compute(), add_dataloader_idx=False)  # NaN: no lists
             self.log(f"{split}/real_num_samples", float(self.real_top1.num_counted()), add_dataloader_idx=False)
             self.real_top1.reset()
+        if self.scores_per_class(split):
+            self.class_results = self.class_metrics.compute_and_reset()
+
+    def scores_per_class(self, split: str) -> bool:
+        return self.class_metrics is not None and split == "test"
 
     def scores_real(self, split: str) -> bool:
         return self.real_top1 is not None and split in EVAL_SPLITS
