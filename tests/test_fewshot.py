@@ -27,6 +27,7 @@ from mixer_cli.evaluate.fewshot import (
     extract_features,
     fewshot_accuracies,
     fewshot_callback,
+    per_class_accuracy,
     probe_data,
 )
 from mixer_cli.models import build_mixer
@@ -103,6 +104,22 @@ def test_shots_are_class_balanced_reproducible_and_differ_by_seed():
     assert not np.array_equal(ranks < 5, class_ranks(labels, seed=4) < 5)
     for c in range(7):  # each class's ranks are a permutation of 0..count-1
         assert sorted(ranks[labels == c]) == list(range((labels == c).sum()))
+
+
+def test_per_class_accuracy_is_sklearns_per_class_recall():
+    y = torch.tensor([0, 0, 1, 1, 1, 3, 3, 0])
+    predicted = torch.tensor([0, 1, 1, 1, 0, 3, 0, 0])
+    ours = per_class_accuracy(predicted, y, 4)
+    from sklearn.metrics import recall_score
+
+    expected = recall_score(y, predicted, labels=[0, 1, 3], average=None)
+    np.testing.assert_allclose(ours[[0, 1, 3]], expected)
+    assert np.isnan(ours[2])  # class 2 has no test example: no accuracy, not 0
+
+
+def test_a_class_too_small_is_named_when_the_data_names_it():
+    with pytest.raises(UserError, match=r"^class 1 \(dog\) has only 2 training example"):
+        check_counts(np.array([0] * 5 + [1] * 2), 5, 2, names=["cat", "dog"])
 
 
 def test_more_shots_than_a_class_has_is_a_clear_error():
@@ -313,7 +330,8 @@ def test_command_probes_the_digits_with_the_checkpoints_preprocessing(tmp_path, 
     checkpoint = _checkpoint(tiny_mixer(img_size=16), tmp_path / "a.safetensors")
     results = _run_fewshot(tmp_path, checkpoint, "1,5", "fewshot.seeds=2")
     (run_dir,) = (tmp_path / "runs" / "fewshot").iterdir()
-    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "results.json", "fewshot.csv", "fewshot.png"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "results.json", "fewshot.csv", "fewshot.png",
+                                                   "fewshot_per_class.csv"}
     assert json.loads((run_dir / "results.json").read_text()) == results
     assert (results["command"], results["feature_dim"], results["num_samples"], results["l2"]) == ("fewshot", 16, 901,
                                                                                                      1024)
@@ -324,6 +342,17 @@ def test_command_probes_the_digits_with_the_checkpoints_preprocessing(tmp_path, 
     with open(run_dir / "fewshot.csv") as f:
         assert [(int(r["shots"]), int(r["seed"])) for r in csv.DictReader(f)] == [(1, 0), (5, 0), (1, 1), (5, 1)]
     assert "img_size: 16" in (run_dir / "config.yaml").read_text()
+    # per class, by the digits' names: weighted by each class's test images, the rows give the accuracy back
+    from mixer_cli.data.digits import digits_arrays
+
+    with open(run_dir / "fewshot_per_class.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [str(d) for d in range(10)]
+    counts = np.bincount(digits_arrays("test")[1], minlength=10)
+    assert np.dot(counts, [float(r["5shot"]) for r in rows]) / counts.sum() == pytest.approx(results["fewshot_5shot"])
+    worst = min(rows, key=lambda r: float(r["5shot"]))
+    assert results["hardest_classes"][0] == {"class": int(worst["class"]), "name": worst["name"],
+                                             "accuracy": float(worst["5shot"])}
 
 
 def _write_folder(root, per_class, seed):

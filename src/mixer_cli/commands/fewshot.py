@@ -3,8 +3,9 @@
 The data is read with the checkpoint's evaluation preprocessing (timm's data config of the model:
 resolution, mean/std, interpolation, crop), as `mixer eval` reads it: conf/fewshot.yaml leaves
 those values null, the checkpoint fills them, and a value the user sets wins. Every shot count and
-seed comes from one feature pass. The run directory gets config.yaml, fewshot.csv, fewshot.png and, last,
-results.json; on any error the directory is removed.
+seed comes from one feature pass. The run directory gets config.yaml, fewshot.csv,
+fewshot_per_class.csv (each class of the probe data by name, its accuracy at each shot count),
+fewshot.png and, last, results.json; on any error the directory is removed.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
+from rich.markup import escape
 from rich.table import Table
 from timm.data import resolve_data_config
 
@@ -58,6 +60,10 @@ def fewshot_command(cfg: DictConfig, checkpoint: Path, shots: list[int]) -> dict
             "summary": summary, "runs": result["runs"], "run_dir": str(run.path),
         }
         run.write("fewshot.csv", csv_text(result["runs"], ["shots", "seed", "l2", "accuracy"]))
+        names = list(evaluator.class_names or map(str, range(cfg.data.num_classes)))
+        per_class = per_class_rows(result["per_class"], names)
+        run.write("fewshot_per_class.csv", csv_text(per_class))
+        results["hardest_classes"] = hardest(per_class, max(shots))
         plot_fewshot(summary, run.path / "fewshot.png", title=f"linear few-shot, {cfg.data.source}")
         run.finish(results)
     print_fewshot(results)
@@ -77,6 +83,21 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def per_class_rows(per_class: dict[int, np.ndarray], names: list[str]) -> list[dict]:
+    """One row per class of the probe data: its name and its accuracy at each shot count (mean over
+    seeds; empty where the test split has no example of it)."""
+    return [{"class": c, "name": name, **{f"{k}shot": "" if np.isnan(acc[c]) else round(float(acc[c]), 6)
+                                           for k, acc in per_class.items()}}
+            for c, name in enumerate(names)]
+
+
+def hardest(rows: list[dict], shots: int, count: int = 5) -> list[dict]:
+    """The classes the frozen features separate worst at `shots` shots."""
+    scored = [r for r in rows if r[f"{shots}shot"] != ""]
+    return [{"class": r["class"], "name": r["name"], "accuracy": r[f"{shots}shot"]}
+            for r in sorted(scored, key=lambda r: r[f"{shots}shot"])[:count]]
+
+
 def print_fewshot(results: dict) -> None:
     table = Table(title=f"Linear few-shot top-1 ({results['data']}, {results['num_classes']} classes, "
                         f"{results['num_samples']:,} test images)", title_style="bold")
@@ -86,6 +107,9 @@ def print_fewshot(results: dict) -> None:
         table.add_row(str(s["shots"]), f"{100 * s['mean']:.2f}%", f"{100 * s['std']:.2f}", f"{100 * s['min']:.2f}%",
                       f"{100 * s['max']:.2f}%", str(s["seeds"]), ", ".join(f"2^{np.log2(v):g}" for v in s["l2"]))
     console.print(table)
+    worst = ", ".join(f"{escape(h['name'])} {100 * h['accuracy']:.1f}%" for h in results["hardest_classes"])
+    console.print(f"hardest classes at {results['summary'][-1]['shots']} shots: {worst} "
+                  f"(every class: fewshot_per_class.csv)", highlight=False)
     console.print(f"results: {results['run_dir']}/results.json")
 
 

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Subset
 from mixer_cli.config.compose import compose
 from mixer_cli.config.schema import DEFAULT_L2
 from mixer_cli.core.errors import UserError
-from mixer_cli.data import build_dataset
+from mixer_cli.data import build_dataset, class_names
 from mixer_cli.data.workers import worker_init
 
 L2_GRID = tuple(2.0**i for i in range(-10, 20))  # big_vision's grid for choosing l2
@@ -70,14 +70,24 @@ def class_ranks(labels: np.ndarray, seed: int) -> np.ndarray:
     return ranks
 
 
-def check_counts(labels: np.ndarray, shots: int, num_classes: int | None = None, held_out: int = 0) -> None:
+def check_counts(labels: np.ndarray, shots: int, num_classes: int | None = None, held_out: int = 0,
+                 names: Sequence[str] | None = None) -> None:
     """Every class must have `shots` (+ `held_out`) examples; a clear error names the class that has fewer."""
     counts = np.bincount(np.asarray(labels), minlength=num_classes or 0)
     if len(counts) and counts.min() < shots + held_out:
         c, most = int(counts.argmin()), max(int(counts.min()) - held_out, 1)
         asked = f"{shots} shots" + (f" plus {held_out} held out for choosing l2" if held_out else "")
-        raise UserError(f"class {c} has only {counts[c]} training example(s), fewer than the {asked} asked for; "
-                        f"ask for at most {most} (e.g. --shots {most})")
+        named = f" ({names[c]})" if names and names[c] != str(c) else ""
+        raise UserError(f"class {c}{named} has only {counts[c]} training example(s), fewer than the {asked} asked "
+                        f"for; ask for at most {most} (e.g. --shots {most})")
+
+
+def per_class_accuracy(predicted: torch.Tensor, y: torch.Tensor, num_classes: int) -> np.ndarray:
+    """The share of each class's test examples predicted right (NaN for a class with none)."""
+    y = y.long().cpu()
+    hits = torch.bincount(y, weights=(predicted.cpu() == y).double(), minlength=num_classes)
+    counts = torch.bincount(y, minlength=num_classes).double()
+    return (hits / counts).numpy()  # 0/0 is NaN: no example, no accuracy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +204,8 @@ def fewshot_accuracies(
             take = ranks < k
             problem = RidgeProblem(pool.x[take], pool.y[take], num_classes)
             probe = problem.solve(l2) if l2 is not None else problem.select(pool.x[val], pool.y[val])
-            rows.append({"shots": k, "seed": seed, "l2": probe.l2, "accuracy": probe.accuracy(test_x, test_y)})
+            rows.append({"shots": k, "seed": seed, "l2": probe.l2, "accuracy": probe.accuracy(test_x, test_y),
+                         "per_class": per_class_accuracy(probe.predict(test_x), test_y, num_classes)})
     return rows
 
 
@@ -280,7 +291,7 @@ class FewShotEvaluator:
         self, train_dataset, test_dataset, num_classes: int, shots: Sequence[int] = (5,), *,
         l2: float | None = DEFAULT_L2, seeds: Sequence[int] = (0,), held_out: int = 0,
         batch_size: int = 256, num_workers: int = 0,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None, class_names: Sequence[str] | None = None,
     ):
         self.shots = sorted(set(shots))
         if not self.shots or self.shots[0] < 1:
@@ -295,12 +306,14 @@ class FewShotEvaluator:
         self.train_dataset, self.test_dataset, self.num_classes = train_dataset, test_dataset, num_classes
         self.l2, self.held_out, self.transform = l2, held_out, transform
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.class_names = class_names  # the probe data's, for messages
         labels = labels_of(train_dataset)
         if labels is not None:
-            check_counts(labels, max(self.shots), num_classes, held_out)
+            check_counts(labels, max(self.shots), num_classes, held_out, class_names)
 
     def run(self, model: nn.Module, forward_context: Callable[[], AbstractContextManager] = nullcontext) -> dict:
-        """{"accuracy": {shots: mean test top-1 over the seeds}, "runs": [{"shots", "seed", "l2",
+        """{"accuracy": {shots: mean test top-1 over the seeds}, "per_class": {shots: (num_classes,) mean
+        accuracy of each class over the seeds}, "runs": [{"shots", "seed", "l2",
         "accuracy"} per probe], "feature_dim": D, "num_samples": test examples}.
 
         The forward passes run inside `forward_context()` (e.g. Lightning's precision context), the
@@ -310,7 +323,9 @@ class FewShotEvaluator:
             test_x, test_y = extract_features(model, self._batches(self.test_dataset))
         rows = fewshot_accuracies(pool, test_x, test_y, self.num_classes, self.shots, self.l2, self.held_out)
         accuracy = {k: float(np.mean([r["accuracy"] for r in rows if r["shots"] == k])) for k in self.shots}
-        return {"accuracy": accuracy, "runs": rows, "feature_dim": int(test_x.shape[1]), "num_samples": len(test_y)}
+        per_class = {k: np.mean([r.pop("per_class") for r in rows if r["shots"] == k], axis=0) for k in self.shots}
+        return {"accuracy": accuracy, "per_class": per_class, "runs": rows, "feature_dim": int(test_x.shape[1]),
+                "num_samples": len(test_y)}
 
     def _train_pool(self, model: nn.Module) -> TrainPool:
         """One feature pass over just the train examples that some seed's first max(shots) (+ held_out)
@@ -322,7 +337,7 @@ class FewShotEvaluator:
             prefix = class_prefix(self._batches(self.train_dataset), needed * len(self.seeds), self.num_classes)
             x, y = extract_features(model, prefix)
             labels = y.cpu().numpy()
-            check_counts(labels, top, self.num_classes, self.held_out)
+            check_counts(labels, top, self.num_classes, self.held_out, self.class_names)
             ranks = {s: class_ranks(labels, s) for s in self.seeds}
         else:
             full = {s: class_ranks(labels, s) for s in self.seeds}
@@ -419,6 +434,7 @@ def fewshot_evaluator(
         data.num_classes, shots, l2=l2, seeds=[f.get("seed", 0)] if seeds is None else seeds,
         held_out=f.held_out if l2 is None else 0, batch_size=f.batch_size,
         num_workers=f.get("num_workers", data.get("num_workers", 0)), transform=transform,
+        class_names=class_names(data),
     )
 
 
