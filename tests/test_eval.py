@@ -256,8 +256,10 @@ def test_a_constant_model_by_hand_and_the_confusion_matrix_cap(tmp_path, constan
     run_dir = Path(results["run_dir"])
     assert not (run_dir / "confusion_matrix.csv").exists() and not (run_dir / "confusion_matrix.png").exists()
     header, *rows = read_csv(run_dir / "per_class.csv")
-    assert [(r[1], r[2], r[3], r[5]) for r in rows] == [("0", "2", "0", "0.000000"), ("1", "2", "8", "0.250000"),
-                                                       *((str(c), "1", "0", "0.000000") for c in range(2, 6))]
+    # named by the folder: the timm-format file names no classes
+    assert [(r[1], r[2], r[3], r[5]) for r in rows] == [("class0", "2", "0", "0.000000"),
+                                                       ("class1", "2", "8", "0.250000"),
+                                                       *((f"class{c}", "1", "0", "0.000000") for c in range(2, 6))]
 
 
 def write_multi_label_shards(folder, labels: list[str]) -> None:
@@ -397,3 +399,15 @@ def test_two_ranks_evaluate_every_image_once_and_agree_with_one_process(tmp_path
     assert json.loads((written / "results.json").read_text()) == r0 and r1["run_dir"] == str(written)
     for counts in ("per_class.csv", "confusion_matrix.csv"):  # per-class counts are summed over the ranks too
         assert (written / counts).read_text() == (Path(one["run_dir"]) / counts).read_text()
+
+
+def test_classes_are_named_by_the_class_map_else_the_model_else_the_data(tmp_path, constant_checkpoint, val_folder):
+    """The timm-format file names no classes: the folder's names are shown, unless a class map gives others."""
+    def names_in(results):
+        with open(f"{results['run_dir']}/per_class.csv") as f:
+            return [row["name"] for row in csv.DictReader(f)]
+
+    assert names_in(evaluate_checkpoint(eval_config(tmp_path), constant_checkpoint)) == [f"class{c}" for c in range(6)]
+    (tmp_path / "map.txt").write_text("\n".join("abcdef"))
+    results = evaluate_checkpoint(eval_config(tmp_path, f"eval.class_map={tmp_path / 'map.txt'}"), constant_checkpoint)
+    assert names_in(results) == list("abcdef")

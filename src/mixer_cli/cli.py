@@ -65,6 +65,9 @@ def user_errors(fn):
     return wrapper
 
 
+CLASS_MAP = typer.Option(None, "--class-map", help="Class names, one per line in class order, for weights that "
+                         "carry none.", dir_okay=False, show_default=False)
+
 MULTIRUN = typer.Option(
     False, "--multirun", "-m",
     help="Sweep with Hydra: one run per value of a=1,2,3 overrides (hydra/launcher=submitit_slurm: as SLURM jobs).",
@@ -133,7 +136,7 @@ def finetune(
 
 @app.command(
     "eval",
-    short_help="Top-1, top-5 and ReaL top-1 of a checkpoint on a data set.",
+    short_help="Top-1/5, ReaL and per-class metrics of a checkpoint on a data set.",
     epilog="Examples: [bold]mixer eval --from runs/pretrain/20261125-101500-demo/last.ckpt[/] · "
     "[bold]mixer eval --from Mixer-B_16.npz data=folder data.eval_path=~/imagenet/val data.num_classes=1000 "
     "data.real_labels=real.json[/] · [bold]mixer eval --from CKPT data=cifar10 aug.eval_crop_pct=0.875[/]",
@@ -142,14 +145,19 @@ def finetune(
 def eval_(
     checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
                                     dir_okay=False, show_default=False),
+    class_map: Path | None = CLASS_MAP,
     overrides: list[str] | None = OVERRIDES,
 ):
     """Top-1 and top-5 (and ReaL top-1 with data.real_labels) of a checkpoint on a data set's evaluation
-    split, every image once, with the checkpoint's preprocessing unless overridden."""
+    split, every image once, with the checkpoint's preprocessing unless overridden; per-class accuracy,
+    precision, recall and F1 and the confusion matrix, by class name."""
     from mixer_cli.commands.eval import evaluate_checkpoint
     from mixer_cli.config.compose import compose
 
-    evaluate_checkpoint(compose(overrides or [], config_name="eval"), checkpoint)
+    cfg = compose(overrides or [], config_name="eval")
+    if class_map is not None:  # set after composing: a path needs no quoting for Hydra's parser
+        cfg.eval.class_map = str(class_map)
+    evaluate_checkpoint(cfg, checkpoint)
 
 
 @app.command(
@@ -167,8 +175,7 @@ def predict(
                                        "key=value overrides of conf/predict.yaml."),
     topk: int | None = typer.Option(None, "--topk", help="Classes per image (default: predict.topk = 5).",
                                     show_default=False),
-    class_map: Path | None = typer.Option(None, "--class-map", help="Class names, one per line in class order, "
-                                          "for weights that carry none.", dir_okay=False, show_default=False),
+    class_map: Path | None = CLASS_MAP,
 ):
     """Top-k classes and probabilities of a checkpoint for each image, with the checkpoint's own
     preprocessing; predictions.csv in runs/predict/, a short table here. Unreadable images are listed

@@ -14,8 +14,6 @@ with the class names the model carries.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import time
 from pathlib import Path
 
@@ -26,10 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from mixer_cli.config.run_dirs import Run
 from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
+from mixer_cli.core.files import csv_table
 from mixer_cli.data import build_dataset
+from mixer_cli.data import class_names as data_class_names
 from mixer_cli.evaluate.real_labels import real_labels_for
 from mixer_cli.models import load_mixer
-from mixer_cli.models.contract import class_names, describe
+from mixer_cli.models.contract import class_names, describe, naming_classes
 from mixer_cli.reporting.confusion import plot_confusion_matrix
 from mixer_cli.reporting.runs import print_summary
 from mixer_cli.train.datamodule import ImageDataModule
@@ -118,6 +118,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
     cfg = with_checkpoint_preprocessing(cfg, resolve_data_config({}, model=model))
     cfg.name = cfg.name or default_name(checkpoint)
     check_fits(model.pretrained_cfg, cfg.data, checkpoint)
+    model.pretrained_cfg = naming_classes(model.pretrained_cfg, cfg.eval.get("class_map"), data_class_names(cfg.data))
     dataset, real = real_labels_for(cfg.data, build_dataset(cfg.data, cfg.aug, "test"))
     # The training's module, for its evaluation: metrics, and device-side decoding (data.decode).
     module = Evaluator(model, cfg.data.num_classes, real_top1=real, per_class=True, **device_preprocessing(cfg))
@@ -192,20 +193,12 @@ def skipped_matrix(multi_label: bool, num_classes: int) -> str:
 def per_class_csv(per_class: dict, names: list[str]) -> str:
     rows = [[i, name, per_class["support"][i].item(), per_class["predicted"][i].item(),
              *(f"{per_class[score][i].item():.6f}" for score in MACRO_SCORES)] for i, name in enumerate(names)]
-    return csv_text(["class", "name", "support", "predicted", *MACRO_SCORES], rows)
+    return csv_table(["class", "name", "support", "predicted", *MACRO_SCORES], rows)
 
 
 def confusion_csv(matrix, names: list[str]) -> str:
     """Rows: true class, columns: predicted class, each named."""
-    return csv_text(["true \\ predicted", *names], [[name, *row] for name, row in zip(names, matrix.tolist())])
-
-
-def csv_text(header: list, rows: list[list]) -> str:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return text.getvalue()
+    return csv_table(["true \\ predicted", *names], [[name, *row] for name, row in zip(names, matrix.tolist())])
 
 
 def print_eval(results: dict) -> None:

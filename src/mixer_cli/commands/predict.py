@@ -32,7 +32,7 @@ from mixer_cli.core.files import csv_text
 from mixer_cli.data.image_files import ImageFiles, collate_readable, expand
 from mixer_cli.data.transforms import eval_transform
 from mixer_cli.models import load_mixer
-from mixer_cli.models.contract import class_names, class_probabilities, describe, read_class_map, with_class_names
+from mixer_cli.models.contract import class_names, class_probabilities, describe, naming_classes
 
 
 def predict_command(cfg: DictConfig, checkpoint: Path, inputs: list[str]) -> dict:
@@ -41,9 +41,7 @@ def predict_command(cfg: DictConfig, checkpoint: Path, inputs: list[str]) -> dic
     p = cfg.predict
     checkpoint = Path(checkpoint).resolve()
     model = load_mixer(checkpoint)
-    if p.class_map:
-        names = read_class_map(p.class_map, model.spec.num_classes)
-        model.pretrained_cfg = with_class_names(model.pretrained_cfg, names)
+    model.pretrained_cfg = naming_classes(model.pretrained_cfg, p.class_map)
     if model.spec.num_classes == 0:
         raise UserError(f"{checkpoint} has no classification head (num_classes 0): nothing to predict; "
                         "fine-tune it first (mixer finetune --from ...)")

@@ -276,6 +276,7 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "shuffle.progress": FLAG,
     # eval
     "eval.batch_size": whole(1),
+    "eval.class_map": TEXT | NULL,
     "eval.accelerator": lambda: one_of(*lightning_accelerators()),
     "eval.devices": DEVICES,
     "eval.num_nodes": whole(1),

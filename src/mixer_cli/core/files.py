@@ -30,3 +30,13 @@ def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+def csv_table(header: list, rows: list[list]) -> str:
+    """CSV text of a header and rows of values, for tables whose columns are not all distinct names (a
+    confusion matrix's columns are the class names, which may repeat)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()

@@ -61,7 +61,8 @@ def class_names(data: DictConfig) -> tuple[str, ...] | None:
     (shards written by another tool)."""
     if data.source in ("demo", "digits"):
         return tuple(str(digit) for digit in range(10))
-    root = Path(str(data.get("train_path") or data.get("eval_path") or ""))
+    found = [Path(str(data[key])) for key in ("train_path", "eval_path") if data.get(key)]
+    root = next((path for path in found if path.is_dir()), Path(""))
     if data.source == "folder" and root.is_dir():
         from torchvision.datasets.folder import find_classes
 

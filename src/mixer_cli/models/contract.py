@@ -72,6 +72,16 @@ def with_class_names(pretrained_cfg: dict, names, descriptions=None) -> dict:
     return cfg
 
 
+def naming_classes(pretrained_cfg: dict, class_map: str | Path | None = None, data_names=None) -> dict:
+    """pretrained_cfg with the names a command shows: a class map file's (the user's word wins), else the
+    model's own, else the data's (an image folder's names for weights that carry none)."""
+    if class_map:
+        return with_class_names(pretrained_cfg, read_class_map(class_map, pretrained_cfg["num_classes"]))
+    if any(pretrained_cfg.get(key) for key in LABEL_KEYS) or not data_names:
+        return pretrained_cfg
+    return with_class_names(pretrained_cfg, data_names)
+
+
 def read_class_map(path: Path, num_classes: int) -> tuple[str, ...]:
     """A class map file as timm's inference.py reads it: one name per line, in class order."""
     path = Path(path)
