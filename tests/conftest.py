@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -172,3 +173,27 @@ def shard_data(shards) -> tuple[str, ...]:
     return (f"data.train_path={shards.root / 'train'}", f"data.eval_path={shards.root / 'test'}",
             f"data.num_classes={shards.classes}", "data.train_size=null", "data.eval_size=null",
             f"data.shuffle_buffer={shards.classes * shards.train_per_class}", f"data.img_size={shards.img_size}")
+
+
+@pytest.fixture(scope="session")
+def multi_label_shards():
+    """Factory: a shard folder (one shard, index.json) of random 20x20 JPEGs whose `.labels` hold the
+    given texts ("0,2", "3 4": several classes each), for multi-label data (JFT-300M's kind)."""
+
+    def write(folder: Path, labels: list[str], num_classes: int = 5) -> Path:
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        with tarfile.open(folder / "shard-000000.tar", "w") as tar:
+            for i, text in enumerate(labels):
+                jpg = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(jpg, format="JPEG")
+                for ext, data in (("jpg", jpg.getvalue()), ("labels", text.encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (folder / "index.json").write_text(json.dumps(
+            {"shards": [{"file": "shard-000000.tar", "num_samples": len(labels)}], "num_samples": len(labels),
+             "classes": [str(c) for c in range(num_classes)]}))
+        return folder
+
+    return write

@@ -1,9 +1,7 @@
 """`mixer eval`: a checkpoint's top-1, top-5, ReaL top-1 and per-class scores, with the checkpoint's preprocessing,
 counted exactly."""
 import csv
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -262,24 +260,9 @@ def test_a_constant_model_by_hand_and_the_confusion_matrix_cap(tmp_path, constan
                                                        *((f"class{c}", "1", "0", "0.000000") for c in range(2, 6))]
 
 
-def write_multi_label_shards(folder, labels: list[str]) -> None:
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    with tarfile.open(folder / "shard-000000.tar", "w") as tar:
-        for i, text in enumerate(labels):
-            png = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(png, format="PNG")
-            for ext, data in (("png", png.getvalue()), ("labels", text.encode())):
-                info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (folder / "index.json").write_text(json.dumps(
-        {"shards": [{"file": "shard-000000.tar", "num_samples": len(labels)}], "num_samples": len(labels)}))
-
-
-def test_multi_label_data_gets_per_class_scores_and_a_note_instead_of_a_confusion_matrix(tmp_path, tiny_mixer,
-                                                                                          write_checkpoint):
-    write_multi_label_shards(tmp_path / "shards", ["0,2", "1", "3 4", "2", "0,1,4", "4"])
+def test_multi_label_data_gets_per_class_scores_and_a_note_instead_of_a_confusion_matrix(
+        tmp_path, tiny_mixer, write_checkpoint, multi_label_shards):
+    multi_label_shards(tmp_path / "shards", ["0,2", "1", "3 4", "2", "0,1,4", "4"])
     model = tiny_mixer(num_classes=5, img_size=16, in_chans=3, patch_size=8)
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0]))  # yes to classes 0 and 2 for every image

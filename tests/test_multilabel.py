@@ -1,13 +1,8 @@
 """Multi-label shards (JFT-300M's kind): `.labels` holds several classes, which become multi-hot
 targets for the sigmoid loss, mixup and precision@1."""
-import io
-import json
-import tarfile
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mixer_cli.commands.pretrain import pretrain
 from mixer_cli.config.compose import compose
@@ -17,22 +12,6 @@ from mixer_cli.data.shards import parse_label
 LABELS = ["0,2", "1", "3 4", "2", "0,1,4", "4", "1,3", "2,3"]
 
 
-def write_multilabel_shards(folder, labels=LABELS):
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    with tarfile.open(folder / "shard-000000.tar", "w") as tar:
-        for i, text in enumerate(labels):
-            jpg = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(jpg, format="JPEG")
-            for ext, data in (("jpg", jpg.getvalue()), ("labels", text.encode())):
-                info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (folder / "index.json").write_text(json.dumps(
-        {"shards": [{"file": "shard-000000.tar", "num_samples": len(labels)}], "num_samples": len(labels),
-         "classes": [str(c) for c in range(5)]}))
-
-
 def test_labels_text_becomes_a_multi_hot_row():
     assert parse_label(3, 5) == 3
     assert parse_label(b"0,2 4", 5).tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
@@ -40,8 +19,8 @@ def test_labels_text_becomes_a_multi_hot_row():
         parse_label(b"7", 5)
 
 
-def test_multi_label_shards_train_with_sigmoid_loss_and_mixup(tmp_path, tiny_run):
-    write_multilabel_shards(tmp_path / "s")
+def test_multi_label_shards_train_with_sigmoid_loss_and_mixup(tmp_path, tiny_run, multi_label_shards):
+    multi_label_shards(tmp_path / "s", LABELS)
     cfg = compose(["data=imagenet", f"data.train_path={tmp_path / 's'}", f"data.eval_path={tmp_path / 's'}",
                    "data.train_size=null", "data.eval_size=null", "data.num_classes=5", "data.img_size=16",
                    "data.global_batch=4", "data.num_workers=0", "loss=sigmoid", "aug.randaug_magnitude=0",

@@ -152,12 +152,8 @@ def eval_(
     split, every image once, with the checkpoint's preprocessing unless overridden; per-class accuracy,
     precision, recall and F1 and the confusion matrix, by class name."""
     from mixer_cli.commands.eval import evaluate_checkpoint
-    from mixer_cli.config.compose import compose
 
-    cfg = compose(overrides or [], config_name="eval")
-    if class_map is not None:  # set after composing: a path needs no quoting for Hydra's parser
-        cfg.eval.class_map = str(class_map)
-    evaluate_checkpoint(cfg, checkpoint)
+    evaluate_checkpoint(compose_with_paths(overrides or [], "eval", {"eval.class_map": class_map}), checkpoint)
 
 
 @app.command(
@@ -181,13 +177,24 @@ def predict(
     preprocessing; predictions.csv in runs/predict/, a short table here. Unreadable images are listed
     and skipped."""
     from mixer_cli.commands.predict import predict_command
-    from mixer_cli.config.compose import compose
 
     paths, overrides = split_overrides(inputs)
-    cfg = compose(overrides + ([f"predict.topk={topk}"] if topk is not None else []), config_name="predict")
-    if class_map is not None:  # set after composing: a path needs no quoting for Hydra's parser
-        cfg.predict.class_map = str(class_map)
-    predict_command(cfg, checkpoint, paths)
+    overrides += [f"predict.topk={topk}"] if topk is not None else []
+    predict_command(compose_with_paths(overrides, "predict", {"predict.class_map": class_map}), checkpoint, paths)
+
+
+def compose_with_paths(overrides: list[str], config_name: str, paths: dict[str, Path | None]):
+    """The config, with the paths that options gave set after composing: a path needs no quoting for
+    Hydra's parser that way (Typer has checked it is not a folder)."""
+    from omegaconf import OmegaConf
+
+    from mixer_cli.config.compose import compose
+
+    cfg = compose(overrides, config_name=config_name)
+    for key, path in paths.items():
+        if path is not None:
+            OmegaConf.update(cfg, key, str(path))
+    return cfg
 
 
 def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
