@@ -128,3 +128,9 @@ def test_overrides_are_told_from_paths(tmp_path):
     odd.write_bytes(b"")
     assert split_overrides([str(odd), "predict.topk=3", "x.png", "name=cats"]) == (
         [str(odd), "x.png"], ["predict.topk=3", "name=cats"])
+
+
+def test_a_model_without_a_head_has_nothing_to_predict(tmp_path, tiny_mixer, write_checkpoint):
+    checkpoint = write_checkpoint(tiny_mixer(num_classes=0))
+    r = predict("--from", checkpoint, *rgb_images(tmp_path / "in", 1), f"run_root={tmp_path / 'runs'}")
+    assert r.exit_code == 2 and r.output.startswith(f"error: {checkpoint} has no classification head (num_classes 0)")

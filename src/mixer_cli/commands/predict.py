@@ -32,7 +32,7 @@ from mixer_cli.core.files import csv_text
 from mixer_cli.data.image_files import ImageFiles, collate_readable, expand
 from mixer_cli.data.transforms import eval_transform
 from mixer_cli.models import load_mixer
-from mixer_cli.models.contract import class_names, class_probabilities, describe, naming_classes
+from mixer_cli.models.contract import class_names, class_probabilities, describe, has_class_names, naming_classes
 
 
 def predict_command(cfg: DictConfig, checkpoint: Path, inputs: list[str]) -> dict:
@@ -41,10 +41,10 @@ def predict_command(cfg: DictConfig, checkpoint: Path, inputs: list[str]) -> dic
     p = cfg.predict
     checkpoint = Path(checkpoint).resolve()
     model = load_mixer(checkpoint)
-    model.pretrained_cfg = naming_classes(model.pretrained_cfg, p.class_map)
     if model.spec.num_classes == 0:
         raise UserError(f"{checkpoint} has no classification head (num_classes 0): nothing to predict; "
                         "fine-tune it first (mixer finetune --from ...)")
+    model.pretrained_cfg = naming_classes(model.pretrained_cfg, p.class_map)
     cfg = with_checkpoint_preprocessing(cfg, resolve_data_config({}, model=model))
     cfg.name = cfg.name or default_name(checkpoint)
     paths, skipped = expand(inputs)
@@ -67,18 +67,16 @@ def predict_command(cfg: DictConfig, checkpoint: Path, inputs: list[str]) -> dic
             run.write("skipped.csv", csv_text(skipped, ["path", "reason"]))
         results = {
             "command": "predict", "name": cfg.name, "from": str(checkpoint), "model": describe(model),
-            "num_classes": model.spec.num_classes, "class_names": "names" if named(model) else "indices",
+            "num_classes": model.spec.num_classes,
+            "class_names": "names" if has_class_names(model.pretrained_cfg) else "indices",
             "activation": model.pretrained_cfg.get("head_activation", "softmax"), "topk": topk,
             "num_predicted": len(rows), "num_skipped": len(skipped), "device": str(device),
-            "predict_seconds": round(time.perf_counter() - start, 1), "run_dir": str(run.path),
+            "predict_seconds": round(seconds := time.perf_counter() - start, 1),
+            "images_per_second": round(len(rows) / seconds, 1), "run_dir": str(run.path),
         }
         run.finish(results)
     print_predictions(rows[: p.show], results, skipped)
     return results
-
-
-def named(model) -> bool:
-    return bool(model.pretrained_cfg.get("label_names") or model.pretrained_cfg.get("label_descriptions"))
 
 
 def prediction_columns(topk: int) -> list[str]:

@@ -51,6 +51,10 @@ def class_probabilities(logits: torch.Tensor, pretrained_cfg: dict) -> torch.Ten
     return logits.float().softmax(dim=-1)
 
 
+def has_class_names(pretrained_cfg: dict) -> bool:
+    return any(pretrained_cfg.get(key) for key in LABEL_KEYS)
+
+
 def class_names(pretrained_cfg: dict) -> list[str]:
     """What a person reads for each class: the description, else the name, else the class index."""
     for key in ("label_descriptions", "label_names"):
@@ -77,7 +81,7 @@ def naming_classes(pretrained_cfg: dict, class_map: str | Path | None = None, da
     model's own, else the data's (an image folder's names for weights that carry none)."""
     if class_map:
         return with_class_names(pretrained_cfg, read_class_map(class_map, pretrained_cfg["num_classes"]))
-    if any(pretrained_cfg.get(key) for key in LABEL_KEYS) or not data_names:
+    if has_class_names(pretrained_cfg) or not data_names:
         return pretrained_cfg
     return with_class_names(pretrained_cfg, data_names)
 
