@@ -53,6 +53,15 @@ def test_the_demo_and_digits_name_their_digits_shards_without_an_index_name_none
     assert data_class_names(shards) is None
 
 
+def test_a_folder_naming_another_number_of_classes_names_none(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+    named = compose(["data=folder", f"data.train_path={tmp_path}", "data.num_classes=2"]).data
+    assert data_class_names(named) == ("cat", "dog")
+    # a split that lacks some of the classes: its names would sit at the wrong indices
+    assert data_class_names(compose(["data=folder", f"data.train_path={tmp_path}", "data.num_classes=3"]).data) is None
+
+
 @pytest.mark.slow
 def test_a_pretraining_run_records_its_datas_names(tmp_path, tiny_run):
     from mixer_cli.commands.pretrain import pretrain

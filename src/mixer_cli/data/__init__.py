@@ -57,8 +57,14 @@ def build_dataset(data: DictConfig, aug: DictConfig, split: str, seed: int = 0, 
 
 def class_names(data: DictConfig) -> tuple[str, ...] | None:
     """The names of the data's classes, in label order: the digits of the demo sets, an image folder's
-    sub-folder names, the classes a shard folder's index.json lists; None where the data names none
-    (shards written by another tool)."""
+    sub-folder names, the classes a shard folder's index.json lists. None where the data names none
+    (shards written by another tool) or names another number of classes than data.num_classes (a split
+    written from a folder that lacks some): names that may be shifted are worse than indices."""
+    names = listed_class_names(data)
+    return names if names and len(names) == data.num_classes else None
+
+
+def listed_class_names(data: DictConfig) -> tuple[str, ...] | None:
     if data.source in ("demo", "digits"):
         return tuple(str(digit) for digit in range(10))
     found = [Path(str(data[key])) for key in ("train_path", "eval_path") if data.get(key)]
@@ -73,7 +79,7 @@ def class_names(data: DictConfig) -> tuple[str, ...] | None:
     if data.source == "shards" and (root / "index.json").is_file():
         from mixer_cli.data.writer import read_index
 
-        return tuple(read_index(root).get("classes") or ()) or None
+        return tuple(read_index(root).get("classes") or ())
     return None
 
 
