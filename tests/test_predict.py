@@ -134,3 +134,30 @@ def test_a_model_without_a_head_has_nothing_to_predict(tmp_path, tiny_mixer, wri
     checkpoint = write_checkpoint(tiny_mixer(num_classes=0))
     r = predict("--from", checkpoint, *rgb_images(tmp_path / "in", 1), f"run_root={tmp_path / 'runs'}")
     assert r.exit_code == 2 and r.output.startswith(f"error: {checkpoint} has no classification head (num_classes 0)")
+
+
+def test_demo_digits_as_png_files_get_the_classes_the_demo_pipeline_gives(tmp_path, tiny_mixer, write_checkpoint):
+    """Grey 28x28 PNGs of the demo's test digits, read as files, against the same images through the
+    demo's in-memory pipeline: the same logits, so the same classes, named by digit."""
+    from mixer_cli.config.compose import compose
+    from mixer_cli.data import build_dataset, demo_arrays
+
+    model = tiny_mixer(trained=True)  # 1 channel, 28 px, 10 classes, the demo's mean/std below
+    cfg = compose(["data=demo"])
+    model.pretrained_cfg = with_class_names({**model.pretrained_cfg, "mean": tuple(cfg.data.mean),
+                                             "std": tuple(cfg.data.std), "crop_pct": 1.0, "crop_mode": "squash"},
+                                            [str(d) for d in range(10)])
+    images, _ = demo_arrays("test")
+    (tmp_path / "digits").mkdir()
+    picked = range(0, 1000, 50)
+    for i in picked:
+        Image.fromarray(images[i]).save(tmp_path / "digits" / f"{i:04d}.png")
+    r = predict("--from", write_checkpoint(model), tmp_path / "digits", f"run_root={tmp_path / 'runs'}",
+                "predict.num_workers=0", "--topk", 2)
+    assert r.exit_code == 0, r.output
+    _, rows = the_run(tmp_path)
+    demo = build_dataset(cfg.data, cfg.aug, "test")
+    with torch.no_grad():
+        probs = model.eval()(torch.stack([demo[i][0] for i in picked])).softmax(1)
+    assert [row["class_1"] for row in rows] == [str(c) for c in probs.argmax(1).tolist()]
+    assert [float(row["prob_1"]) for row in rows] == pytest.approx(probs.max(1).values.tolist(), abs=1e-5)

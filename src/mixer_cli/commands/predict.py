@@ -111,8 +111,7 @@ def prediction_row(path: Path, names: list[str], classes: list[int], probs: list
 
 
 def print_predictions(rows: list[dict], results: dict, skipped: list[dict]) -> None:
-    table = Table(title=f"mixer predict {results['name']} ({results['model']}, {results['activation']})",
-                  title_style="bold")
+    table = Table(title=f"mixer predict {results['name']}", title_style="bold")
     table.add_column("image", overflow="fold")
     shown = min(results["topk"], 3)
     for rank in range(1, shown + 1):
@@ -122,7 +121,8 @@ def print_predictions(rows: list[dict], results: dict, skipped: list[dict]) -> N
                       *(f"{escape(row[f'class_{r}'])} {100 * row[f'prob_{r}']:.1f}%" for r in range(1, shown + 1)))
     console.print(table)
     more = results["num_predicted"] - len(rows)
-    console.print(f"{results['num_predicted']} images predicted" + (f" ({more} not shown)" if more > 0 else "")
+    console.print(f"{results['num_predicted']} images predicted by {results['model']}, {results['activation']} "
+                  f"probabilities" + (f" ({more} not shown)" if more > 0 else "")
                   + f": {results['run_dir']}/predictions.csv", highlight=False)
     if skipped:
         err_console.print(f"[yellow]skipped {len(skipped)}[/] (listed in {results['run_dir']}/skipped.csv), e.g. "
