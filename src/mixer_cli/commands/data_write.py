@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.progress import MofNCompleteColumn, Progress
-
-from mixer_cli.core.console import console, err_console
+from mixer_cli.core.console import console, counting_progress, err_console
 from mixer_cli.core.errors import UserError
 from mixer_cli.data.writer import check_output, demo_samples, folder_samples, write_shards
 
@@ -30,7 +28,7 @@ def data_write(source: str, out: Path, shard_size: int, seed: int, workers: int)
     for target, *_ in jobs:
         check_output(target)
     for target, classes, samples, name in jobs:
-        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console, transient=True) as bar:
+        with counting_progress(console) as bar:
             task = bar.add_task(f"writing {name}", total=len(samples))
             report = write_shards(classes, samples, target, shard_size, seed, source=name, on_skip=skipped,
                                   workers=workers, on_shard=lambda n, task=task: bar.advance(task, n))

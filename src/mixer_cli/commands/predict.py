@@ -18,21 +18,27 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from rich.markup import escape
-from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 from timm.data import resolve_data_config
 from torch.utils.data import DataLoader
 
 from mixer_cli.commands.eval import default_name, with_checkpoint_preprocessing
 from mixer_cli.config.run_dirs import Run
-from mixer_cli.core.console import console, err_console
+from mixer_cli.core.console import console, counting_progress, err_console
 from mixer_cli.core.devices import pick_device
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import csv_text
 from mixer_cli.data.image_files import ImageFiles, collate_readable, expand
 from mixer_cli.data.transforms import eval_transform
 from mixer_cli.models import load_mixer
-from mixer_cli.models.contract import class_names, class_probabilities, describe, has_class_names, naming_classes
+from mixer_cli.models.contract import (
+    ACTIVATION_KEY,
+    class_names,
+    class_probabilities,
+    describe,
+    has_class_names,
+    naming_classes,
+)
 
 
 def predict_command(cfg: DictConfig, checkpoint: Path, inputs: list[str]) -> dict:
@@ -69,7 +75,7 @@ def predict_command(cfg: DictConfig, checkpoint: Path, inputs: list[str]) -> dic
             "command": "predict", "name": cfg.name, "from": str(checkpoint), "model": describe(model),
             "num_classes": model.spec.num_classes,
             "class_names": "names" if has_class_names(model.pretrained_cfg) else "indices",
-            "activation": model.pretrained_cfg.get("head_activation", "softmax"), "topk": topk,
+            "activation": model.pretrained_cfg[ACTIVATION_KEY], "topk": topk,
             "num_predicted": len(rows), "num_skipped": len(skipped), "device": str(device),
             "predict_seconds": round(seconds := time.perf_counter() - start, 1),
             "images_per_second": round(len(rows) / seconds, 1), "run_dir": str(run.path),
@@ -89,7 +95,7 @@ def run_model(model, images: ImageFiles, p: DictConfig, topk: int, device: torch
     loader = DataLoader(images, batch_size=p.batch_size, num_workers=p.num_workers, collate_fn=collate_readable,
                         pin_memory=device.type == "cuda")
     rows, unreadable = [], []
-    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=err_console, transient=True) as bar:
+    with counting_progress(err_console) as bar:
         task = bar.add_task("predicting", total=len(images))
         for pixels, indices, failed in loader:
             unreadable += failed
