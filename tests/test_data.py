@@ -261,22 +261,34 @@ def test_train_transform_is_inception_crop_flip_then_the_papers_randaugment():
         train_transform(BIG, aug)
 
 
-def test_mixup_mixes_images_and_targets_with_one_beta_p_p_weight():
+def test_mixup_mixes_each_image_with_its_neighbour_in_a_roll_with_the_larger_beta_p_p_weight():
     from scipy import stats
 
     from mixer_cli.train.mixup import BatchMixup
 
     x, targets = torch.randn(6, 3, 4, 4), torch.eye(10)[:6]  # sample i is class i
     mixed, soft = BatchMixup(0.5)(x, targets)
-    lam = soft[0, 0].item()  # sample 0 keeps lam on its own class, 1 - lam goes to sample 5's
-    assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
+    lam = soft[0, 0].item()  # big_vision: sample 0 keeps lam on its own class, 1 - lam goes to sample 5's
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[[5, 0, 1, 2, 3, 4]], atol=1e-6)
     assert soft[0, 5].item() == pytest.approx(1 - lam, abs=1e-6) and torch.allclose(soft.sum(1), torch.ones(6))
     for p, other in ((0.2, 0.5), (0.5, 0.2)):
         mix = BatchMixup(p)
         torch.manual_seed(1)
         lams = [mix(x[:2], targets[:2])[1][0, 0].item() for _ in range(800)]
-        assert stats.kstest(lams, "beta", args=(p, p)).pvalue > 1e-3
-        assert stats.kstest(lams, "beta", args=(other, other)).pvalue < 1e-4  # the check tells p's apart
+        assert min(lams) >= 0.5  # the larger Dirichlet weight stays on the original image
+        folded = lambda q: lambda m: 2 * stats.beta.cdf(m, q, q) - 1  # noqa: E731  max(L, 1-L), L ~ Beta(q, q)
+        assert stats.kstest(lams, folded(p)).pvalue > 1e-3
+        assert stats.kstest(lams, folded(other)).pvalue < 1e-4  # the check tells p's apart
+
+
+def test_mixup_at_weight_one_half_makes_no_duplicate_pairs(monkeypatch):
+    from mixer_cli.train.mixup import BatchMixup
+
+    monkeypatch.setattr(BatchMixup, "sample_weight", lambda self: 0.5)
+    x = torch.eye(8).view(8, 8, 1, 1)  # sample i is the i-th unit vector, so a mix shows its pair
+    mixed, _ = BatchMixup(0.5)(x, torch.eye(8))
+    pairs = {frozenset(row.flatten().nonzero().flatten().tolist()) for row in mixed}
+    assert len(pairs) == 8 and all(len(p) == 2 for p in pairs)  # timm's mirror gives 4 pairs, each twice
 
 
 # --- sources -------------------------------------------------------------------------------------
