@@ -247,9 +247,9 @@ def test_train_transform_is_inception_crop_flip_then_the_papers_randaugment():
         {"inception_crop": True, "crop_area_min": 0.05, "hflip": True, "randaug_layers": 2, "randaug_magnitude": 0}
     )
     names = [type(t).__name__ for t in train_transform(BIG, aug).transforms]
-    assert names == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "MaybeToTensor", "Normalize"]
-    crop = train_transform(BIG, aug).transforms[0]
-    assert crop.scale == (0.05, 1.0) and crop.size == (224, 224)
+    assert names == ["InceptionCrop", "RandomHorizontalFlip", "MaybeToTensor", "Normalize"]
+    crop = train_transform(BIG, aug).transforms[0]  # TF's box sampler and resize by default: big_vision's
+    assert (crop.area_min, crop.size, crop.sampler, crop.antialias) == (0.05, 224, "tf", False)
     aug.randaug_magnitude = 15  # big_vision's order: inception_crop|flip_lr|randaug(2,15)|value_range
     tf = train_transform(BIG, aug)
     ra = tf.transforms[2]

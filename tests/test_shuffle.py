@@ -212,6 +212,9 @@ def test_relative_drops_and_the_verdict():
         "holds: under patch + pixel shuffling the Mixer's 5-shot drop is +1.2%")
     assert verdict(results, tolerance=0.01, shots=5).startswith("does NOT hold")
     assert verdict([r for r in results if r["model"] == "mixer"], tolerance=0.02, shots=5) is None
+    results[3]["fewshot"] = 0.0  # an original pipeline that learnt nothing (a two-step run) has no drop
+    relative_drops(results)
+    assert results[4]["fewshot_drop"] is None and verdict(results, tolerance=0.02, shots=5) is None
 
 
 @pytest.mark.parametrize("args,message", [

@@ -133,13 +133,18 @@ def train_one(cfg: DictConfig, kind: str, pipeline: str, perm: torch.Tensor, run
     }
 
 
+def relative_drop(value: float, original: float) -> float | None:
+    """1 - value / original; None where the original pipeline scored 0 (too short a run to say)."""
+    return 1 - value / original if original else None
+
+
 def relative_drops(results: list[dict]) -> list[dict]:
     """Each run's drop against the same model's original pipeline: 1 - shuffled / original."""
     original = {r["model"]: r for r in results if r["pipeline"] == "original"}
     for r in results:
         base = original[r["model"]]
-        r["fewshot_drop"] = 1 - r["fewshot"] / base["fewshot"]
-        r["top1_drop"] = 1 - r["top1"] / base["top1"]
+        r["fewshot_drop"] = relative_drop(r["fewshot"], base["fewshot"])
+        r["top1_drop"] = relative_drop(r["top1"], base["top1"])
         r["paper"] = PAPER_FINDING.get((r["model"], r["pipeline"]), "")
     return results
 
@@ -147,7 +152,7 @@ def relative_drops(results: list[dict]) -> list[dict]:
 def verdict(results: list[dict], tolerance: float, shots: int) -> str | None:
     """Sec. 3.4's qualitative finding on this run, when both models ran the patch + pixel pipeline."""
     drop = {r["model"]: r["fewshot_drop"] for r in results if r["pipeline"] == "patch_pixel"}
-    if set(drop) != set(MODELS):
+    if set(drop) != set(MODELS) or None in drop.values():
         return None
     holds = abs(drop["mixer"]) <= tolerance < drop["resnet"]
     return (
@@ -218,13 +223,17 @@ def plot_curves(results: list[dict], out: Path, shots: int, title: str) -> None:
     save_figure(fig, out)
 
 
+def percent_change(drop: float | None) -> str:
+    return "-" if drop is None else f"{100 * drop:+.1f}%"
+
+
 def print_table(results: list[dict], shots: int, title: str) -> None:
     table = Table(title=title, title_style="bold")
     for name in ("model", "pipeline", f"{shots}-shot", "drop", "test top-1", "drop", "paper's drop", "steps"):
         table.add_column(name, justify="left" if name in ("model", "pipeline", "paper's drop") else "right")
     for r in results:
         table.add_row(
-            r["model"], PIPELINE_LABEL[r["pipeline"]], f"{100 * r['fewshot']:.1f}%", f"{100 * r['fewshot_drop']:+.1f}%",
-            f"{100 * r['top1']:.1f}%", f"{100 * r['top1_drop']:+.1f}%", r["paper"], f"{r['steps']:,}",
+            r["model"], PIPELINE_LABEL[r["pipeline"]], f"{100 * r['fewshot']:.1f}%", percent_change(r["fewshot_drop"]),
+            f"{100 * r['top1']:.1f}%", percent_change(r["top1_drop"]), r["paper"], f"{r['steps']:,}",
         )
     console.print(table)

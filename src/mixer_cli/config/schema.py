@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import package_root
 from mixer_cli.data import SOURCES
+from mixer_cli.data.inception_crop import CROP_SAMPLERS
 from mixer_cli.data.transforms import EVAL_CROP_MODES
 from mixer_cli.models.mixer import VARIANTS
 
@@ -201,6 +202,8 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     # aug: conf/aug/*.yaml
     "aug.inception_crop": FLAG,
     "aug.crop_area_min": interval("(0, 1]"),
+    "aug.crop_sampler": one_of(*CROP_SAMPLERS),
+    "aug.crop_antialias": FLAG,
     "aug.hflip": FLAG,
     "aug.randaug_layers": whole(0),
     "aug.randaug_magnitude": at_least(0),

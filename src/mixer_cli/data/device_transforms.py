@@ -3,16 +3,18 @@
 The loader workers decode, crop, resize and flip, and hand over uint8 (C, H, W) tensors, a quarter
 of the bytes of float ones; the conversion to float and the normalisation run batched on the
 accelerator (`NormalizeOnDevice`, as timm's PrefetchLoader does), and mixup after them. The CPU
-work per image is also cheaper: torchvision's JPEG decoder and its antialiased uint8 resize instead
-of PIL's, with the crop taken as a view of the decoded image. A crop at least 2 x REDUCING_GAP = 6
-times the output per side decodes at 1/2, 1/4 or 1/8 scale in the DCT instead (PIL `draft`, as
-PIL's `reducing_gap` does for thumbnails), which skips most of the decoding work; ImageNet-sized
-photos at 224 px never get there, larger photos and lower resolutions do.
+work per image is also cheaper: torchvision's JPEG decoder instead of PIL's, with the crop taken as
+a view of the decoded image. With the antialiased crop resize (`aug.crop_antialias=true`), a crop
+at least 2 x REDUCING_GAP = 6 times the output per side decodes at 1/2, 1/4 or 1/8 scale in the
+DCT instead (PIL `draft`, as PIL's `reducing_gap` does for thumbnails), which skips most of the
+decoding work; TF's resize (the default) samples the full-size pixels without a low-pass, so it
+always decodes in full.
 
-Same images as the float path of data/transforms.py: the crop box is timm's
-RandomResizedCropAndInterpolation box and the flip torchvision's coin, drawn in the same order, so
-a seed gives the same boxes and flips on either path; RandAugment is the same PIL transform;
-the two resamplers agree within one grey level (tests/test_device_transforms.py).
+Same images as the float path of data/transforms.py: the crop box comes from the same sampler
+(data/inception_crop.py) and the flip from torchvision's coin, drawn in the same order, so a seed
+gives the same boxes and flips on either path; the crop resize is the same function (TF's resize)
+or two antialiased resamplers within one grey level (PIL's and torchvision's); RandAugment is the
+same PIL transform (tests/test_device_transforms.py).
 
 With `data.decode=gpu` the CPU only reads bytes: `decode_on_device` decodes a batch of JPEGs with
 nvJPEG (torchvision's `decode_jpeg(..., device="cuda")`) and crops, resizes and flips each image
@@ -27,19 +29,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_interp_mode, str_to_pil_interp
+from timm.data.transforms import str_to_interp_mode, str_to_pil_interp
 from torch import nn
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from mixer_cli.core.errors import UserError
+from mixer_cli.data.inception_crop import Box, InceptionCrop, inception_crop
 from mixer_cli.data.randaugment import RandAugment
 from mixer_cli.data.transforms import eval_data_config, randaugment
 
 DCT_SCALES = (8, 4, 2)  # libjpeg's scaled decoding
 REDUCING_GAP = 3.0  # decode at 1/s only where the crop stays >= 3x the output (PIL: "indistinguishable")
 JPEG_MAGIC = b"\xff\xd8"
-Box = tuple[int, int, int, int]  # top, left, height, width
 
 
 def encoded(raw: bytes) -> torch.Tensor:
@@ -81,20 +83,17 @@ class InceptionCropUint8:
     """Encoded image -> uint8 (C, size, size): the Inception crop resized to `size`, a random
     horizontal flip, then RandAugment where given. The draws are train_transform's, in its order."""
 
-    def __init__(self, size: int, scale: tuple[float, float], interpolation: str = "bilinear", hflip: bool = True,
-                 randaugment: RandAugment | None = None, ratio: tuple[float, float] = (3 / 4, 4 / 3)):
-        self.size, self.scale, self.ratio = size, scale, ratio
-        self.interpolation, self.resample = str_to_interp_mode(interpolation), str_to_pil_interp(interpolation)
-        self.hflip, self.randaugment = hflip, randaugment
+    def __init__(self, crop: InceptionCrop, hflip: bool = True, randaugment: RandAugment | None = None):
+        self.inception, self.hflip, self.randaugment = crop, hflip, randaugment
+        self.resample = str_to_pil_interp(crop.interpolation)
 
     def sample(self, img: Image.Image | torch.Tensor) -> tuple[Box, bool]:
-        """timm's box, then torchvision RandomHorizontalFlip's coin: the float path's draws."""
-        box = RandomResizedCropAndInterpolation.get_params(img, self.scale, self.ratio)
-        return box, self.hflip and bool(torch.rand(1) < 0.5)
+        """The crop's box, then torchvision RandomHorizontalFlip's coin: the float path's draws."""
+        return self.inception.sample(img), self.hflip and bool(torch.rand(1) < 0.5)
 
     def crop(self, img: torch.Tensor, box: Box, flip: bool) -> torch.Tensor:
-        """Crop, resize (antialiased, as PIL's resize) and flip, on whatever device `img` is."""
-        out = F.resized_crop(img, *box, [self.size, self.size], self.interpolation, antialias=True)
+        """Crop, resize and flip, on whatever device `img` is."""
+        out = self.inception.crop(img, box)
         return F.horizontal_flip(out) if flip else out
 
     def on_tensor(self, img: torch.Tensor) -> torch.Tensor:
@@ -105,10 +104,12 @@ class InceptionCropUint8:
         header = read_header(raw)
         box, flip = self.sample(header)
         top, left, height, width = box
-        scale = dct_scale(height, width, self.size, self.size) if header.format == "JPEG" else 1
+        size = self.inception.size
+        # A scaled decode low-passes: right for an antialiased resize, not for TF's aliasing one.
+        scale = dct_scale(height, width, size, size) if header.format == "JPEG" and self.inception.antialias else 1
         if scale > 1:
             pil_box = (left, top, left + width, top + height)
-            out = draft_resize(header, scale, pil_box, (self.size, self.size), self.resample)
+            out = draft_resize(header, scale, pil_box, (size, size), self.resample)
             out = F.horizontal_flip(out) if flip else out
         else:
             out = self.crop(decode(raw), box, flip)
@@ -153,8 +154,8 @@ def train_uint8_transform(data: DictConfig, aug: DictConfig) -> InceptionCropUin
     if not aug.get("inception_crop"):
         raise UserError("uint8 decoding serves the Inception-crop recipes; set aug.inception_crop=true or "
                         "data.decode=pil")
-    return InceptionCropUint8(data.img_size, (aug.get("crop_area_min", 0.08), 1.0), data.interpolation,
-                              bool(aug.get("hflip")), randaugment(aug))
+    return InceptionCropUint8(inception_crop(data.img_size, aug, data.interpolation), bool(aug.get("hflip")),
+                              randaugment(aug))
 
 
 def eval_uint8_transform(data: DictConfig, aug: DictConfig) -> EvalResizeUint8:

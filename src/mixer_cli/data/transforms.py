@@ -2,9 +2,10 @@
 
 Training follows the paper's input pipeline as big_vision's ImageNet recipe writes it
 (configs/mlp_mixer_i1k.py: `decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1, 1)`):
-the Inception crop (a random box of crop_area_min-100% of the area, aspect ratio 3/4-4/3, resized to
-the model's resolution) and a horizontal flip, then the paper's RandAugment (data/randaugment.py)
-where the recipe has one. Mixup mixes whole batches, so it lives in the training step.
+the Inception crop (a random box of crop_area_min-100% of the area drawn by TF's sampler, resized to
+the model's resolution as tf.image.resize does: data/inception_crop.py) and a horizontal flip, then
+the paper's RandAugment (data/randaugment.py) where the recipe has one. Mixup mixes whole batches,
+so it lives in the training step.
 
 Evaluation is timm's eval transform, set by `aug.eval_crop_mode` and `aug.eval_crop_pct`:
 "squash" resizes both sides to img_size / crop_pct (at 1.0: straight to the resolution),
@@ -15,11 +16,12 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 from timm.data import create_transform
-from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, str_to_interp_mode
+from timm.data.transforms import MaybeToTensor, str_to_interp_mode
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from mixer_cli.core.errors import UserError
+from mixer_cli.data.inception_crop import inception_crop
 from mixer_cli.data.randaugment import RandAugment
 
 EVAL_CROP_MODES = ("squash", "center")  # the schema checks aug.eval_crop_mode against these
@@ -35,9 +37,7 @@ def train_transform(data: DictConfig, aug: DictConfig) -> T.Compose:
     """PIL image -> normalised float tensor (C, img_size, img_size), randomly augmented."""
     ra = randaugment(aug)
     if aug.get("inception_crop"):
-        crop = RandomResizedCropAndInterpolation(
-            data.img_size, scale=(aug.get("crop_area_min", 0.08), 1.0), interpolation=data.interpolation
-        )
+        crop = inception_crop(data.img_size, aug, data.interpolation)
         steps = [crop, *([T.RandomHorizontalFlip()] if aug.get("hflip") else []), *([ra] if ra else [])]
         return T.Compose([*steps, MaybeToTensor(), T.Normalize(list(data.mean), list(data.std))])
     if ra:
