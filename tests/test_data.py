@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
 from mixer_cli.data.shards import EvalShards, TrainShards, resolve_shards
-from mixer_cli.data.transforms import eval_transform, train_transform
+from mixer_cli.data.transforms import eval_data_config, eval_transform, train_transform
 from mixer_cli.data.writer import demo_samples, folder_samples, read_index, write_shards
 
 CLASSES = ["cat", "dog", "eel"]
@@ -228,6 +228,33 @@ def test_eval_crop_modes_squash_and_center():
     assert at_448.transforms[0].size == 512 and at_448(img).shape == (3, 448, 448)
 
 
+def test_area_resize_weights_each_pixel_by_the_share_it_covers():
+    from mixer_cli.data.transforms import area_resize
+
+    rows = torch.tensor([[0, 90, 30], [10, 20, 31]], dtype=torch.uint8)[None]  # 3 -> 2: (a + b/2, b/2 + c) / 1.5
+    assert area_resize(rows, 2, 2).tolist() == [[[30, 50], [13, 27]]]  # 13.3 and 27.3 truncated, as tf.cast
+    flat = torch.full((3, 375, 500), 77, dtype=torch.uint8)
+    assert (area_resize(flat, 256, 341) == 77).all()  # no float error below a whole level
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    img = torch.from_numpy(pixels).permute(2, 0, 1)
+    blocks = torch.from_numpy(pixels.reshape(16, 4, 24, 4, 3).mean((1, 3))).permute(2, 0, 1)
+    assert area_resize(img, 16, 24).tolist() == blocks.floor().to(torch.uint8).tolist()  # whole factors: block means
+    pil_box = torch.from_numpy(np.array(Image.fromarray(pixels).resize((35, 23), Image.BOX))).permute(2, 0, 1)
+    assert (area_resize(img, 23, 35).int() - pil_box.int()).abs().float().mean() > 2  # PIL's BOX is not area
+
+
+def test_pretraining_evaluation_is_resize_small_by_area_then_central_crop():
+    """big_vision's resize_small(256, "area")|central_crop(224) on a 375x500 photo: 256x341 (TF rounds
+    341.33), then rows 16-240 and columns 58-282 (floor of the margins)."""
+    from mixer_cli.data.transforms import area_resize
+
+    pixels = np.random.default_rng(1).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    aug = OmegaConf.create({"eval_crop_mode": "center", "eval_crop_pct": 0.875, "eval_interpolation": "box"})
+    expected = area_resize(torch.from_numpy(pixels).permute(2, 0, 1), 256, 341)[:, 16:240, 58:282]
+    out = eval_transform(BIG, aug)(Image.fromarray(pixels))
+    assert torch.allclose(out, (expected / 255 - 0.5) / 0.5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name, mode, pct", [
     ("inception_flip", "center", 0.875),  # pre-training: big_vision's resize_small(256)|central_crop(224)
     ("randaug_mixup", "center", 0.875),
@@ -238,6 +265,8 @@ def test_aug_configs_evaluate_as_the_papers_code(name, mode, pct):
     aug = OmegaConf.load(Path(__file__).parents[1] / "conf" / "aug" / f"{name}.yaml")
     assert (aug.eval_crop_mode, aug.eval_crop_pct) == (mode, pct)
     assert "eval_crop" not in aug and "eval_resize" not in aug
+    # big_vision's resize_small resizes by "area" (timm's name: box); vit_jax's fine-tuning bilinearly
+    assert eval_data_config(BIG, aug)["interpolation"] == ("box" if mode == "center" else BIG.interpolation)
 
 
 def test_train_transform_is_inception_crop_flip_then_the_papers_randaugment():
@@ -345,9 +374,10 @@ def test_pretrain_on_an_image_folder_with_randaugment_and_mixup(tmp_path, image_
     results = pretrain(cfg, progress=False)
     assert results["steps"] == 24 // 8 and results["num_samples"] == 9
     ckpt = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=False)
-    pre = ckpt["mixer"]["pretrained_cfg"]  # recorded from the config, so the checkpoint's user needs no guessing
+    pre = ckpt["mixer"]["pretrained_cfg"]  # recorded from the config, so the checkpoint's user needs no guessing;
+    # "box": the area resize of the pre-training evaluation, timm's nearest name (aug.eval_interpolation)
     assert {k: pre[k] for k in ("mean", "std", "interpolation", "crop_mode", "crop_pct")} == {
-        "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_mode": "center", "crop_pct": 0.8}
+        "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "box", "crop_mode": "center", "crop_pct": 0.8}
     assert tuple(pre["input_size"]) == (3, 16, 16)
     # the classes are named as the folders are, in label order; the loss says how logits become probabilities
     assert (pre["label_names"], pre["head_activation"]) == (tuple(sorted(CLASSES)), "softmax")

@@ -14,6 +14,7 @@ from mixer_cli.data.device_transforms import (
     NormalizeOnDevice,
     collate_encoded,
     dct_scale,
+    decode,
     decode_on_device,
     eval_uint8_transform,
     gpu_decode_transform,
@@ -82,12 +83,19 @@ def test_uint8_path_with_randaugment_draws_the_same_ops():
         assert diff.mean() < 0.05
 
 
-@pytest.mark.parametrize("mode,pct", [("center", 0.875), ("squash", 1.0)])
-def test_uint8_eval_gives_the_float_eval_tensors(mode, pct):
+@pytest.mark.parametrize("mode,pct,interpolation", [("center", 0.875, None), ("squash", 1.0, None),
+                                                   ("center", 0.875, "box")])
+def test_uint8_eval_gives_the_float_eval_tensors(mode, pct, interpolation):
+    """Bilinear: PIL's and torchvision's antialiased kernels, within a level. The area resize of the
+    pre-training evaluation is one function on every path, the GPU's `on_tensor` too: equal tensors."""
     data, aug = configs(64, mode=mode, pct=pct)
+    aug.eval_interpolation = interpolation
     floats, uint8 = eval_transform(data, aug), eval_uint8_transform(data, aug)
-    for raw in SMALL:
-        assert grey_levels(floats(pil_decode(raw)), device_normalised(uint8(raw))).max() <= 1 + 1e-3
+    for raw in [*SMALL, LARGE]:
+        bound = 1e-3 if interpolation else 1 + 1e-3
+        assert grey_levels(floats(pil_decode(raw)), device_normalised(uint8(raw))).max() <= bound
+        if interpolation:
+            assert torch.equal(uint8.on_tensor(decode(raw)), uint8(raw))
 
 
 def test_dct_scale_leaves_the_crop_three_times_the_output():

@@ -211,6 +211,7 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "aug.pad_crop": whole(0),
     "aug.eval_crop_mode": one_of(*EVAL_CROP_MODES) | NULL,
     "aug.eval_crop_pct": interval("(0, 1]") | NULL,
+    "aug.eval_interpolation": one_of(*INTERPOLATIONS) | NULL,  # null: data.interpolation
     # finetune's target table; the data-set size study's subsets
     "targets.*.steps": whole(1),
     "targets.*.warmup_steps": whole(0),

@@ -37,7 +37,7 @@ from torchvision.transforms.v2 import functional as F
 from mixer_cli.core.errors import UserError
 from mixer_cli.data.inception_crop import Box, InceptionCrop, inception_crop
 from mixer_cli.data.randaugment import RandAugment
-from mixer_cli.data.transforms import eval_data_config, randaugment
+from mixer_cli.data.transforms import AREA, AreaResizeCrop, eval_data_config, randaugment
 
 DCT_SCALES = (8, 4, 2)  # libjpeg's scaled decoding
 REDUCING_GAP = 3.0  # decode at 1/s only where the crop stays >= 3x the output (PIL: "indistinguishable")
@@ -120,12 +120,14 @@ class InceptionCropUint8:
 
 class EvalResizeUint8:
     """Encoded image -> uint8 (C, size, size), timm's evaluation geometry: resize to size / crop_pct
-    ("squash": both sides; "center": the shorter side), then centre-crop size."""
+    ("squash": both sides; "center": the shorter side), then centre-crop size. With the "box"
+    interpolation, the area resize of the float path (`AreaResizeCrop`), from the full-size pixels."""
 
     def __init__(self, size: int, crop_pct: float, crop_mode: str, interpolation: str = "bilinear"):
         self.size, self.crop_mode = size, crop_mode
         self.resize_to = math.floor(size / crop_pct)  # timm's scale_size
         self.interpolation, self.resample = str_to_interp_mode(interpolation), str_to_pil_interp(interpolation)
+        self.area = AreaResizeCrop(size, crop_pct, crop_mode) if interpolation == AREA else None
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) after the resize, as torchvision's Resize rounds them."""
@@ -135,10 +137,14 @@ class EvalResizeUint8:
         return (longer, self.resize_to) if height > width else (self.resize_to, longer)
 
     def on_tensor(self, img: torch.Tensor) -> torch.Tensor:
+        if self.area is not None:
+            return self.area(img)
         resized = F.resize(img, list(self.resized_size(*img.shape[-2:])), self.interpolation, antialias=True)
         return F.center_crop(resized, [self.size, self.size])
 
     def __call__(self, raw: bytes) -> torch.Tensor:
+        if self.area is not None:
+            return self.area(decode(raw))
         header = read_header(raw)
         width, height = header.size
         out_height, out_width = self.resized_size(height, width)
@@ -161,7 +167,7 @@ def train_uint8_transform(data: DictConfig, aug: DictConfig) -> InceptionCropUin
 def eval_uint8_transform(data: DictConfig, aug: DictConfig) -> EvalResizeUint8:
     """The uint8 counterpart of transforms.eval_transform."""
     cfg = eval_data_config(data, aug)
-    return EvalResizeUint8(data.img_size, cfg["crop_pct"], cfg["crop_mode"], data.interpolation)
+    return EvalResizeUint8(data.img_size, cfg["crop_pct"], cfg["crop_mode"], cfg["interpolation"])
 
 
 def gpu_decode_transform(data: DictConfig, aug: DictConfig, train: bool) -> InceptionCropUint8 | EvalResizeUint8:

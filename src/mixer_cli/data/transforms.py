@@ -9,9 +9,15 @@ so it lives in the training step.
 
 Evaluation is timm's eval transform, set by `aug.eval_crop_mode` and `aug.eval_crop_pct`:
 "squash" resizes both sides to img_size / crop_pct (at 1.0: straight to the resolution),
-"center" resizes the shorter side to img_size / crop_pct; both then centre-crop img_size.
+"center" resizes the shorter side to img_size / crop_pct; both then centre-crop img_size. It resizes
+with `aug.eval_interpolation` (else data.interpolation). "box" is the authors' pre-training
+evaluation, big_vision's `resize_small(256, method="area")|central_crop(224)`: `AreaResizeCrop`
+averages each output pixel over the input area it covers, as tf.image.resize's "area" does (PIL's
+BOX filter, which timm would use, counts whole pixels by their centres instead).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from omegaconf import DictConfig
@@ -25,6 +31,7 @@ from mixer_cli.data.inception_crop import inception_crop
 from mixer_cli.data.randaugment import RandAugment
 
 EVAL_CROP_MODES = ("squash", "center")  # the schema checks aug.eval_crop_mode against these
+AREA = "box"  # timm's interpolation name for tf.image.resize's "area": a model's pretrained_cfg stays timm's
 
 
 def randaugment(aug: DictConfig) -> RandAugment | None:
@@ -55,13 +62,61 @@ def eval_data_config(data: DictConfig, aug: DictConfig) -> dict:
     """The evaluation preprocessing in timm's data-config keys, as a model's `pretrained_cfg` holds it.
     Without the keys: squash at 1.0, i.e. resize straight to the resolution."""
     mode, pct = aug.get("eval_crop_mode", "squash"), aug.get("eval_crop_pct", 1.0)
-    return {"input_size": (data.get("channels", 3), data.img_size, data.img_size), "interpolation": data.interpolation,
+    interpolation = aug.get("eval_interpolation") or data.interpolation
+    return {"input_size": (data.get("channels", 3), data.img_size, data.img_size), "interpolation": interpolation,
             "mean": tuple(data.mean), "std": tuple(data.std), "crop_pct": pct, "crop_mode": mode}
 
 
 def eval_transform(data: DictConfig, aug: DictConfig) -> T.Compose:
     """PIL image -> normalised float tensor (C, img_size, img_size), deterministic."""
-    return create_transform(**eval_data_config(data, aug), is_training=False)
+    cfg = eval_data_config(data, aug)
+    if cfg["interpolation"] != AREA:
+        return create_transform(**cfg, is_training=False)
+    area = AreaResizeCrop(data.img_size, cfg["crop_pct"], cfg["crop_mode"])
+    return T.Compose([area, v2.ToDtype(torch.float32, scale=True), T.Normalize(list(data.mean), list(data.std))])
+
+
+def area_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in): output pixel j is the mean over [j, j + 1) * n_in / n_out of the input, each
+    input pixel weighted by the share of it that the interval covers."""
+    scale = n_in / n_out
+    start = torch.arange(n_out, dtype=torch.float64)[:, None] * scale
+    pixel = torch.arange(n_in, dtype=torch.float64)[None]
+    covered = torch.minimum(start + scale, pixel + 1) - torch.maximum(start, pixel)
+    return covered.clamp_(min=0) / scale
+
+
+def area_resize(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 (C, H, W) -> uint8 (C, height, width) as `tf.cast(tf.image.resize(img, method="area"), uint8)`:
+    area means, truncated (the 1e-9 keeps a flat region's value from float error)."""
+    rows, cols = area_weights(img.shape[-2], height), area_weights(img.shape[-1], width)
+    out = rows.to(img.device) @ img.to(torch.float64) @ cols.to(img.device).T
+    return (out + 1e-9).floor_().clamp_(0, 255).to(torch.uint8)
+
+
+class AreaResizeCrop:
+    """PIL image or uint8 (C, H, W) tensor -> uint8 (C, size, size): big_vision's
+    `resize_small(size / crop_pct, "area")|central_crop(size)` ("center") or an area resize of both
+    sides ("squash"), with TF's rounding of the longer side and floor of the crop offsets."""
+
+    def __init__(self, size: int, crop_pct: float, crop_mode: str):
+        self.size, self.crop_mode = size, crop_mode
+        self.resize_to = math.floor(size / crop_pct)  # timm's scale_size: 256 for 224 at 0.875
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.crop_mode == "squash":
+            return self.resize_to, self.resize_to
+        ratio = self.resize_to / min(height, width)
+        return round(height * ratio), round(width * ratio)  # tf.round: half to even, as python's
+
+    def __call__(self, img) -> torch.Tensor:
+        img = img if isinstance(img, torch.Tensor) else v2.functional.pil_to_tensor(img)
+        height, width = self.resized_size(*img.shape[-2:])
+        top, left = (height - self.size) // 2, (width - self.size) // 2
+        return area_resize(img, height, width)[..., top:top + self.size, left:left + self.size]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, resize_to={self.resize_to}, crop_mode={self.crop_mode})"
 
 
 def demo_transform(data: DictConfig, aug: DictConfig, train: bool) -> v2.Compose:
