@@ -239,6 +239,13 @@ def test_area_resize_weights_each_pixel_by_the_share_it_covers():
     img = torch.from_numpy(pixels).permute(2, 0, 1)
     blocks = torch.from_numpy(pixels.reshape(16, 4, 24, 4, 3).mean((1, 3))).permute(2, 0, 1)
     assert area_resize(img, 16, 24).tolist() == blocks.floor().to(torch.uint8).tolist()  # whole factors: block means
+    def means(n_in: int, n_out: int) -> np.ndarray:  # (n_out, n_in): input pixel i's weight in output pixel j
+        edges = np.linspace(0, n_in, n_out + 1)
+        covered = [[max(0.0, min(b, i + 1) - max(a, i)) for i in range(n_in)] for a, b in zip(edges, edges[1:])]
+        return np.array(covered) * n_out / n_in
+
+    reference = np.einsum("yh,hwc,xw->cyx", means(64, 23), pixels.astype(float), means(96, 35))
+    assert area_resize(img, 23, 35).tolist() == np.floor(reference + 1e-9).astype(np.uint8).tolist()
     pil_box = torch.from_numpy(np.array(Image.fromarray(pixels).resize((35, 23), Image.BOX))).permute(2, 0, 1)
     assert (area_resize(img, 23, 35).int() - pil_box.int()).abs().float().mean() > 2  # PIL's BOX is not area
 

@@ -43,7 +43,7 @@ def test_bench_times_each_recipe_on_both_paths_against_decoding(tmp_path):
         "decode only (PIL)", "decode only (torchvision)",
         "JFT: Inception crop + flip, float", "JFT: Inception crop + flip, uint8",
         "ImageNet: + RandAugment(2, 15), float", "ImageNet: + RandAugment(2, 15), uint8",
-        "eval: resize 256 + centre crop 224, float", "eval: resize 256 + centre crop 224, uint8",
+        "eval: resize 256 (area) + centre crop 224, float", "eval: resize 256 (area) + centre crop 224, uint8",
     ]
     rate = {r["pipeline"]: r["img_per_s_per_core"] for r in rows}
     assert rows[0]["vs_decode_only"] == 1.0 and all(v > 0 for v in rate.values())

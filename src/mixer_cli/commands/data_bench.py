@@ -32,7 +32,7 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import csv_text, package_root, write_atomic
 from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.data.device_transforms import decode, eval_uint8_transform, train_uint8_transform
-from mixer_cli.data.transforms import eval_transform, train_transform
+from mixer_cli.data.transforms import AREA, eval_data_config, eval_transform, train_transform
 
 IMAGE_SIZE = (500, 375)  # width, height: a typical ImageNet photo
 QUALITY = 90
@@ -110,7 +110,9 @@ def pipelines() -> list[Pipeline]:
     """Decoding alone, then each recipe's training pipeline and the evaluation, float then uint8."""
     jft, imagenet = recipe_configs("JFT"), recipe_configs("ImageNet")
     size = jft[0].img_size
-    eval_name = f"eval: resize {int(size / imagenet[1].eval_crop_pct)} + centre crop {size}"
+    method = eval_data_config(*imagenet)["interpolation"]
+    eval_name = (f"eval: resize {int(size / imagenet[1].eval_crop_pct)} ({'area' if method == AREA else method}) + "
+                 f"centre crop {size}")
     named = {
         "JFT: Inception crop + flip": jft,
         f"ImageNet: + RandAugment({imagenet[1].randaug_layers}, {imagenet[1].randaug_magnitude})": imagenet,

@@ -17,6 +17,7 @@ BOX filter, which timm would use, counts whole pixels by their centres instead).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -76,22 +77,35 @@ def eval_transform(data: DictConfig, aug: DictConfig) -> T.Compose:
     return T.Compose([area, v2.ToDtype(torch.float32, scale=True), T.Normalize(list(data.mean), list(data.std))])
 
 
-def area_weights(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in): output pixel j is the mean over [j, j + 1) * n_in / n_out of the input, each
-    input pixel weighted by the share of it that the interval covers."""
-    scale = n_in / n_out
-    start = torch.arange(n_out, dtype=torch.float64)[:, None] * scale
-    pixel = torch.arange(n_in, dtype=torch.float64)[None]
-    covered = torch.minimum(start + scale, pixel + 1) - torch.maximum(start, pixel)
-    return covered.clamp_(min=0) / scale
+@functools.lru_cache(maxsize=64)
+def area_taps(n: int, n_out: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Output pixel j is the mean of the input over [j, j + 1) * n / n_out, each input pixel weighted
+    by the share of it the interval covers: (input index, weight) per output pixel for each of the
+    ceil(n / n_out) + 1 pixels an interval can touch (weight 0 past its end)."""
+    scale = n / n_out
+    start = torch.arange(n_out, dtype=torch.float64) * scale
+    taps = []
+    for k in range(math.ceil(scale) + 1):
+        pixel = start.floor() + k
+        share = (torch.minimum(start + scale, pixel + 1) - torch.maximum(start, pixel)).clamp_(min=0) / scale
+        taps.append((pixel.clamp_(max=n - 1).long(), share))
+    return taps
+
+
+def area_resize_first(x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """float64 (n, ...) -> (n_out, ...) along dim 0, where selecting rows copies contiguous memory."""
+    out = torch.zeros(n_out, *x.shape[1:], dtype=x.dtype, device=x.device)
+    for index, share in area_taps(x.shape[0], n_out):
+        out.add_(x.index_select(0, index.to(x.device)).mul_(share.to(x.device).view(-1, *[1] * (x.dim() - 1))))
+    return out
 
 
 def area_resize(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """uint8 (C, H, W) -> uint8 (C, height, width) as `tf.cast(tf.image.resize(img, method="area"), uint8)`:
     area means, truncated (the 1e-9 keeps a flat region's value from float error)."""
-    rows, cols = area_weights(img.shape[-2], height), area_weights(img.shape[-1], width)
-    out = rows.to(img.device) @ img.to(torch.float64) @ cols.to(img.device).T
-    return (out + 1e-9).floor_().clamp_(0, 255).to(torch.uint8)
+    rows = area_resize_first(img.permute(1, 0, 2).contiguous().to(torch.float64), height)  # (height, C, W)
+    out = area_resize_first(rows.permute(2, 1, 0).contiguous(), width)  # (width, C, height)
+    return out.permute(1, 2, 0).add_(1e-9).floor_().clamp_(0, 255).to(torch.uint8)
 
 
 class AreaResizeCrop:
