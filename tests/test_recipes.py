@@ -326,6 +326,8 @@ def test_representative_recipes_run_two_steps(name, tmp_path, shards, shard_data
         return
     eval_size = 1000 if demo else shards.classes * shards.test_per_class  # exact and unpadded
     assert (results["name"], results["steps"], results["num_samples"]) == (name, 2, eval_size)
+    # a held-out dev split (i1k_*: big_vision's 1% minival; fine-tuning: the lr pick) is reported beside test
+    assert ("dev_top1" in results) == bool(composed(name).data.dev_fraction)
     run = Path(results["run_dir"])
     assert run.parent == tmp_path / results["command"]
     assert json.loads((run / "results.json").read_text())["top1"] == results["top1"]
