@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import IterableDataset, default_collate
 
 from mixer_cli.commands.pretrain import build_model, pretrain
 from mixer_cli.config.compose import compose
-from mixer_cli.data import build_dataset
+from mixer_cli.data import build_dataset, demo_arrays
 from mixer_cli.data.device_transforms import NormalizeOnDevice
 from mixer_cli.train.fit import device_preprocessing
 from mixer_cli.train.module import Evaluator
@@ -89,3 +90,52 @@ def test_an_unknown_decode_is_one_line():
 
     with pytest.raises(UserError, match=r"^data.decode must be one of pil, uint8, gpu, got 'jpeg'$"):
         compose(["data.decode=jpeg"])
+
+
+@pytest.fixture(scope="module")
+def digit_sources(tmp_path_factory) -> dict[str, list[str]]:
+    """40 demo digits of each split, 4 of each class, as a PNG folder and as shards."""
+    from mixer_cli.data.writer import demo_samples, write_shards
+
+    root = tmp_path_factory.mktemp("digits")
+    for split in ("train", "test"):
+        classes, samples = demo_samples(split)
+        x, y = demo_arrays(split)
+        chosen = [i for c in range(10) for i in np.flatnonzero(y == c)[:4]]
+        write_shards(classes, [samples[i] for i in chosen], root / "shards" / split, shard_size=16)
+        for i in chosen:
+            (root / "folder" / split / str(y[i])).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(root / "folder" / split / str(y[i]) / f"{i}.png")
+    read = {source: [f"data.source={source}", f"data.train_path={root / source / 'train'}",
+                     f"data.eval_path={root / source / 'test'}", "data.shuffle_buffer=40"]
+            for source in ("folder", "shards")}
+    return {"demo": [], **read}
+
+
+def first_samples(cfg, split: str, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n samples of the split as the network receives them, the random draws seeded."""
+    torch.manual_seed(0)
+    dataset = build_dataset(cfg.data, cfg.aug, split, seed=0)
+    if isinstance(dataset, IterableDataset):  # shards: they batch themselves
+        if hasattr(dataset, "set_epoch_length"):
+            dataset.set_epoch_length(batch_size=n, batches_per_epoch=1)
+        dataset.batch_size = n
+        x, y = next(iter(dataset))
+    else:
+        x, y = default_collate([dataset[i] for i in range(n)])
+    normalize = device_preprocessing(cfg).get("normalize")
+    return (normalize(x) if x.dtype == torch.uint8 else x), torch.as_tensor(y)
+
+
+@pytest.mark.parametrize("source", ["demo", "folder", "shards"])
+def test_the_default_uint8_path_gives_the_float_paths_digits_bit_for_bit(digit_sources, source):
+    """The default (uint8) hands over the same pixels as the float path after the same random
+    shifts (the demo's pad-and-crop), and the device's normalisation is ToTensor + Normalize's."""
+    overrides = [*digit_sources[source], "aug.pad_crop=2"]
+    default, floats = compose(overrides), compose([*overrides, "data.decode=pil"])
+    assert default.data.decode == "uint8"
+    for split in ("train", "test"):
+        x, y = first_samples(default, split)
+        expected_x, expected_y = first_samples(floats, split)
+        assert x.dtype == torch.float32 and x.shape == (24, 1, 28, 28)
+        assert torch.equal(y, expected_y) and torch.equal(x, expected_x)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from torch import nn
 
 from mixer_cli.commands.data_bench import pil_decode, synthetic_jpegs
 from mixer_cli.core.errors import UserError
@@ -22,6 +23,7 @@ from mixer_cli.data.device_transforms import (
     train_uint8_transform,
 )
 from mixer_cli.data.transforms import eval_transform, train_transform
+from mixer_cli.train.module import Evaluator
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.5, 0.25, 0.2]  # unequal per channel: a broadcast or channel-order bug shows
 SMALL = synthetic_jpegs(2, size=(200, 150), seed=1)  # crops at 64 px never reach the DCT-scaled decode
@@ -139,14 +141,14 @@ def test_device_decode_crops_the_cpu_paths_boxes():
         assert (batch.int() - cpu.int()).abs().max() <= 1  # float vs uint8 resampling kernels
 
 
-def test_device_decode_refuses_randaugment_and_uint8_needs_the_inception_crop():
+def test_device_decode_refuses_randaugment_and_needs_the_inception_crop():
     data, aug = configs(32, magnitude=15)
     with pytest.raises(UserError, match="RandAugment runs on the CPU; use data.decode=uint8"):
         gpu_decode_transform(data, aug, train=True)
     gpu_decode_transform(data, aug, train=False)  # evaluation has no RandAugment
-    aug.inception_crop = False
-    with pytest.raises(UserError, match="uint8 decoding serves the Inception-crop recipes"):
-        train_uint8_transform(data, aug)
+    aug.inception_crop, aug.randaug_magnitude = False, 0
+    with pytest.raises(UserError, match="without aug.inception_crop use data.decode=uint8"):
+        gpu_decode_transform(data, aug, train=True)
 
 
 def test_normalize_on_device_maps_uint8_to_the_normalised_range_and_adds_no_state():
@@ -155,4 +157,6 @@ def test_normalize_on_device_maps_uint8_to_the_normalised_range_and_adds_no_stat
     out = norm(x)
     expected = [[(0 - m) / s, (1 - m) / s, (0.2 - m) / s] for m, s in zip(MEAN, STD)]
     assert out.dtype == torch.float32 and torch.allclose(out[1, :, 0], torch.tensor(expected), atol=1e-6)
-    assert norm.state_dict() == {}  # a model holding it keeps its checkpoint keys
+    # no buffers: DDP has nothing to broadcast before an evaluation forward that only some ranks run
+    evaluator = Evaluator(nn.Linear(3, 2), num_classes=2, normalize=norm)
+    assert list(evaluator.buffers()) == [] and list(evaluator.state_dict()) == ["model.weight", "model.bias"]

@@ -138,6 +138,7 @@ def predictions(cfg, checkpoint) -> tuple[np.ndarray, np.ndarray]:
 
     model = load_mixer(checkpoint).eval()
     cfg = with_checkpoint_preprocessing(cfg, resolve_data_config({}, model=model))
+    cfg.data.decode = "pil"  # the loader's floats: `mixer eval` normalises uint8 on the device
     labels, predicted = [], []
     with torch.no_grad():
         for x, y in DataLoader(build_dataset(cfg.data, cfg.aug, "test"), batch_size=250):

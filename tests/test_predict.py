@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from typer.testing import CliRunner
@@ -156,7 +157,7 @@ def test_demo_digits_as_png_files_get_the_classes_the_demo_pipeline_gives(tmp_pa
                 "predict.num_workers=0", "--topk", 2)
     assert r.exit_code == 0, r.output
     _, rows = the_run(tmp_path)
-    demo = build_dataset(cfg.data, cfg.aug, "test")
+    demo = build_dataset(OmegaConf.merge(cfg.data, {"decode": "pil"}), cfg.aug, "test")  # floats
     with torch.no_grad():
         probs = model.eval()(torch.stack([demo[i][0] for i in picked])).softmax(1)
     assert [row["class_1"] for row in rows] == [str(c) for c in probs.argmax(1).tolist()]

@@ -169,7 +169,8 @@ def test_eval_shards_carry_each_samples_key_when_asked(tmp_path):
     from mixer_cli.data.transforms import eval_transform
 
     data = OmegaConf.create({"eval_path": str(write_val_shards(tmp_path)), "num_classes": 3, "img_size": 16,
-                             "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"})
+                             "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                             "decode": "pil"})
     aug = OmegaConf.create({"eval_crop_mode": "squash", "eval_crop_pct": 1.0})
     shards = eval_shards(data, eval_transform(data, aug))
     shards.batch_size = 4

@@ -22,7 +22,7 @@ from mixer_cli.commands.shuffle import (
 from mixer_cli.config.compose import compose
 from mixer_cli.data import demo_arrays
 from mixer_cli.evaluate.fewshot import fewshot_callback
-from mixer_cli.train.fit import build_datasets
+from mixer_cli.train.fit import build_datasets, device_preprocessing
 
 IMG, PATCH = 12, 4  # a 3 x 3 grid of 4 x 4 patches
 
@@ -189,8 +189,9 @@ def test_every_split_is_shuffled_after_its_own_preprocessing(tiny_experiment):
     torch.testing.assert_close(probe.evaluator.train_dataset[3][0][0], expected)
     model = PixelFeatures()
     probe.evaluator.run(model)
-    test_images = torch.stack([plain_eval[i][0] for i in range(len(plain_eval))])
-    torch.testing.assert_close(torch.cat(model.seen)[-len(plain_eval):], shuffle(test_images))
+    test_images = torch.stack([plain_eval[i][0] for i in range(len(plain_eval))])  # uint8: the device normalises
+    normalize = device_preprocessing(cfg)["normalize"]
+    torch.testing.assert_close(torch.cat(model.seen)[-len(plain_eval):], normalize(shuffle(test_images)))
 
 
 def test_relative_drops_and_the_verdict():

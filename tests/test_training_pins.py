@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from lightning.pytorch import Callback
+from omegaconf import OmegaConf
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
@@ -121,7 +122,7 @@ def test_reported_top1_and_top5_are_those_of_the_final_checkpoint_on_the_test_sp
     for name, weights in final_weights(run_dir).items():  # last.ckpt: the weights training ended with
         torch.testing.assert_close(weights, keep.trained[name], rtol=0, atol=0, msg=name)
     model = load_mixer(run_dir / "last.ckpt").eval()
-    test_set = build_dataset(cfg.data, cfg.aug, "test")
+    test_set = build_dataset(OmegaConf.merge(cfg.data, {"decode": "pil"}), cfg.aug, "test")  # floats
     with torch.no_grad():
         logits, labels = zip(*((model(x), y) for x, y in DataLoader(test_set, batch_size=500)))
     logits, labels = torch.cat(logits), torch.cat(labels)

@@ -9,7 +9,7 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.data.demo import demo_arrays
 from mixer_cli.data.subsets import Selection, select
 from mixer_cli.data.tensor import TensorImages
-from mixer_cli.data.transforms import demo_transform, eval_transform, train_transform
+from mixer_cli.data.transforms import DEFAULT_DECODE, demo_transform, eval_transform, train_transform
 
 SOURCES = ("demo", "digits", "folder", "shards")
 __all__ = ["build_dataset", "class_names", "demo_arrays", "SOURCES"]
@@ -42,7 +42,7 @@ def build_dataset(data: DictConfig, aug: DictConfig, split: str, seed: int = 0, 
 
         return subset(TensorImages(*digits_arrays("test" if split == "test" else "train"), digits_transform(data)),
                       chosen)
-    decode = data.get("decode", "pil")
+    decode = data.get("decode", DEFAULT_DECODE)
     transform = image_transform(data, aug, augment, decode)
     key = "eval_path" if split == "test" else "train_path"
     if data.source == "folder":

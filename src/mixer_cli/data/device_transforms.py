@@ -25,19 +25,18 @@ from __future__ import annotations
 import io
 import math
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
 from timm.data.transforms import str_to_interp_mode, str_to_pil_interp
-from torch import nn
+from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from mixer_cli.core.errors import UserError
 from mixer_cli.data.inception_crop import Box, InceptionCrop, inception_crop
 from mixer_cli.data.randaugment import RandAugment
-from mixer_cli.data.transforms import AREA, AreaResizeCrop, eval_data_config, randaugment
+from mixer_cli.data.transforms import AREA, AreaResizeCrop, eval_data_config, randaugment, resize_shift_flip
 
 DCT_SCALES = (8, 4, 2)  # libjpeg's scaled decoding
 REDUCING_GAP = 3.0  # decode at 1/s only where the crop stays >= 3x the output (PIL: "indistinguishable")
@@ -56,9 +55,19 @@ def dct_scale(height: float, width: float, out_height: int, out_width: int) -> i
     return next((s for s in DCT_SCALES if room >= s), 1)
 
 
-def decode(raw: bytes) -> torch.Tensor:
-    """An encoded image (JPEG, PNG, WebP, ...) -> uint8 RGB (C, H, W), by torchvision's decoders."""
-    return decode_image(encoded(raw), mode=ImageReadMode.RGB)
+def decode(raw: bytes, channels: int = 3) -> torch.Tensor:
+    """An encoded image (JPEG, PNG, WebP, ...) -> uint8 RGB or grey (C, H, W), by torchvision's decoders."""
+    return decode_image(encoded(raw), mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+
+
+class DecodePIL:
+    """An encoded image -> PIL image in RGB or grey ("L"), as the float path's loaders decode it."""
+
+    def __init__(self, channels: int):
+        self.mode = "RGB" if channels == 3 else "L"
+
+    def __call__(self, raw: bytes) -> Image.Image:
+        return Image.open(io.BytesIO(raw)).convert(self.mode)
 
 
 def read_header(raw: bytes) -> Image.Image:
@@ -67,24 +76,26 @@ def read_header(raw: bytes) -> Image.Image:
 
 
 def draft_resize(header: Image.Image, scale: int, box: tuple[float, float, float, float],
-                 size: tuple[int, int], resample: Image.Resampling) -> torch.Tensor:
+                 size: tuple[int, int], resample: Image.Resampling, channels: int = 3) -> torch.Tensor:
     """The JPEG decoded at 1/scale in the DCT (PIL `draft`), then the region `box` (left, upper,
     right, lower in full-size pixels) resized to `size` (width, height) -> uint8 (C, H, W). PIL takes
     the box in fractions of a pixel, so the geometry stays that of the full-size image."""
     width = header.width
     _, reduced = header.draft(None, (header.width // scale, header.height // scale))
     factor = width / reduced[2]
-    rgb = header if header.mode == "RGB" else header.convert("RGB")
-    out = rgb.resize(size, resample, box=tuple(v / factor for v in box))
-    return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+    mode = "RGB" if channels == 3 else "L"
+    image = header if header.mode == mode else header.convert(mode)
+    out = image.resize(size, resample, box=tuple(v / factor for v in box))
+    return F.pil_to_tensor(out)
 
 
 class InceptionCropUint8:
     """Encoded image -> uint8 (C, size, size): the Inception crop resized to `size`, a random
     horizontal flip, then RandAugment where given. The draws are train_transform's, in its order."""
 
-    def __init__(self, crop: InceptionCrop, hflip: bool = True, randaugment: RandAugment | None = None):
-        self.inception, self.hflip, self.randaugment = crop, hflip, randaugment
+    def __init__(self, crop: InceptionCrop, hflip: bool = True, randaugment: RandAugment | None = None,
+                 channels: int = 3):
+        self.inception, self.hflip, self.randaugment, self.channels = crop, hflip, randaugment, channels
         self.resample = str_to_pil_interp(crop.interpolation)
 
     def sample(self, img: Image.Image | torch.Tensor) -> tuple[Box, bool]:
@@ -109,10 +120,10 @@ class InceptionCropUint8:
         scale = dct_scale(height, width, size, size) if header.format == "JPEG" and self.inception.antialias else 1
         if scale > 1:
             pil_box = (left, top, left + width, top + height)
-            out = draft_resize(header, scale, pil_box, (size, size), self.resample)
+            out = draft_resize(header, scale, pil_box, (size, size), self.resample, self.channels)
             out = F.horizontal_flip(out) if flip else out
         else:
-            out = self.crop(decode(raw), box, flip)
+            out = self.crop(decode(raw, self.channels), box, flip)
         if self.randaugment is None:
             return out
         return F.pil_to_tensor(self.randaugment(F.to_pil_image(out)))
@@ -123,8 +134,9 @@ class EvalResizeUint8:
     ("squash": both sides; "center": the shorter side), then centre-crop size. With the "box"
     interpolation, the area resize of the float path (`AreaResizeCrop`), from the full-size pixels."""
 
-    def __init__(self, size: int, crop_pct: float, crop_mode: str, interpolation: str = "bilinear"):
-        self.size, self.crop_mode = size, crop_mode
+    def __init__(self, size: int, crop_pct: float, crop_mode: str, interpolation: str = "bilinear",
+                 channels: int = 3):
+        self.size, self.crop_mode, self.channels = size, crop_mode, channels
         self.resize_to = math.floor(size / crop_pct)  # timm's scale_size
         self.interpolation, self.resample = str_to_interp_mode(interpolation), str_to_pil_interp(interpolation)
         self.area = AreaResizeCrop(size, crop_pct, crop_mode) if interpolation == AREA else None
@@ -144,34 +156,39 @@ class EvalResizeUint8:
 
     def __call__(self, raw: bytes) -> torch.Tensor:
         if self.area is not None:
-            return self.area(decode(raw))
+            return self.area(decode(raw, self.channels))
         header = read_header(raw)
         width, height = header.size
         out_height, out_width = self.resized_size(height, width)
         scale = dct_scale(height, width, out_height, out_width) if header.format == "JPEG" else 1
         if scale == 1:
-            return self.on_tensor(decode(raw))
-        resized = draft_resize(header, scale, (0, 0, width, height), (out_width, out_height), self.resample)
+            return self.on_tensor(decode(raw, self.channels))
+        resized = draft_resize(header, scale, (0, 0, width, height), (out_width, out_height), self.resample,
+                               self.channels)
         return F.center_crop(resized, [self.size, self.size])
 
 
-def train_uint8_transform(data: DictConfig, aug: DictConfig) -> InceptionCropUint8:
-    """The uint8 counterpart of transforms.train_transform for encoded photos (Inception crop recipes)."""
+def train_uint8_transform(data: DictConfig, aug: DictConfig) -> InceptionCropUint8 | T.Compose:
+    """The uint8 counterpart of transforms.train_transform: the Inception crop of the paper's recipes,
+    or, without it (the digits), the float path's own PIL steps before its float conversion."""
     if not aug.get("inception_crop"):
-        raise UserError("uint8 decoding serves the Inception-crop recipes; set aug.inception_crop=true or "
-                        "data.decode=pil")
+        return T.Compose([DecodePIL(data.channels), *resize_shift_flip(data, aug), T.PILToTensor()])
     return InceptionCropUint8(inception_crop(data.img_size, aug, data.interpolation), bool(aug.get("hflip")),
-                              randaugment(aug))
+                              randaugment(aug), data.channels)
 
 
 def eval_uint8_transform(data: DictConfig, aug: DictConfig) -> EvalResizeUint8:
     """The uint8 counterpart of transforms.eval_transform."""
     cfg = eval_data_config(data, aug)
-    return EvalResizeUint8(data.img_size, cfg["crop_pct"], cfg["crop_mode"], cfg["interpolation"])
+    return EvalResizeUint8(data.img_size, cfg["crop_pct"], cfg["crop_mode"], cfg["interpolation"], data.channels)
 
 
 def gpu_decode_transform(data: DictConfig, aug: DictConfig, train: bool) -> InceptionCropUint8 | EvalResizeUint8:
-    """The transform `decode_on_device` applies: RandAugment runs on PIL images, so not there."""
+    """The transform `decode_on_device` applies: the Inception crop and flip (RandAugment runs on PIL
+    images, so not there)."""
+    if train and not aug.get("inception_crop"):
+        raise UserError("data.decode=gpu crops on the device for the Inception-crop recipes; without "
+                        "aug.inception_crop use data.decode=uint8")
     if train and randaugment(aug) is not None:
         raise UserError("data.decode=gpu crops and flips on the GPU but RandAugment runs on the CPU; "
                         "use data.decode=uint8 or aug.randaug_magnitude=0")
@@ -196,15 +213,21 @@ def collate_encoded(samples: list[tuple[bytes, int]]) -> tuple[list[torch.Tensor
     return [encoded(raw) for raw, _ in samples], torch.tensor([label for _, label in samples])
 
 
-class NormalizeOnDevice(nn.Module):
+class NormalizeOnDevice:
     """uint8 (B, C, H, W) -> float (x / 255 - mean) / std, batched on the batch's device: what
-    ToTensor + Normalize did per image in the loader. Mean and std are buffers, not state: a
+    ToTensor + Normalize did per image in the loader, in their order, so bit for bit the float path's.
+
+    Not an nn.Module: a module's buffers are state DDP broadcasts before every forward, evaluation's
+    included, where a rank whose share of the split has ended would never join it (a hang); and a
     checkpoint's keys stay the model's."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.register_buffer("mean", 255 * torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", 255 * torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.mean.dtype) - self.mean) / self.std
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device not in self.constants:
+            self.constants[x.device] = tuple(torch.tensor(v).view(1, -1, 1, 1).to(x.device)
+                                             for v in (self.mean, self.std))
+        mean, std = self.constants[x.device]
+        return x.to(torch.float32).div_(255).sub_(mean).div_(std)

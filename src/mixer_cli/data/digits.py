@@ -7,9 +7,10 @@ into the central 20x20 box of the 28x28 frame (at other resolutions, the same pr
 from __future__ import annotations
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from torchvision.transforms import v2
+
+from mixer_cli.data.transforms import to_float
 
 SPLIT_SEED = 0
 MNIST_BOX = 20 / 28  # the share of an MNIST frame the digit occupies
@@ -32,13 +33,13 @@ def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits_transform(data: DictConfig) -> v2.Compose:
-    """uint8 (1, 8, 8) -> normalised float (channels, img_size, img_size), the digit in MNIST's box."""
+    """uint8 (1, 8, 8) -> (channels, img_size, img_size), the digit in MNIST's box; normalised floats where
+    the loader hands over floats (data.decode=pil)."""
     box = round(data.img_size * MNIST_BOX)
     pad = data.img_size - box
     return v2.Compose([
         v2.Resize((box, box), interpolation=v2.InterpolationMode(data.interpolation), antialias=True),
         v2.Pad([pad // 2, pad // 2, pad - pad // 2, pad - pad // 2]),
         v2.Lambda(lambda x: x.expand(data.channels, -1, -1)),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(data.mean, data.std),
+        *to_float(data),
     ])

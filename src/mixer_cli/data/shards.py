@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from mixer_cli.core.errors import UserError
 from mixer_cli.data.subsets import Selection
+from mixer_cli.data.transforms import hands_over_uint8
 from mixer_cli.data.writer import INDEX, read_index
 
 log = logging.getLogger(__name__)
@@ -336,7 +337,7 @@ def train_shards(data: DictConfig, transform, seed: int, selection: Selection | 
     if not size:
         raise UserError("set data.train_size (samples per epoch) for a shard pattern, e.g. data.train_size=50000")
     return TrainShards(urls, size, transform, data.channels, data.get("shuffle_buffer", 10_000), seed, selection,
-                       data.num_classes, data.get("decode", "pil") == "pil")
+                       data.num_classes, not hands_over_uint8(data))
 
 
 def eval_shards(data: DictConfig, transform, key: str = "eval_path", selection: Selection | None = None) -> EvalShards:
@@ -346,4 +347,4 @@ def eval_shards(data: DictConfig, transform, key: str = "eval_path", selection: 
     if selection is not None and not selection.everything:
         size = None  # known only once read
     return EvalShards(urls, size, transform, data.channels, selection, data.num_classes,
-                      data.get("decode", "pil") == "pil")
+                      not hands_over_uint8(data))

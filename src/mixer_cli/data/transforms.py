@@ -32,6 +32,7 @@ from mixer_cli.data.inception_crop import inception_crop
 from mixer_cli.data.randaugment import RandAugment
 
 EVAL_CROP_MODES = ("squash", "center")  # the schema checks aug.eval_crop_mode against these
+DEFAULT_DECODE = "uint8"  # data.decode where a config has none: the loader hands over uint8, the device normalises
 AREA = "box"  # timm's interpolation name for tf.image.resize's "area": a model's pretrained_cfg stays timm's
 
 
@@ -48,15 +49,20 @@ def train_transform(data: DictConfig, aug: DictConfig) -> T.Compose:
         crop = inception_crop(data.img_size, aug, data.interpolation)
         steps = [crop, *([T.RandomHorizontalFlip()] if aug.get("hflip") else []), *([ra] if ra else [])]
         return T.Compose([*steps, MaybeToTensor(), T.Normalize(list(data.mean), list(data.std))])
-    if ra:
+    return T.Compose([*resize_shift_flip(data, aug), MaybeToTensor(), T.Normalize(list(data.mean), list(data.std))])
+
+
+def resize_shift_flip(data: DictConfig, aug: DictConfig) -> list:
+    """Training without the Inception crop (the digits): resize, the optional pad-and-crop shift, the
+    optional flip; on PIL images or uint8 tensors alike."""
+    if randaugment(aug):
         raise UserError("RandAugment runs after the Inception crop; set aug.inception_crop=true or randaug_magnitude=0")
-    # Without the Inception crop (the demo digits): resize, then the optional pad-and-crop shift.
     steps = [T.Resize((data.img_size, data.img_size), interpolation=str_to_interp_mode(data.interpolation))]
     if aug.get("pad_crop"):
         steps.append(T.RandomCrop(data.img_size, padding=aug.pad_crop))
     if aug.get("hflip"):
         steps.append(T.RandomHorizontalFlip())
-    return T.Compose([*steps, MaybeToTensor(), T.Normalize(list(data.mean), list(data.std))])
+    return steps
 
 
 def eval_data_config(data: DictConfig, aug: DictConfig) -> dict:
@@ -133,13 +139,27 @@ class AreaResizeCrop:
         return f"{type(self).__name__}(size={self.size}, resize_to={self.resize_to}, crop_mode={self.crop_mode})"
 
 
-def demo_transform(data: DictConfig, aug: DictConfig, train: bool) -> v2.Compose:
+def demo_transform(data: DictConfig, aug: DictConfig, train: bool) -> v2.Transform:
     """The in-memory demo digits (28x28 uint8 tensors): resized when the model wants another
-    resolution (fine-tuning with --res), shifted on train, then normalised."""
+    resolution (fine-tuning with --res), shifted on train, then normalised here (data.decode=pil) or
+    on the device (uint8)."""
     from mixer_cli.data.demo import IMG_SIZE
 
     size = data.img_size
     resize = [v2.Resize((size, size), interpolation=str_to_interp_mode(data.interpolation))] if size != IMG_SIZE else []
     shift = [v2.RandomCrop(size, padding=aug.pad_crop)] if train and aug.get("pad_crop") else []
-    normalize = v2.Normalize(list(data.mean), list(data.std))
-    return v2.Compose([*resize, *shift, v2.ToDtype(torch.float32, scale=True), normalize])
+    steps = [*resize, *shift, *to_float(data)]
+    return v2.Compose(steps) if steps else v2.Identity()
+
+
+def hands_over_uint8(data: DictConfig) -> bool:
+    """Whether the loader hands over uint8 images (or encoded bytes) for the device to normalise."""
+    return data.get("decode", DEFAULT_DECODE) != "pil"
+
+
+def to_float(data: DictConfig) -> list:
+    """The float path's last steps, uint8 -> normalised float; none where the device normalises."""
+    if hands_over_uint8(data):
+        return []
+    # x / 255 as ToTensor divides (v2.ToDtype multiplies by 1 / 255: a last bit apart), for every source alike
+    return [T.ConvertImageDtype(torch.float32), T.Normalize(list(data.mean), list(data.std))]

@@ -31,7 +31,7 @@ from mixer_cli.config.run_dirs import Run, resume_config
 from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset, class_names
 from mixer_cli.data.device_transforms import NormalizeOnDevice, gpu_decode_transform
-from mixer_cli.data.transforms import eval_data_config
+from mixer_cli.data.transforms import eval_data_config, hands_over_uint8
 from mixer_cli.evaluate.fewshot import fewshot_callback
 from mixer_cli.evaluate.real_labels import real_labels_for
 from mixer_cli.models import load_mixer
@@ -75,11 +75,10 @@ def preprocessing(cfg: DictConfig) -> dict:
 def device_preprocessing(cfg: DictConfig) -> dict:
     """The Evaluator's share of the input pipeline when the loader hands over uint8 images or encoded
     bytes (data.decode=uint8|gpu): normalisation, and for gpu the decoding, crop and flip."""
-    decode = cfg.data.get("decode", "pil")
-    if decode == "pil":
+    if not hands_over_uint8(cfg.data):
         return {}
     pieces = {"normalize": NormalizeOnDevice(list(cfg.data.mean), list(cfg.data.std))}
-    if decode == "gpu":
+    if cfg.data.decode == "gpu":
         pieces["device_decode"] = (gpu_decode_transform(cfg.data, cfg.aug, True),
                                    gpu_decode_transform(cfg.data, cfg.aug, False))
     return pieces

@@ -136,7 +136,7 @@ class Evaluator(L.LightningModule):
         model: nn.Module,
         num_classes: int,
         loss: nn.Module | None = None,
-        normalize: nn.Module | None = None,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
         device_decode: tuple[Callable, Callable] | None = None,
         real_top1: Metric | None = None,
         test_splits: tuple[str, ...] = ("test",),
