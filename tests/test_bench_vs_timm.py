@@ -54,4 +54,4 @@ def test_our_command_trains_the_stated_settings(bench, tmp_path):
     assert (cfg.sched.warmup_steps, cfg.sched.decay, cfg.trainer.epochs) == (0, "cosine", 1)
     assert (cfg.aug.pad_crop, list(cfg.data.mean), list(cfg.data.std)) == (0, [bench.MEAN], [bench.STD])
     assert (cfg.model.patch_size, cfg.model.hidden_dim, cfg.model.num_blocks) == (4, 128, 4)
-    assert (cfg.model.tokens_mlp_dim, cfg.model.channels_mlp_dim) == (64, 512)
+    assert (cfg.model.tokens_mlp_dim, cfg.model.channels_mlp_dim, cfg.model.gelu) == (64, 512, "exact")  # nn.GELU

@@ -41,15 +41,16 @@ def test_bench_times_each_recipe_on_both_paths_against_decoding(tmp_path):
     names = [r["pipeline"] for r in rows]
     assert names == [
         "decode only (PIL)", "decode only (torchvision)",
-        "JFT: Inception crop + flip, float", "JFT: Inception crop + flip, uint8",
-        "ImageNet: + RandAugment(2, 15), float", "ImageNet: + RandAugment(2, 15), uint8",
-        "eval: resize 256 (area) + centre crop 224, float", "eval: resize 256 (area) + centre crop 224, uint8",
+        "JFT: Inception crop + flip, float (data.decode=pil)", "JFT: Inception crop + flip, uint8 (default)",
+        "ImageNet: + RandAugment(2, 15), float (data.decode=pil)", "ImageNet: + RandAugment(2, 15), uint8 (default)",
+        "eval: resize 256 (area) + centre crop 224, float (data.decode=pil)",
+        "eval: resize 256 (area) + centre crop 224, uint8 (default)",
     ]
     rate = {r["pipeline"]: r["img_per_s_per_core"] for r in rows}
     assert rows[0]["vs_decode_only"] == 1.0 and all(v > 0 for v in rate.values())
     for r in rows:
-        if r["pipeline"].endswith("uint8"):
-            replaced = r["pipeline"].replace("uint8", "float")
+        if r["pipeline"].endswith("uint8 (default)"):
+            replaced = r["pipeline"].replace("uint8 (default)", "float (data.decode=pil)")
             assert r["vs_float_path"] == pytest.approx(rate[r["pipeline"]] / rate[replaced], rel=1e-2)
         else:
             assert r["vs_float_path"] is None

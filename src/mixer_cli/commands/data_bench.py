@@ -3,10 +3,10 @@
 One process, one thread, timed in this process's CPU seconds: the figure is images/s per core, so
 a host's input rate is roughly this times its loader workers, and other load on a shared machine
 does not count against it. The pipelines take turns on the same encoded images for several
-rounds and each keeps its best round. Every recipe's pipeline runs twice: today's float path
-(PIL decode, transforms.py, float normalisation per image) and the uint8 path
-(device_transforms.py: the loader stops at uint8, the device normalises the batch), beside JPEG
-decoding alone, the ceiling of any pipeline that decodes.
+rounds and each keeps its best round. Every recipe's pipeline runs twice: the uint8 path, the
+default (device_transforms.py: the loader stops at uint8, the device normalises the batch), and the
+float path it replaced (data.decode=pil: PIL decode, transforms.py, float normalisation per image),
+beside JPEG decoding alone, the ceiling of any pipeline that decodes.
 
 Cores needed per device = a model's training img/s per device (from the latest `mixer benchmark
 --train` results, or given) / a pipeline's img/s per core.
@@ -32,12 +32,13 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import csv_text, package_root, write_atomic
 from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.data.device_transforms import decode, eval_uint8_transform, train_uint8_transform
-from mixer_cli.data.transforms import AREA, eval_data_config, eval_transform, train_transform
+from mixer_cli.data.transforms import AREA, DEFAULT_DECODE, eval_data_config, eval_transform, train_transform
 
 IMAGE_SIZE = (500, 375)  # width, height: a typical ImageNet photo
 QUALITY = 90
 # Each recipe family's data and aug groups: JFT recipes crop and flip, ImageNet and 21k add RandAugment.
 RECIPES = {"JFT": ("jft300m", "inception_flip"), "ImageNet": ("imagenet", "randaug_mixup")}
+UINT8, FLOAT = f"uint8{' (default)' if DEFAULT_DECODE == 'uint8' else ''}", "float (data.decode=pil)"
 COLUMNS = ["pipeline", "img_per_s_per_core", "vs_decode_only", "vs_float_path", "cores_per_device"]
 
 
@@ -120,11 +121,11 @@ def pipelines() -> list[Pipeline]:
     out = [Pipeline("decode only (PIL)", pil_decode), Pipeline("decode only (torchvision)", decode)]
     for name, (data, aug) in named.items():
         floats = train_transform(data, aug)
-        out.append(Pipeline(f"{name}, float", lambda raw, t=floats: t(pil_decode(raw))))
-        out.append(Pipeline(f"{name}, uint8", train_uint8_transform(data, aug), f"{name}, float"))
+        out.append(Pipeline(f"{name}, {FLOAT}", lambda raw, t=floats: t(pil_decode(raw))))
+        out.append(Pipeline(f"{name}, {UINT8}", train_uint8_transform(data, aug), f"{name}, {FLOAT}"))
     floats = eval_transform(*imagenet)
-    out.append(Pipeline(f"{eval_name}, float", lambda raw: floats(pil_decode(raw))))
-    out.append(Pipeline(f"{eval_name}, uint8", eval_uint8_transform(*imagenet), f"{eval_name}, float"))
+    out.append(Pipeline(f"{eval_name}, {FLOAT}", lambda raw: floats(pil_decode(raw))))
+    out.append(Pipeline(f"{eval_name}, {UINT8}", eval_uint8_transform(*imagenet), f"{eval_name}, {FLOAT}"))
     return out
 
 
@@ -187,7 +188,7 @@ def write_bench(rows: list[dict], csv_path: Path) -> list[Path]:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(csv_path, csv_text(rows, [c for c in COLUMNS if c in rows[0]]))
     fig, ax = pyplot().subplots(figsize=(8, 3.6))
-    colours = ["tab:green" if r["pipeline"].endswith("uint8") else "tab:blue" for r in rows][::-1]
+    colours = ["tab:green" if r["pipeline"].endswith(UINT8) else "tab:blue" for r in rows][::-1]
     ax.barh([r["pipeline"] for r in rows][::-1], [r["img_per_s_per_core"] for r in rows][::-1], color=colours)
     ax.set_xlabel(f"images/s per CPU core ({IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG, quality {QUALITY})")
     fig.tight_layout()

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +203,7 @@ def _chunks(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
 
 def _write_tar(path: Path, records: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with wds.TarWriter(str(tmp)) as sink:
+    with wds.TarWriter(str(tmp), mtime=int(time.time())) as sink:  # whole seconds: no PAX header per member
         for r in records:
             sink.write(r)
     os.replace(tmp, path)
