@@ -117,10 +117,33 @@ def test_a_run_shorter_than_an_epoch_still_ends_evaluated(adamw_run):
     assert results["train_loss"] == pytest.approx(last_loss)  # the training's, not the evaluation's
 
 
-def test_reported_top1_and_top5_are_those_of_the_final_checkpoint_on_the_test_split(adamw_run):
-    cfg, results, run_dir, keep = adamw_run
+class CountTestPasses(Callback):
+    passes = 0
+
+    def on_test_start(self, trainer, module):
+        self.passes += 1
+
+
+@pytest.fixture(scope="module")
+def epoch_run(tmp_path_factory, pin_run):
+    """One whole epoch (31 steps): the run ends on the validation of the final weights."""
+    keep, count = KeepOptimizer(), CountTestPasses()
+    cfg, results, run_dir, _ = train(pin_run, tmp_path_factory.mktemp("epoch"), "trainer.epochs=1",
+                                     callbacks=[keep, count])
+    return cfg, results, run_dir, keep, count.passes
+
+
+@pytest.mark.parametrize("run", ["adamw_run", "epoch_run"])
+def test_reported_top1_and_top5_are_those_of_the_final_checkpoint_on_the_test_split(request, run):
+    """Mid-epoch (adamw_run: 6 steps) a test pass scores the final weights; a whole epoch ends on the
+    validation that already did, and no test pass runs (epoch_run): the same numbers either way."""
+    cfg, results, run_dir, keep, *test_passes = request.getfixturevalue(run)
+    assert test_passes == ([0] if run == "epoch_run" else [])
     for name, weights in final_weights(run_dir).items():  # last.ckpt: the weights training ended with
         torch.testing.assert_close(weights, keep.trained[name], rtol=0, atol=0, msg=name)
+    with open(run_dir / "metrics.csv") as f:
+        final = [r for r in csv.DictReader(f) if r.get("test/top1")]
+    assert len(final) == 1 and float(final[0]["test/top1"]) == pytest.approx(results["top1"])
     model = load_mixer(run_dir / "last.ckpt").eval()
     test_set = build_dataset(OmegaConf.merge(cfg.data, {"decode": "pil"}), cfg.aug, "test")  # floats
     with torch.no_grad():
