@@ -65,6 +65,9 @@ def user_errors(fn):
     return wrapper
 
 
+CHECKPOINT = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
+                          dir_okay=False, show_default=False)
+
 CLASS_MAP = typer.Option(None, "--class-map", help="Class names, one per line in class order, for weights that "
                          "carry none.", dir_okay=False, show_default=False)
 
@@ -143,8 +146,7 @@ def finetune(
 )
 @user_errors
 def eval_(
-    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
-                                    dir_okay=False, show_default=False),
+    checkpoint: Path = CHECKPOINT,
     class_map: Path | None = CLASS_MAP,
     overrides: list[str] | None = OVERRIDES,
 ):
@@ -164,8 +166,7 @@ def eval_(
 )
 @user_errors
 def predict(
-    checkpoint: Path = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",
-                                    dir_okay=False, show_default=False),
+    checkpoint: Path = CHECKPOINT,
     inputs: list[str] = typer.Argument(..., metavar="PATH... [OVERRIDES]...", show_default=False,
                                        help="Image files, folders (every image in them) and globs; then any "
                                        "key=value overrides of conf/predict.yaml."),
