@@ -8,10 +8,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
+from torchvision import transforms as T
 
 from mixer_cli.commands.data_bench import pil_decode, synthetic_jpegs
 from mixer_cli.core.errors import UserError
 from mixer_cli.data.device_transforms import (
+    DecodeResize,
     NormalizeOnDevice,
     collate_encoded,
     dct_scale,
@@ -19,6 +21,7 @@ from mixer_cli.data.device_transforms import (
     decode_on_device,
     eval_uint8_transform,
     gpu_decode_transform,
+    is_plain_png,
     read_header,
     train_uint8_transform,
 )
@@ -160,3 +163,31 @@ def test_normalize_on_device_maps_uint8_to_the_normalised_range_and_adds_no_stat
     # no buffers: DDP has nothing to broadcast before an evaluation forward that only some ranks run
     evaluator = Evaluator(nn.Linear(3, 2), num_classes=2, normalize=norm)
     assert list(evaluator.buffers()) == [] and list(evaluator.state_dict()) == ["model.weight", "model.bias"]
+
+
+def encoded_image(mode: str, size: int, fmt: str = "PNG", seed: int = 0) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+    img = Image.fromarray(pixels).convert(mode.removesuffix("+tRNS"))
+    if mode == "RGBA":
+        img.putalpha(Image.fromarray(pixels[..., 0]))
+    out = io.BytesIO()
+    img.save(out, fmt, **({"transparency": 7} if mode.endswith("+tRNS") else {}))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode, size, fmt, fast", [
+    ("L", 28, "PNG", True), ("RGB", 28, "PNG", True), ("P", 28, "PNG", False), ("RGBA", 28, "PNG", False),
+    ("L+tRNS", 28, "PNG", False), ("I;16", 28, "PNG", False), ("L", 32, "PNG", False), ("RGB", 28, "JPEG", False)])
+def test_decode_resize_gives_the_float_paths_pixels(channels, mode, size, fmt, fast):
+    """Grey or RGB, palette, alpha, a transparent grey level, 16-bit, another size, JPEG: the PIL decode and
+    resize, bit for bit; torchvision's PNG decoder only where the PNG already holds the wanted pixels."""
+    if mode == "I;16" and channels == 3:
+        pytest.skip("PIL has no RGB conversion of 16-bit grey")
+    raw = encoded_image(mode, size, fmt)
+    assert (b"tRNS" in raw) == mode.endswith("+tRNS")
+    resize = T.Resize((28, 28))
+    expected = T.PILToTensor()(resize(Image.open(io.BytesIO(raw)).convert("RGB" if channels == 3 else "L")))
+    assert is_plain_png(raw, channels, 28) == (fast and (mode == "L") == (channels == 1))
+    assert torch.equal(DecodeResize(channels, 28, resize)(raw), expected)

@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from mixer_cli.core.errors import UserError
 from mixer_cli.data.subsets import Selection
+from mixer_cli.data.tar_stream import samples_of_tars
 from mixer_cli.data.transforms import hands_over_uint8
 from mixer_cli.data.writer import INDEX, read_index
 
@@ -139,7 +140,7 @@ def decoded_samples(transform, channels: int, handler: SkipCorrupt, selection: S
     keep = [] if selection is None or selection.everything else [wds.select(lambda s: selection.keeps(s["__key__"]))]
     images = ["pil" if channels == 3 else "pill"] if decoded else []
     return [
-        wds.tarfile_to_samples(handler=handler),
+        partial(samples_of_tars, handler=handler),
         *keep,
         wds.decode(*images, handler=handler),
         wds.to_tuple(IMAGE_KEYS, "cls;labels", *(["__key__"] if keys else []), handler=handler),
