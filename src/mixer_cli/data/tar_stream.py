@@ -110,7 +110,8 @@ def members(stream) -> Iterator[tuple[str, bytes]]:
         if not checksum_ok(header):
             raise tarfile.ReadError("invalid header: bad checksum")
         kind = header[156:157]
-        size = int(pax["size"]) if "size" in pax else number(header[124:136])  # PAX: sizes past 8 GiB
+        extension = kind in (PAX, GLOBAL_PAX, GNU_LONGNAME, GNU_LONGLINK)  # headers about the next member
+        size = int(pax["size"]) if "size" in pax and not extension else number(header[124:136])  # past 8 GiB
         data = read_exactly(stream, size + -size % BLOCK, "member")[:size]
         if kind == PAX:
             pax = pax_records(data)

@@ -1,0 +1,86 @@
+"""Reading shards in one process: our training stream against webdataset's own reader.
+
+The rows, each timed in turn (A B C, A B C, ...) and kept at its best round:
+- `webdataset (reference)`: `wds.WebDataset(...).decode("torchl8").to_tuple("png", "cls").batched(128)`,
+  webdataset's reader (Python's tarfile) and decoder (PIL), uint8 out, no shuffle;
+- `mixer, uint8 (default)`: the training set `mixer pretrain data.source=shards` builds (our tar reader,
+  the shuffle buffer, torchvision's decoder for plain PNGs), uint8 out;
+- `mixer, float (data.decode=pil)`: the same, decoded by PIL and normalised to floats in the loader.
+All give (128, 1, 28, 28) batches of the same digits. Without --shards it writes the demo's 4,000
+training digits as shards (`mixer data write --from demo`) into a temporary folder.
+
+    python benchmarks/shard_loader.py [--shards DIR] [--batches 300] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from mixer_cli.config.compose import compose
+from mixer_cli.data.writer import read_index
+from mixer_cli.train.fit import build_datasets
+
+BATCH = 128
+
+
+def ours(shards: Path, decode: str, seconds_for):
+    cfg = compose(["data.source=shards", f"data.train_path={shards}", f"data.eval_path={shards}",
+                   f"data.global_batch={BATCH}", "aug.pad_crop=0", f"data.decode={decode}", "trainer.accelerator=cpu"])
+    dataset = build_datasets(cfg).train
+    dataset.set_epoch_length(BATCH, 10**9)  # one long epoch: the shards are passed over again and again
+    return seconds_for(iter(dataset))
+
+
+def webdataset_reference(shards: Path, seconds_for):
+    urls = [str(shards / s["file"]) for s in read_index(shards)["shards"]]
+    stream = wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat().decode("torchl8")
+    return seconds_for(iter(stream.to_tuple("png", "cls").batched(BATCH)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=Path, help="a folder written by `mixer data write` (grey 28x28 digits)")
+    parser.add_argument("--batches", type=int, default=300, help=f"batches of {BATCH} per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if shards is None:
+            shards = Path(tmp) / "digits"
+            mixer = str(Path(sys.executable).with_name("mixer"))
+            subprocess.run([mixer, "data", "write", "--from", "demo", "--to", str(shards)], check=True,
+                           stdout=subprocess.DEVNULL)
+            shards = shards / "train" if (shards / "train").is_dir() else shards
+
+        def seconds_for(batches) -> float:
+            next(batches)  # the first batch fills the shuffle buffer: not the steady rate
+            start = time.perf_counter()
+            for _ in itertools.islice(batches, args.batches):
+                pass
+            return time.perf_counter() - start
+
+        rows = {"webdataset (reference)": lambda: webdataset_reference(shards, seconds_for),
+                "mixer, uint8 (default)": lambda: ours(shards, "uint8", seconds_for),
+                "mixer, float (data.decode=pil)": lambda: ours(shards, "pil", seconds_for)}
+        best = dict.fromkeys(rows, float("inf"))
+        for _ in range(args.rounds):
+            for name, run in rows.items():
+                best[name] = min(best[name], run())
+    reference = args.batches * BATCH / best["webdataset (reference)"]
+    print(f"{'loader, one process':34} {'img/s':>8} {'vs webdataset':>14}")
+    for name, seconds in best.items():
+        rate = args.batches * BATCH / seconds
+        print(f"{name:34} {rate:8,.0f} {rate / reference:13.2f}x")
+
+
+if __name__ == "__main__":
+    main()
