@@ -24,9 +24,11 @@ def test_two_process_ddp_matches_single_process_with_same_global_batch(tmp_path,
     pretrain(compose([*tiny_run, *FULL_BATCH, "trainer.devices=1", f"run_root={tmp_path / 'single'}"]), progress=False)
     env = {k: v for k, v in os.environ.items() if k not in ("MIXER_RUN_DIR", "LOCAL_RANK", "RANK")}
     r = subprocess.run([sys.executable, "-m", "mixer_cli.cli", "pretrain", *tiny_run, *FULL_BATCH, "trainer=ddp",
-                        "trainer.devices=2", f"run_root={tmp_path / 'ddp'}"],
+                        "trainer.devices=2", "trainer.progress_every_steps=1", f"run_root={tmp_path / 'ddp'}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert [line.split("  ")[1] for line in r.stdout.splitlines() if line.startswith("epoch")] == [
+        "step 2/3", "step 3/3"]  # progress lines in a log come from rank 0 only
     (single,) = (tmp_path / "single" / "pretrain").iterdir()
     (ddp,) = (tmp_path / "ddp" / "pretrain").iterdir()  # one directory per run, not per rank
     results = json.loads((ddp / "results.json").read_text())

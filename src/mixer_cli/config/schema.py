@@ -259,6 +259,8 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "trainer.compile": FLAG,
     "trainer.val_every_epochs": whole(1),
     "trainer.log_every_steps": whole(1),
+    "trainer.progress_every_steps": whole(1),
+    "trainer.progress_every_seconds": above(0),
     "trainer.checkpoint_every_steps": whole(1) | NULL,
     "trainer.checkpoint_every_minutes": above(0) | NULL,
     # the few-shot probe: during pre-training and shuffle (every_n_steps), and `mixer fewshot`

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig
 
+from mixer_cli.core.console import console
 from mixer_cli.train.batching import BatchPlan
+from mixer_cli.train.progress import LineProgress
 
 
 class _DropTips(logging.Filter):
@@ -60,6 +62,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resume: bool) -> list[Logger]:
     return loggers
 
 
+def progress_bar(t: DictConfig, plan: BatchPlan) -> ProgressBar:
+    """A live bar on a terminal; elsewhere (a cluster job's log) a plain line every
+    trainer.progress_every_steps steps or trainer.progress_every_seconds seconds."""
+    if console.is_terminal:
+        return RichProgressBar(leave=True)
+    return LineProgress(t.progress_every_steps, t.progress_every_seconds, plan.global_batch)
+
+
 def build_trainer(
     t: DictConfig, run_dir: Path, plan: BatchPlan, callbacks: list[Callback], loggers: list[Logger], progress: bool,
     micro_batches_per_epoch: int | None = None,
@@ -70,9 +80,7 @@ def build_trainer(
     quiet_lightning()
     strategy = instantiate(t.strategy) if isinstance(t.strategy, DictConfig) else t.strategy
     if progress:
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        callbacks = [*callbacks, RichProgressBar(leave=True)]
+        callbacks = [*callbacks, progress_bar(t, plan)]
     return L.Trainer(
         default_root_dir=run_dir,
         accelerator=t.accelerator,
