@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 
 from mixer_cli.config.compose import compose
-from mixer_cli.data.writer import read_index
+from mixer_cli.data.shards import resolve_shards
 from mixer_cli.train.fit import build_datasets
 
 BATCH = 128
@@ -40,7 +40,7 @@ def ours(shards: Path, decode: str, seconds_for):
 
 
 def webdataset_reference(shards: Path, seconds_for):
-    urls = [str(shards / s["file"]) for s in read_index(shards)["shards"]]
+    urls, _ = resolve_shards(str(shards), None, "train_path")
     stream = wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat().decode("torchl8")
     return seconds_for(iter(stream.to_tuple("png", "cls").batched(BATCH)))
 
@@ -55,11 +55,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
         if shards is None:
-            shards = Path(tmp) / "digits"
             mixer = str(Path(sys.executable).with_name("mixer"))
-            subprocess.run([mixer, "data", "write", "--from", "demo", "--to", str(shards)], check=True,
+            subprocess.run([mixer, "data", "write", "--from", "demo", "--to", f"{tmp}/digits"], check=True,
                            stdout=subprocess.DEVNULL)
-            shards = shards / "train" if (shards / "train").is_dir() else shards
+            shards = Path(tmp) / "digits" / "train"  # the demo is written as train/ and test/
 
         def seconds_for(batches) -> float:
             next(batches)  # the first batch fills the shuffle buffer: not the steady rate
