@@ -33,7 +33,7 @@ def test_real_top1_by_hand():
     assert metric.compute().item() == pytest.approx(2 / 3)
     metric.update(one_hot_logits([2]), torch.tensor([5]))  # right
     assert metric.compute().item() == pytest.approx(3 / 4)
-    assert (int(metric.correct), int(metric.total)) == (3, 4)
+    assert (int(metric.mean_value), metric.num_counted()) == (3, 4)  # images right, images with a list
 
 
 def test_real_top1_counts_add_up_over_shards_of_the_data():
@@ -43,8 +43,8 @@ def test_real_top1_counts_add_up_over_shards_of_the_data():
     whole.update(logits, numbers)
     first.update(logits[:2], numbers[:2])
     second.update(logits[2:], numbers[2:])
-    assert int(first.correct + second.correct) == int(whole.correct) == 2
-    assert int(first.total + second.total) == int(whole.total) == 4
+    assert int(first.mean_value + second.mean_value) == int(whole.mean_value) == 2
+    assert first.num_counted() + second.num_counted() == whole.num_counted() == 4
 
 
 def test_an_image_without_labels_only_is_nan_not_zero():

@@ -1,4 +1,5 @@
 """Strategies: trainer configs for every launcher, one run directory per run, DDP = single device."""
+import csv
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from mixer_cli.config.run_dirs import make_run_dir
 # Full-batch steps over the 4,000 demo images with no augmentation: every step sees the same samples
 # however they are shuffled or split over ranks, so two ranks x 2,000 must equal one process x 4,000.
 FULL_BATCH = ["data.global_batch=4000", "aug.pad_crop=0", "optim=sgd", "optim.lr=0.5", "sched=warmup_cosine",
-              "sched.warmup_steps=1", "trainer.steps=3"]
+              "sched.warmup_steps=1", "trainer.steps=3", "trainer.log_every_steps=1"]
 
 
 @pytest.mark.slow
@@ -42,6 +43,26 @@ def test_two_process_ddp_matches_single_process_with_same_global_batch(tmp_path,
         torch.testing.assert_close(b["state_dict"][name], tensor, atol=2e-5, rtol=1e-4, msg=name)
     moved = a["state_dict"]["model.head.weight"] - init["head.weight"]  # zero at init: training did move it
     assert moved.abs().max() > 1e-3
+    # Validation on 2 ranks (500 images each) scores what 1 process scores on all 1,000, every value
+    # summed over the ranks, and Lightning has nothing to warn about
+    assert logged(ddp / "metrics.csv", "train/loss") == pytest.approx(logged(single / "metrics.csv", "train/loss"),
+                                                                      rel=1e-4)  # the mean over both ranks
+    one, two = validations(single / "metrics.csv"), validations(ddp / "metrics.csv")
+    assert len(one) == len(two) == 3 and [v["val/num_samples"] for v in two] == [1000.0] * 3
+    for a_row, b_row in zip(one, two):
+        assert b_row == pytest.approx(a_row, rel=1e-4, abs=1e-3), (a_row, b_row)  # abs: a top-1 within one image
+    assert "Warning" not in r.stderr and "sync_dist" not in r.stderr, r.stderr[-3000:]
+
+
+def logged(metrics_csv, name: str) -> list[float]:
+    with open(metrics_csv) as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+def validations(metrics_csv) -> list[dict[str, float]]:
+    with open(metrics_csv) as f:
+        return [{k: float(v) for k, v in row.items() if k.startswith("val/")} for row in csv.DictReader(f)
+                if row.get("val/loss")]
 
 
 @pytest.mark.parametrize("name", ["default", "ddp", "fsdp", "xla", "slurm", "torchrun"])
@@ -89,10 +110,12 @@ def test_slurm_ranks_agree_on_one_run_directory(tmp_path, monkeypatch, no_launch
     assert dirs[0] == dirs[1] == tmp_path / "pretrain" / "slurm4242.0-demo"
 
 
-def test_ranks_without_a_shared_id_are_a_clear_error(tmp_path, monkeypatch, no_launcher):
+@pytest.mark.parametrize("rank", ["0", "1"])  # rank 0 too: it would make a directory, then wait for the others
+def test_ranks_without_a_shared_id_are_a_clear_error(tmp_path, monkeypatch, no_launcher, rank):
     cfg = compose([f"run_root={tmp_path}"])
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's static launch: --master-addr, --node-rank
     with pytest.raises(ValueError, match=r"^the ranks of this run cannot agree on a run directory: start them with "
                                          r"torchrun --rdzv-id=ID"):
         make_run_dir(cfg, "pretrain")

@@ -161,7 +161,12 @@ def test_val_metrics_average_over_samples_not_batches_or_classes(monkeypatch):
     # top-1 is 3/5 and top-5 4/5; a mean over batches (1/2, 3/4) or over classes (1/3, 2/3) differs.
     module = Evaluator(torch.nn.Identity(), num_classes=6, loss=SoftmaxCrossEntropy())
     logged = {}
-    monkeypatch.setattr(module, "log", lambda name, value, **k: logged.__setitem__(name, float(value)))
+
+    def log(name, metric, **kwargs):  # what Lightning does with a torchmetrics object at an epoch's end
+        logged[name] = float(metric.compute())
+        metric.reset()
+
+    monkeypatch.setattr(module, "log", log)
     right = torch.tensor([[5.0, 4, 3, 2, 1, 0]] * 3)
     wrong = torch.tensor([[5.0, 0, 4, 3, 2, 1], [5.0, 4, 3, 2, 1, 0]])
     labels = torch.tensor([0, 0, 0]), torch.tensor([1, 2])

@@ -37,6 +37,11 @@ def launcher_job_id() -> str | None:
     return None
 
 
+def torchrun_ranks() -> int:
+    """How many processes torchrun started for this run (WORLD_SIZE); 0 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "0")) if "TORCHELASTIC_RUN_ID" in os.environ else 0
+
+
 class Run:
     """The life of a run directory, the same for every command that writes one:
 
@@ -101,10 +106,12 @@ def make_run_dir(cfg: DictConfig, command: str, same_run: Callable[[Path], bool]
     root = Path(cfg.run_root) / command
     job = launcher_job_id()
     slurm_job = os.environ.get("SLURM_JOB_ID")
+    # Every rank of a launch without a shared id refuses, rank 0 included: were it to go on, it would
+    # make a directory and then wait for the others in its first collective, for ever.
+    if job is None and not os.environ.get(RUN_DIR_ENV) and (torchrun_ranks() > 1 or not is_global_zero_process()):
+        raise UserError("the ranks of this run cannot agree on a run directory: start them with torchrun "
+                        "--rdzv-id=ID (or --standalone), under SLURM, or with trainer.devices=N")
     if not is_global_zero_process():
-        if job is None and not os.environ.get(RUN_DIR_ENV):
-            raise UserError("the ranks of this run cannot agree on a run directory: start them with torchrun "
-                            "--rdzv-id=ID (or --standalone), under SLURM, or with trainer.devices=N")
         return _wait_for(Path(os.environ[RUN_DIR_ENV]) if os.environ.get(RUN_DIR_ENV) else root / f"{job}-{cfg.name}")
     if job is not None:
         path = root / f"{job}-{cfg.name}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, SumMetric
 
 from mixer_cli.core.errors import UserError
 
@@ -87,22 +87,19 @@ def label_table(labels: Sequence[Sequence[int]]) -> torch.Tensor:
     return table
 
 
-class RealTop1(Metric):
-    """ReaL top-1 over the images seen, exact under DDP (counts are summed over ranks).
+class RealTop1(MeanMetric):
+    """ReaL top-1 over the images seen: the mean, over the images with a non-empty label list, of
+    whether the top-1 class is in that list; `counted` sums those images. Both exact under DDP
+    (torchmetrics sums their states over ranks), and both torchmetrics objects, which Lightning logs.
 
     update(logits (B, 1000), image_numbers): (B,) numbers, 1-based as in the file names, or the images'
-    names (shard keys, file names) to read them from; compute() -> the fraction of images with a
-    non-empty label list whose top-1 class is in that list.
+    names (shard keys, file names) to read them from; compute() -> NaN when no image seen had a list.
     """
-
-    higher_is_better = True
-    full_state_update = False
 
     def __init__(self, labels: Sequence[Sequence[int]], **kwargs):
         super().__init__(**kwargs)
         self.register_buffer("table", label_table(labels), persistent=False)
-        self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
+        self.counted = SumMetric()
 
     def check(self, image_numbers: torch.Tensor) -> None:
         """Every image number must have its entry in the labels file."""
@@ -117,18 +114,18 @@ class RealTop1(Metric):
         numbers = numbers_or_names.to(self.table.device).long()
         self.check(numbers)
         real = self.table[numbers - 1]
-        counted = (real >= 0).any(dim=1)
+        listed = (real >= 0).any(dim=1)
         hit = (real == logits.argmax(dim=1).to(real.device)[:, None]).any(dim=1)
-        self.correct += (hit & counted).sum()
-        self.total += counted.sum()
+        super().update(hit[listed].float())
+        self.counted.update(listed.sum())
 
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total  # NaN when every image seen had an empty list
+    def reset(self) -> None:
+        super().reset()
+        self.counted.reset()
 
     def num_counted(self) -> int:
         """The images with a non-empty list seen, over all processes (compute() gives the fraction only)."""
-        with self.sync_context():
-            return int(self.total)
+        return int(self.counted.compute())
 
 
 def check_image_numbers(dataset, metric: RealTop1) -> None:

@@ -37,8 +37,9 @@ from mixer_cli.evaluate.real_labels import real_labels_for
 from mixer_cli.models import load_mixer
 from mixer_cli.models.contract import ACTIVATION_KEY, describe, with_class_names
 from mixer_cli.reporting.runs import plot_curves, print_summary
-from mixer_cli.train.batching import BatchPlan, devices_per_node, plan_batches
+from mixer_cli.train.batching import BatchPlan, plan_batches
 from mixer_cli.train.datamodule import ImageDataModule, num_samples
+from mixer_cli.train.launch import check_launch
 from mixer_cli.train.mixup import BatchMixup
 from mixer_cli.train.module import Classifier
 from mixer_cli.train.trainer import build_callbacks, build_loggers, build_trainer, quiet_lightning
@@ -62,7 +63,7 @@ def build_datasets(cfg: DictConfig) -> Splits:
 def check_data(cfg: DictConfig, train_set) -> None:
     """Too few shards for ranks x loader workers: say so before anything runs or is written."""
     if hasattr(train_set, "check_split"):
-        train_set.check_split(world_size(cfg.trainer), cfg.data.num_workers)
+        train_set.check_split(check_launch(cfg.trainer), cfg.data.num_workers)
 
 
 def preprocessing(cfg: DictConfig) -> dict:
@@ -82,10 +83,6 @@ def device_preprocessing(cfg: DictConfig) -> dict:
         pieces["device_decode"] = (gpu_decode_transform(cfg.data, cfg.aug, True),
                                    gpu_decode_transform(cfg.data, cfg.aug, False))
     return pieces
-
-
-def world_size(t: DictConfig) -> int:
-    return devices_per_node(t.accelerator, t.devices) * t.num_nodes
 
 
 class LastValidation(Callback):
@@ -197,7 +194,7 @@ def build(cfg: DictConfig, model: nn.Module, splits: Splits, probe_transform: Ca
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the data order; the caller seeded the model
     t = cfg.trainer
     test_set, real_top1 = real_labels_for(cfg.data, splits.test)  # data.real_labels: ReaL top-1 as well
-    plan = plan_batches(cfg.data.global_batch, world_size(t), t.device_batch)
+    plan = plan_batches(cfg.data.global_batch, check_launch(t), t.device_batch)  # a launch that cannot run ends here
     steps_per_epoch = max(num_samples(splits.train) // cfg.data.global_batch, 1)
     steps = t.steps or steps_per_epoch * t.epochs
     check_data(cfg, splits.train)

@@ -1,0 +1,71 @@
+"""Whether a launch can run, decided before a run directory exists or a process starts.
+
+Lightning finds some impossible launches only once it has started (FSDP on a CPU, a strategy whose
+package is missing) and others never: a count of nodes that no launcher provides waits forever for
+them. Here the `trainer` config is checked against Lightning's own rules and against the launcher's
+environment (SLURM, torchrun), so such a launch ends at once with one line. Every rank reads the
+same config and the same launcher variables, so every rank takes the same decision.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig
+
+from mixer_cli.core.errors import UserError
+from mixer_cli.train.batching import devices_per_node
+
+LAUNCH_DOCS = "docs/reliability.md, 'Launching on several nodes'"
+
+
+def check_launch(t: DictConfig) -> int:
+    """The number of processes the `trainer` config runs (devices per node x nodes), once it is
+    known that they can run here; else a UserError naming the key to change."""
+    per_node = devices_per_node(t.accelerator, t.devices)
+    check_lightning_accepts(t)
+    check_nodes(t, per_node)
+    return per_node * t.num_nodes
+
+
+def check_lightning_accepts(t: DictConfig) -> None:
+    """Lightning's checks of accelerator, devices, strategy and precision together, done by building a
+    Trainer of them: it starts nothing and writes nothing."""
+    strategy = instantiate(t.strategy) if isinstance(t.strategy, DictConfig) else t.strategy
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+                      precision=t.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as e:
+        named = t.strategy if isinstance(t.strategy, str) else t.strategy["_target_"].rsplit(".", 1)[-1]
+        reason = " ".join(str(e).split())
+        raise UserError(f"trainer.strategy={named} cannot run with trainer.accelerator={t.accelerator} "
+                        f"(devices={t.devices}, precision={t.precision}): {reason}") from None
+
+
+def check_nodes(t: DictConfig, per_node: int) -> None:
+    """trainer.devices and trainer.num_nodes against what the launcher started: SLURM's tasks and
+    nodes, torchrun's WORLD_SIZE; with no launcher, a single node (no one would start the others)."""
+    world = per_node * t.num_nodes
+    if SLURMEnvironment.detect():
+        nodes, tasks = int(os.environ.get("SLURM_NNODES", "1")), int(os.environ["SLURM_NTASKS"])
+        if t.num_nodes != nodes:
+            raise UserError(f"trainer.num_nodes={t.num_nodes}, but this SLURM job has {nodes} node(s): "
+                            f"use trainer=slurm (it reads SLURM_NNODES) or trainer.num_nodes={nodes}")
+        if world != tasks:
+            raise UserError(f"trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes} = {world} processes, "
+                            f"but SLURM started {tasks} tasks: one task per device (--ntasks-per-node=devices)")
+    elif TorchElasticEnvironment.detect():
+        started = int(os.environ["WORLD_SIZE"])
+        if world != started:
+            raise UserError(f"trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes} = {world} processes, "
+                            f"but torchrun started {started}: use trainer=torchrun (it reads torchrun's sizes)")
+    elif t.num_nodes > 1:
+        raise UserError(f"trainer.num_nodes={t.num_nodes}, but no launcher started the other nodes: run every "
+                        f"node under SLURM (trainer=slurm) or torchrun (trainer=torchrun); see {LAUNCH_DOCS}")

@@ -1,0 +1,73 @@
+"""Launches that cannot run end with one line and exit 2 before anything is written (train/launch.py)."""
+import importlib.util
+
+import pytest
+from typer.testing import CliRunner
+
+from mixer_cli.cli import app
+from mixer_cli.config.compose import compose
+from mixer_cli.core.errors import UserError
+from mixer_cli.train.launch import check_launch
+
+
+def refused(tmp_path, *args) -> str:
+    """The one line `mixer pretrain args` ends with; asserts exit 2, no traceback, no run directory."""
+    r = CliRunner().invoke(app, ["pretrain", *args, "trainer.steps=1", f"run_root={tmp_path}"])
+    assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    assert not (tmp_path / "pretrain").exists()
+    assert r.stderr.count("\n") == 1
+    return r.stderr.removesuffix("\n")
+
+
+def test_fsdp_on_a_cpu_is_refused(tmp_path, no_launcher):
+    assert refused(tmp_path, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2") == (
+        "error: trainer.strategy=FSDPStrategy cannot run with trainer.accelerator=cpu (devices=2, "
+        "precision=bf16-mixed): The strategy `fsdp` requires a GPU accelerator, but received `accelerator='cpu'`. "
+        "Please set `accelerator='cuda'`, `accelerator='gpu'`, or pass a `CUDAAccelerator()` instance to use FSDP.")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not None, reason="torch_xla is installed")
+def test_xla_without_torch_xla_is_refused(tmp_path, no_launcher):
+    assert refused(tmp_path, "trainer=xla", "trainer.accelerator=cpu").startswith(
+        "error: trainer.strategy=xla cannot run with trainer.accelerator=cpu (devices=auto, precision=32-true): "
+        "Requirement 'torch_xla>=1.13' not met.")
+
+
+def test_nodes_no_launcher_starts_are_refused(tmp_path, no_launcher):
+    assert refused(tmp_path, "trainer.num_nodes=2", "trainer.accelerator=cpu") == (
+        "error: trainer.num_nodes=2, but no launcher started the other nodes: run every node under SLURM "
+        "(trainer=slurm) or torchrun (trainer=torchrun); see docs/reliability.md, 'Launching on several nodes'")
+
+
+@pytest.fixture
+def slurm_job(monkeypatch, no_launcher):
+    """Rank 0 of a SLURM job of 2 nodes x 1 task."""
+    for name, value in {"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "mixer", "SLURM_NTASKS": "2", "SLURM_NNODES": "2",
+                        "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                        "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_slurm_sizes_the_launch(slurm_job):
+    assert check_launch(compose(["trainer=slurm", "trainer.accelerator=cpu", "trainer.devices=1"]).trainer) == 2
+    with pytest.raises(UserError, match=r"^trainer\.num_nodes=1, but this SLURM job has 2 node\(s\): use "
+                                        r"trainer=slurm \(it reads SLURM_NNODES\) or trainer\.num_nodes=2$"):
+        check_launch(compose(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"]).trainer)
+
+
+def test_slurm_tasks_must_be_the_devices(slurm_job, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.raises(UserError, match=r"^trainer\.devices=1 x trainer\.num_nodes=2 = 2 processes, but SLURM "
+                                        r"started 4 tasks: one task per device \(--ntasks-per-node=devices\)$"):
+        check_launch(compose(["trainer=slurm", "trainer.accelerator=cpu", "trainer.devices=1"]).trainer)
+
+
+def test_torchrun_sizes_the_launch(monkeypatch, no_launcher):
+    for name, value in {"TORCHELASTIC_RUN_ID": "job", "RANK": "0", "GROUP_RANK": "0", "LOCAL_RANK": "0",
+                        "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "3", "WORLD_SIZE": "3"}.items():
+        monkeypatch.setenv(name, value)
+    assert check_launch(compose(["trainer=torchrun", "trainer.accelerator=cpu"]).trainer) == 3
+    with pytest.raises(UserError, match=r"^trainer\.devices=1 x trainer\.num_nodes=1 = 1 processes, but torchrun "
+                                        r"started 3: use trainer=torchrun \(it reads torchrun's sizes\)$"):
+        check_launch(compose(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"]).trainer)
