@@ -2,54 +2,17 @@
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-
-    import lightning as L
-
-    from mixer_cli.config.compose import compose
-    from mixer_cli.train.fit import build, build_datasets
-    from mixer_cli.commands.pretrain import build_model
-
-
-    class Record(L.Callback):
-        def __init__(self):
-            self.train, self.val = [], []
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.train += batch[1].tolist()
-
-        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
-            if not trainer.sanity_checking:
-                self.val += batch[1].tolist()
-
-        def on_fit_start(self, trainer, module):
-            self.rank = trainer.global_rank
-
-
-    cfg = compose(sys.argv[2:])
-    record = Record()
-    job = build(cfg, build_model(cfg), build_datasets(cfg))
-    job.callbacks.append(record)
-    results = job.run("pretrain", progress=False)
-    out = Path(sys.argv[1]) / f"rank{record.rank}.json"
-    out.write_text(json.dumps({"train": record.train, "val": record.val, "results": results}))
-    """
-)
+RECORD = Path(__file__).parent / "rank_record.py"  # the run, recording what each rank read
 
 
 @pytest.mark.slow
 def test_two_ranks_see_disjoint_training_data_right_steps_and_exact_evaluation(tmp_path, index_shards, tiny_run):
     index_shards(tmp_path / "train", n=40, shard_size=10)  # 4 shards: 1 per (rank, loader worker)
     index_shards(tmp_path / "eval", n=21, shard_size=21)  # 1 shard: rank 1 evaluates nothing
-    (tmp_path / "run.py").write_text(SCRIPT)
     overrides = [
         "data.source=shards", f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'eval'}",
         "data.num_classes=40", "data.img_size=16", "data.channels=3", "data.mean=[0.5,0.5,0.5]",
@@ -57,7 +20,7 @@ def test_two_ranks_see_disjoint_training_data_right_steps_and_exact_evaluation(t
         "aug.pad_crop=0", *tiny_run, "trainer.devices=2", "trainer.strategy=ddp", "trainer.epochs=2",
         f"run_root={tmp_path}",
     ]
-    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), *overrides],
+    proc = subprocess.run([sys.executable, str(RECORD), str(tmp_path), *overrides],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

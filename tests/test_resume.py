@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from torch.utils.data import Dataset
 
 from mixer_cli.commands.pretrain import build_model, pretrain
 from mixer_cli.config.compose import compose
@@ -242,15 +244,22 @@ class SignalAt(Callback):
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_left_alone(tmp_path, warm_run):
+@pytest.mark.parametrize(("batch", "stop_at"), [
+    (20, 13),  # inside the first epoch of 40 steps
+    # one step into the second epoch of 25 steps, 13 from one loader worker and 12 from the other: the
+    # second had served its share of the first epoch and had none of the second to show yet
+    (32, 26),
+])
+def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_left_alone(
+        tmp_path, warm_run, batch, stop_at):
     # In this process, to keep the test short: the signal is as real, the stop step known.
-    shards = [*warm_run, *SHARDS, *write_demo_shards(tmp_path)]
+    shards = [*warm_run, *SHARDS, f"data.global_batch={batch}", *write_demo_shards(tmp_path)]
     cfg = compose([*shards, f"run_root={tmp_path / 'runs'}"])
     with pytest.raises(Stopped) as stop:
-        one_thread(train, cfg, SignalAt(13, signal.SIGTERM))
+        one_thread(train, cfg, SignalAt(stop_at, signal.SIGTERM))
     assert stop.value.code == 128 + signal.SIGTERM
     (run,) = (tmp_path / "runs" / "pretrain").iterdir()
-    assert checkpoint(run / "last.ckpt")["global_step"] == 13  # inside the first epoch of 40 steps
+    assert checkpoint(run / "last.ckpt")["global_step"] == stop_at
 
     one_thread(resume, run, [], "pretrain")  # into the second epoch
     assert_same_run(run, reference(tmp_path, shards), steps=50)
@@ -387,6 +396,31 @@ def test_loader_workers_outlive_the_jobs_signals_and_end_on_their_main_processs_
         time.sleep(0.05)
     with pytest.raises(RuntimeError, match="DataLoader worker .* exited unexpectedly"):
         list(batches)
+
+
+class ThreadsTakingSigterm(Dataset):
+    """Each item: the threads of the worker that makes it that SIGTERM can be delivered to, but its waiter."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        waiter = {t.native_id for t in threading.enumerate() if t.name == "sigterm"}
+        open_to_it = []
+        for task in Path("/proc/self/task").iterdir():
+            blocked = next(line for line in (task / "status").read_text().splitlines() if line.startswith("SigBlk"))
+            if not int(blocked.split()[1], 16) & 1 << (signal.SIGTERM - 1) and int(task.name) not in waiter:
+                open_to_it.append((task / "comm").read_text().strip())
+        return ",".join(open_to_it)
+
+
+def test_a_jobs_sigterm_can_reach_a_loader_worker_through_its_waiting_thread_only():
+    # Else it may land on a thread the worker started before its worker_init_fn (torch's thread pool), and
+    # torch's worker handler ends a worker there unless its main process sent it: torchrun's launcher,
+    # which signals the whole process group, killed the workers, and so the run, before its checkpoint
+    torch.set_num_threads(torch.get_num_threads())  # as Lightning does: torch's thread pool then exists
+    loader = make_loader(ThreadsTakingSigterm(), batch_size=1, num_workers=2)
+    assert [b for batch in loader for b in batch] == [""] * 8
 
 
 def signal_handling() -> tuple:

@@ -3,6 +3,7 @@ syntax (`recipe=NAME key=value ...`), so every config value is reachable from th
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -49,20 +50,41 @@ def user_errors(fn):
         from hydra.errors import InstantiationException
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+        from mixer_cli.core.peers import tell_peers, watch_peers
+
+        watch_peers(end_with_peers)
         try:
             return fn(*args, **kwargs)
         except (UserError, MisconfigurationException, InstantiationException) as e:
             # A config's _target_ raised: the cause is what the user must read.
             cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
+            line = str(cause).strip().splitlines()[0]
             # escaped: a message may hold brackets (data.tasks=[dtd,svhn]) that rich would read as markup
-            err.print(f"[bold red]error:[/] {escape(str(cause).strip().splitlines()[0])}", highlight=False,
-                      soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+            tell_peers(line, 2)
             raise typer.Exit(2) from None
+        except typer.Exit:
+            raise
+        except Exception as e:
+            tell_peers(f"{type(e).__name__}: {e}".splitlines()[0], 1)
+            raise
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: the last complete checkpoint is kept; continue with --resume RUN_DIR")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def end_with_peers(reason: str, status: int) -> None:
+    """Another rank of this torchrun launch has failed (core/peers.py): end this one too, now, from the
+    watching thread, as the failure would have ended it: one line, its open run discarded."""
+    from mixer_cli.config.run_dirs import discard_open_runs
+
+    err.print(f"[bold red]error:[/] {escape(reason)}; this rank ends too", highlight=False, soft_wrap=True)
+    discard_open_runs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 CHECKPOINT = typer.Option(..., "--from", help="A Mixer checkpoint (ours, or any format `load_mixer` reads).",

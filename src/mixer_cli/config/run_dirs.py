@@ -19,6 +19,7 @@ from mixer_cli.core.files import write_atomic
 # The run directory, for the ranks Lightning launches while a run is open (they inherit rank 0's
 # environment); ranks started by SLURM or torchrun derive it from their shared job id instead.
 RUN_DIR_ENV = "MIXER_RUN_DIR"
+OPEN_RUNS: list[Run] = []  # this process's open runs, innermost last
 
 
 def is_global_zero_process() -> bool:
@@ -35,6 +36,13 @@ def launcher_job_id() -> str | None:
     if run_id and run_id != "none":
         return f"torchrun-{run_id[:8]}"
     return None
+
+
+def discard_open_runs() -> None:
+    """For a process about to end from outside its main thread (another rank failed): its open runs
+    left as a failure leaves them."""
+    for run in reversed(OPEN_RUNS):
+        run.discard()
 
 
 def torchrun_ranks() -> int:
@@ -73,15 +81,22 @@ class Run:
             os.environ[RUN_DIR_ENV] = str(self.path)
         if self.record and self.is_main and not (self.path / "config.yaml").is_file():
             save_config(self.cfg, self.path)
+        OPEN_RUNS.append(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        OPEN_RUNS.remove(self)
         if self._publish:
             if self._env_before is None:
                 os.environ.pop(RUN_DIR_ENV, None)
             else:
                 os.environ[RUN_DIR_ENV] = self._env_before
-        if exc_type is not None and self._created and self.is_main and not any(self.path.rglob("*.ckpt")):
+        if exc_type is not None:
+            self.discard()
+
+    def discard(self) -> None:
+        """What a failed run leaves: nothing, unless it holds a checkpoint or was not created here."""
+        if self._created and self.is_main and not any(self.path.rglob("*.ckpt")):
             shutil.rmtree(self.path, ignore_errors=True)
 
     @property

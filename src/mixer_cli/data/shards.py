@@ -256,10 +256,16 @@ class TrainShards(IterableDataset):
         return self.batches_per_epoch
 
     def __iter__(self):
+        # The position moves on to the new epoch here, when the loader asks for the iterator, not at its
+        # first batch: torchdata records each worker's state as an epoch starts, and a worker that had
+        # served its share of the last epoch before a stop must resume into the new one, not that one.
         if self._continuing:
             self._continuing = False
         else:
             self.epoch, self.batches, self.taken = self.epoch + 1, 0, 0
+        return self._batches()
+
+    def _batches(self):
         stream = self._epoch_stream(skip=self.taken)
         for batch in itertools.islice(stream, self.my_share() - self.batches):
             self.batches += 1

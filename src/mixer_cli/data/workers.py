@@ -15,7 +15,34 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 
 def worker_init(rank: int | None = None) -> Callable[[int], None]:
     """The worker_init_fn of every DataLoader of ours, made in the process that iterates the loader."""
+    fork_with_sigterm_blocked()
     return partial(start_worker, main_pid=os.getpid(), rank=rank)
+
+
+_forks_block_sigterm = False
+_mask_before_fork = threading.local()
+
+
+def fork_with_sigterm_blocked() -> None:
+    """From now on this process forks (its loader workers) with SIGTERM blocked, so that every thread
+    a worker starts inherits the block, those it starts before its worker_init_fn runs included (torch's
+    thread pool, as the worker sets its thread count). A job's SIGTERM that reached such a thread met
+    torch's worker handler, which ends a worker unless the main process sent it: under torchrun,
+    whose launcher passes SIGTERM on to the whole process group, it killed a worker, and so the run,
+    before the step checkpoint. Blocked everywhere, it reaches the worker's waiting thread only."""
+    global _forks_block_sigterm
+    if _forks_block_sigterm or not hasattr(signal, "sigwaitinfo"):
+        return
+    os.register_at_fork(before=_block_sigterm, after_in_parent=_restore_mask)
+    _forks_block_sigterm = True
+
+
+def _block_sigterm() -> None:
+    _mask_before_fork.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _restore_mask() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork.mask)
 
 
 def start_worker(worker_id: int, main_pid: int, rank: int | None) -> None:
