@@ -265,6 +265,27 @@ def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_lef
     assert_same_run(run, reference(tmp_path, shards), steps=50)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("source", ["demo", "shards"])
+def test_a_stop_at_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path, warm_run, source, workers):
+    # Lightning ends an epoch after its batches, before the loader's own end: a loader state saved
+    # there resumed the ended epoch, so the next epoch had no batches (8 of 12 steps on the demo)
+    data = write_demo_shards(tmp_path) if source == "shards" else []
+    batch, epoch_steps = (32, 25) if source == "shards" else (1000, 4)  # 800 shard samples, 4,000 demo images
+    overrides = [*warm_run, *data, f"data.num_workers={workers}", f"data.global_batch={batch}",
+                 "trainer.epochs=2"]  # epochs, not steps: a lost epoch is not made up for by a third
+    with pytest.raises(Stopped):
+        one_thread(train, compose([*overrides, f"run_root={tmp_path / 'runs'}"]), SignalAt(epoch_steps, signal.SIGTERM))
+    (run,) = (tmp_path / "runs" / "pretrain").iterdir()
+    assert checkpoint(run / "last.ckpt")["global_step"] == epoch_steps
+    one_thread(resume, run, [], "pretrain")
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 2 * epoch_steps and results["epochs"] == 2.0
+    if source == "shards" and workers:  # the multi-node runs' loader: also the very run left alone
+        assert_same_run(run, reference(tmp_path, overrides), steps=2 * epoch_steps)
+
+
 JOB = textwrap.dedent(
     """
     import os, subprocess, sys

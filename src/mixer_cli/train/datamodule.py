@@ -59,14 +59,48 @@ class WorkerRandomState(Dataset):
 
 class EveryRankLoader(StatefulDataLoader):
     """A StatefulDataLoader whose state holds every rank's position: Lightning writes rank 0's
-    checkpoint only, and ranks read other shards, with other random generators in their workers."""
+    checkpoint only, and ranks read other shards, with other random generators in their workers.
+
+    A state saved at the last batch of an epoch (`batches_per_epoch`) loads as an ended iteration, so
+    the next one starts the next epoch: Lightning ends an epoch after its batches, before the
+    iterator's own end, and a loaded iterator would have gone on with the ended epoch, leaving the
+    next one without batches (a run stopped there lost an epoch of steps)."""
+
+    def __init__(self, *args, batches_per_epoch: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_per_epoch = batches_per_epoch
 
     def state_dict(self) -> dict:
         return {"ranks": every_rank(super().state_dict())}  # every rank saves: Lightning dumps on all
 
     def load_state_dict(self, state_dict: dict) -> None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        super().load_state_dict(state_dict["ranks"][rank])
+        state = state_dict["ranks"][rank]
+        if state and self.batches_per_epoch and batches_given(state) >= self.batches_per_epoch:
+            state = ended(state)
+        super().load_state_dict(state)
+
+
+# torchdata's StatefulDataLoader state comes in two layouts: with loader workers, the main process's
+# part under _snapshot/_main_snapshot; without, at the top.
+
+def batches_given(state: dict) -> int:
+    """The batches a saved StatefulDataLoader iteration had given."""
+    if "_snapshot" in state:
+        return state["_snapshot"]["_snapshot_step"] + state["_steps_since_snapshot"]
+    return state["_num_yielded"]
+
+
+def ended(state: dict) -> dict:
+    """The state as torchdata saves an iteration that has reached its end: the next one starts an epoch,
+    its sampler at the start (the sampler's state is its position in the ended epoch); the dataset's
+    and the workers' states (shard epochs, random generators) are kept."""
+    fresh_sampler = {"_index_sampler_state": None, "_sampler_iter_state": None}
+    if "_snapshot" not in state:
+        return {**state, **fresh_sampler, "_iterator_finished": True}
+    snapshot = state["_snapshot"]
+    return {**state, "_iterator_finished": True,
+            "_snapshot": {**snapshot, "_main_snapshot": {**snapshot["_main_snapshot"], **fresh_sampler}}}
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -100,14 +134,15 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set.set_epoch_length(self.device_batch, self.micro_batches_per_epoch)
             # The length is exact however many workers share it (TrainShards.__iter__); torch's advice does not apply.
             warnings.filterwarnings("ignore", ".*IterableDataset.*has.*__len__.*")
-            return self._loader(self.train_set, EveryRankLoader, batch_size=None)
+            return self._loader(self.train_set, EveryRankLoader, batch_size=None,
+                                batches_per_epoch=self.micro_batches_per_epoch)
         # Our own distributed sampler (Lightning keeps it), stateful, with the run's seed as Lightning's own
         # would have: Lightning would wrap StatefulDataLoader's sampler in one that keeps no position.
         world, rank = self._world()
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
         sampler = StatefulDistributedSampler(self.train_set, world, rank, shuffle=True, seed=seed)
         return self._loader(WorkerRandomState(self.train_set), EveryRankLoader, batch_size=self.device_batch,
-                            sampler=sampler, drop_last=True)
+                            sampler=sampler, drop_last=True, batches_per_epoch=self.micro_batches_per_epoch)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader(self.eval_set)
