@@ -73,11 +73,13 @@ def test_a_static_torchrun_launch_is_refused_on_every_node_before_anything_is_wr
     procs = start_torchrun_nodes(tmp_path, static_launch(),
                                  ["pretrain", *tiny_run, "trainer=torchrun", "trainer.steps=1", f"run_root={tmp_path}"])
     outputs, _ = finish(procs, timeout=120)
+    refusal = ("the ranks of this run cannot agree on a run directory: start them with torchrun --rdzv-id=ID "
+               "(or --standalone), under SLURM, or with trainer.devices=N")
     for p, out in zip(procs, outputs):
-        assert p.returncode != 0
-        assert ("error: the ranks of this run cannot agree on a run directory: start them with torchrun "
-                "--rdzv-id=ID (or --standalone), under SLURM, or with "
-                "trainer.devices=N") in out.splitlines()
+        assert p.returncode != 0 and "(exitcode: 2)" in out
+        # its own line, or the other rank's when that one refused first (core/peers.py): the same decision
+        assert {f"error: {refusal}", f"error: rank 0 failed: {refusal}; this rank ends too",
+                f"error: rank 1 failed: {refusal}; this rank ends too"} & set(out.splitlines()), out[-2000:]
     assert not (tmp_path / "pretrain").exists()
 
 
@@ -92,7 +94,7 @@ def test_when_one_rank_fails_the_others_end_within_seconds_and_discard_the_run(t
     assert f"error: {failure}" in outputs[1].splitlines()
     assert f"error: rank 1 failed: {failure}; this rank ends too" in outputs[0].splitlines()
     assert "(exitcode: 2)" in outputs[0] and procs[0].returncode != 0
-    assert apart < 10  # seconds; before, node 0 waited in the process group's set-up until killed
+    assert apart < 15  # seconds; before, node 0 waited in the process group's set-up until killed
     assert not list(tmp_path.glob("pretrain/*"))  # node 0's run directory, discarded as a failure's
 
 
