@@ -35,7 +35,7 @@ def no_open_run(monkeypatch):
 def no_launcher(monkeypatch):
     """A plain local start: none of the variables torchrun, SLURM or Lightning set (a test sets its own)."""
     for v in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_ID",
-              "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID"):
+              "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE"):
         monkeypatch.setenv(v, "")  # recorded, so what a run sets is undone after the test
         monkeypatch.delenv(v)
 

@@ -116,6 +116,7 @@ def test_ranks_without_a_shared_id_are_a_clear_error(tmp_path, monkeypatch, no_l
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's static launch: --master-addr, --node-rank
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # as torchrun sets for every launch
     with pytest.raises(ValueError, match=r"^the ranks of this run cannot agree on a run directory: start them with "
                                          r"torchrun --rdzv-id=ID"):
         make_run_dir(cfg, "pretrain")

@@ -32,6 +32,7 @@ from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.evaluate.fewshot import fewshot_callback, fewshot_evaluator
 from mixer_cli.reporting.runs import read_metrics
 from mixer_cli.train.fit import build, build_datasets, check_data
+from mixer_cli.train.launch import check_launch
 
 PIPELINES = ("original", "patch_pixel", "global_pixel")
 
@@ -171,7 +172,7 @@ def run_experiment(cfg: DictConfig) -> list[dict]:
     if "resnet" in s.models:
         build_network(cfg, "resnet")
     fewshot_callback(cfg)  # validates the probe's data and shots before anything is written
-    check_data(cfg, build_datasets(cfg).train)  # e.g. too few shards for the loader workers
+    check_data(cfg, build_datasets(cfg).train, check_launch(cfg.trainer))  # e.g. too few shards for the workers
     perms = draw_permutations(cfg.data.img_size, patch_size, s.seed)
     with Run(cfg, "shuffle-experiment") as run:
         save_file({k: v.contiguous() for k, v in perms.items()}, run.path / "permutations.safetensors")

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from mixer_cli.config.compose import validate
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import write_atomic
+from mixer_cli.core.peers import has_torchrun_peers
 
 # The run directory, for the ranks Lightning launches while a run is open (they inherit rank 0's
 # environment); ranks started by SLURM or torchrun derive it from their shared job id instead.
@@ -43,11 +44,6 @@ def discard_open_runs() -> None:
     left as a failure leaves them."""
     for run in reversed(OPEN_RUNS):
         run.discard()
-
-
-def torchrun_ranks() -> int:
-    """How many processes torchrun started for this run (WORLD_SIZE); 0 outside torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "0")) if "TORCHELASTIC_RUN_ID" in os.environ else 0
 
 
 class Run:
@@ -123,7 +119,7 @@ def make_run_dir(cfg: DictConfig, command: str, same_run: Callable[[Path], bool]
     slurm_job = os.environ.get("SLURM_JOB_ID")
     # Every rank of a launch without a shared id refuses, rank 0 included: were it to go on, it would
     # make a directory and then wait for the others in its first collective, for ever.
-    if job is None and not os.environ.get(RUN_DIR_ENV) and (torchrun_ranks() > 1 or not is_global_zero_process()):
+    if job is None and not os.environ.get(RUN_DIR_ENV) and (has_torchrun_peers() or not is_global_zero_process()):
         raise UserError("the ranks of this run cannot agree on a run directory: start them with torchrun "
                         "--rdzv-id=ID (or --standalone), under SLURM, or with trainer.devices=N")
     if not is_global_zero_process():

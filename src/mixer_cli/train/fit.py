@@ -60,10 +60,10 @@ def build_datasets(cfg: DictConfig) -> Splits:
                   dev)
 
 
-def check_data(cfg: DictConfig, train_set) -> None:
+def check_data(cfg: DictConfig, train_set, world_size: int) -> None:
     """Too few shards for ranks x loader workers: say so before anything runs or is written."""
     if hasattr(train_set, "check_split"):
-        train_set.check_split(check_launch(cfg.trainer), cfg.data.num_workers)
+        train_set.check_split(world_size, cfg.data.num_workers)
 
 
 def preprocessing(cfg: DictConfig) -> dict:
@@ -194,10 +194,11 @@ def build(cfg: DictConfig, model: nn.Module, splits: Splits, probe_transform: Ca
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the data order; the caller seeded the model
     t = cfg.trainer
     test_set, real_top1 = real_labels_for(cfg.data, splits.test)  # data.real_labels: ReaL top-1 as well
-    plan = plan_batches(cfg.data.global_batch, check_launch(t), t.device_batch)  # a launch that cannot run ends here
+    world_size = check_launch(t)  # a launch that cannot run ends here
+    plan = plan_batches(cfg.data.global_batch, world_size, t.device_batch)
     steps_per_epoch = max(num_samples(splits.train) // cfg.data.global_batch, 1)
     steps = t.steps or steps_per_epoch * t.epochs
-    check_data(cfg, splits.train)
+    check_data(cfg, splits.train, world_size)
     datamodule = ImageDataModule(test_set, plan.device_batch, cfg.data.num_workers, train_set=splits.train,
                                  dev_set=splits.dev, micro_batches_per_epoch=steps_per_epoch * plan.accumulate)
     loss = instantiate(cfg.loss)

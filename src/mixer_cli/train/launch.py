@@ -12,13 +12,13 @@ import os
 import warnings
 
 import lightning as L
-from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from mixer_cli.core.errors import UserError
 from mixer_cli.train.batching import devices_per_node
+from mixer_cli.train.trainer import build_strategy
 
 LAUNCH_DOCS = "docs/reliability.md, 'Launching on several nodes'"
 
@@ -35,7 +35,7 @@ def check_launch(t: DictConfig) -> int:
 def check_lightning_accepts(t: DictConfig) -> None:
     """Lightning's checks of accelerator, devices, strategy and precision together, done by building a
     Trainer of them: it starts nothing and writes nothing."""
-    strategy = instantiate(t.strategy) if isinstance(t.strategy, DictConfig) else t.strategy
+    strategy = build_strategy(t)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

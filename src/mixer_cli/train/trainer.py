@@ -70,6 +70,11 @@ def progress_bar(t: DictConfig, plan: BatchPlan) -> ProgressBar:
     return LineProgress(t.progress_every_steps, t.progress_every_seconds, plan.global_batch)
 
 
+def build_strategy(t: DictConfig):
+    """trainer.strategy: a Lightning name as it is, or the object its _target_ config builds (trainer=fsdp)."""
+    return instantiate(t.strategy) if isinstance(t.strategy, DictConfig) else t.strategy
+
+
 def build_trainer(
     t: DictConfig, run_dir: Path, plan: BatchPlan, callbacks: list[Callback], loggers: list[Logger], progress: bool,
     micro_batches_per_epoch: int | None = None,
@@ -78,7 +83,7 @@ def build_trainer(
     `micro_batches_per_epoch` micro-batches, a whole number of optimiser steps: Lightning would
     otherwise step once more on the epoch's leftover micro-batches, past the schedule's end."""
     quiet_lightning()
-    strategy = instantiate(t.strategy) if isinstance(t.strategy, DictConfig) else t.strategy
+    strategy = build_strategy(t)
     if progress:
         callbacks = [*callbacks, progress_bar(t, plan)]
     return L.Trainer(
