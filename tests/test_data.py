@@ -313,14 +313,13 @@ def test_mixup_mixes_each_image_with_its_neighbour_in_a_roll_with_the_larger_bet
     from mixer_cli.train.mixup import BatchMixup
 
     x, targets = torch.randn(6, 3, 4, 4), torch.eye(10)[:6]  # sample i is class i
-    mixed, soft = BatchMixup(0.5)(x, targets)
+    mixed, soft = BatchMixup(0.5)(x, targets, step=0)
     lam = soft[0, 0].item()  # big_vision: sample 0 keeps lam on its own class, 1 - lam goes to sample 5's
     assert torch.allclose(mixed, lam * x + (1 - lam) * x[[5, 0, 1, 2, 3, 4]], atol=1e-6)
     assert soft[0, 5].item() == pytest.approx(1 - lam, abs=1e-6) and torch.allclose(soft.sum(1), torch.ones(6))
     for p, other in ((0.2, 0.5), (0.5, 0.2)):
-        mix = BatchMixup(p)
-        torch.manual_seed(1)
-        lams = [mix(x[:2], targets[:2])[1][0, 0].item() for _ in range(800)]
+        mix = BatchMixup(p, seed=1)
+        lams = [mix(x[:2], targets[:2], step)[1][0, 0].item() for step in range(800)]
         assert min(lams) >= 0.5  # the larger Dirichlet weight stays on the original image
         folded = lambda q: lambda m: 2 * stats.beta.cdf(m, q, q) - 1  # noqa: E731  max(L, 1-L), L ~ Beta(q, q)
         assert stats.kstest(lams, folded(p)).pvalue > 1e-3
@@ -330,9 +329,9 @@ def test_mixup_mixes_each_image_with_its_neighbour_in_a_roll_with_the_larger_bet
 def test_mixup_at_weight_one_half_makes_no_duplicate_pairs(monkeypatch):
     from mixer_cli.train.mixup import BatchMixup
 
-    monkeypatch.setattr(BatchMixup, "sample_weight", lambda self: 0.5)
+    monkeypatch.setattr(BatchMixup, "sample_weight", lambda self, step: 0.5)
     x = torch.eye(8).view(8, 8, 1, 1)  # sample i is the i-th unit vector, so a mix shows its pair
-    mixed, _ = BatchMixup(0.5)(x, torch.eye(8))
+    mixed, _ = BatchMixup(0.5)(x, torch.eye(8), step=0)
     pairs = {frozenset(row.flatten().nonzero().flatten().tolist()) for row in mixed}
     assert len(pairs) == 8 and all(len(p) == 2 for p in pairs)  # timm's mirror gives 4 pairs, each twice
 

@@ -267,10 +267,18 @@ def test_the_loss_chooses_the_initial_head_bias(loss, bias, pin_run):
 def test_mixup_mixes_multi_hot_targets_with_the_images_weight():
     x = torch.arange(3.0)[:, None, None, None].expand(3, 1, 2, 2) + 1  # sample i is all i + 1
     targets = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 0], [0, 1, 0, 1]])
-    mixed, rows = BatchMixup(0.5)(x, targets)
+    mixed, rows = BatchMixup(0.5)(x, targets, step=0)
     lam = (mixed[0, 0, 0, 0] - 3) / (1 - 3)  # sample 0 mixed with the one before it in the roll, sample 2
     torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[[2, 0, 1]])
     torch.testing.assert_close(rows, lam * targets + (1 - lam) * targets[[2, 0, 1]])
+
+
+def test_mixup_draws_one_weight_per_step_from_the_seed_alone():
+    """Every rank and accumulation slot of a step mixes with the same weight (its law: tests/test_data.py)."""
+    weights = [BatchMixup(0.2, seed=5).sample_weight(step) for step in range(100)]
+    assert weights[:3] == [BatchMixup(0.2, seed=5).sample_weight(step) for step in range(3)]
+    assert weights[:3] != [BatchMixup(0.2, seed=6).sample_weight(step) for step in range(3)]
+    assert len(set(weights)) == 100
 
 
 def test_training_step_mixes_images_and_one_hot_labels_with_one_weight(monkeypatch, pin_run):
@@ -279,7 +287,7 @@ def test_training_step_mixes_images_and_one_hot_labels_with_one_weight(monkeypat
         model.head.weight.normal_()  # a zero head would give the same loss for any targets
     module = Classifier(model, SoftmaxCrossEntropy(), optimizer=None, scheduler=None, num_classes=10,
                         mixup=BatchMixup(0.5))
-    monkeypatch.setattr(BatchMixup, "sample_weight", lambda self: 0.3)
+    monkeypatch.setattr(BatchMixup, "sample_weight", lambda self, step: 0.3)
     monkeypatch.setattr(module, "log", lambda *a, **k: None)  # no Trainer to log to
     x, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 7, 7, 2])
     onehot = F.one_hot(y, 10).float()

@@ -1,31 +1,30 @@
 """The LightningDataModule over two built datasets.
 
-Map-style sources (demo, image folder): a distributed sampler splits training over ranks;
-evaluation uses an unpadded sampler so no sample is counted twice. Shards: the dataset batches
-itself and yields `micro_batches_per_epoch` batches per rank and epoch, so every rank takes the
-same number of optimiser steps (no DDP hang).
+Map-style sources (demo, image folder): our GlobalBatchSampler (data/order.py) gives each rank its
+micro-batches of global batches that the seed alone fixes, and each sample's augmentation is seeded
+by (seed, epoch, sample); evaluation uses an unpadded sampler so no sample is counted twice.
+Shards: the dataset batches itself and yields `micro_batches_per_epoch` batches per rank and epoch,
+so every rank takes the same number of optimiser steps (no DDP hang).
 
 The training loader is torchdata's StatefulDataLoader: Lightning keeps its position (the sampler's
-state, the shard stream's `state_dict` in every worker) and its workers' random generators in each
-checkpoint, so a run stopped mid-epoch continues with the very batch, augmented the very way, that
-the run left alone would have had next. Evaluation loaders draw their worker seeds from a generator of
-their own: evaluating leaves the training's random stream as it was, so a continued run, which may
-evaluate at other moments than the run it continues, draws the same augmentation and dropout.
+count; the shard stream's `state_dict` and random generators in every worker) in each checkpoint, so
+a run stopped mid-epoch continues with the very batch, augmented the very way, that the run left
+alone would have had next. Evaluation loaders draw their worker seeds from a generator of their own:
+evaluating leaves the training's random stream as it was.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
-from mixer_cli.data.shards import TrainShards, rng_states, set_rng_states
+from mixer_cli.data.order import GlobalBatchSampler, SeededSamples
+from mixer_cli.data.shards import TrainShards
 from mixer_cli.data.workers import worker_init
 from mixer_cli.train.preemption import every_rank
 
@@ -33,28 +32,6 @@ from mixer_cli.train.preemption import every_rank
 def num_samples(dataset: Dataset) -> int:
     """Samples per epoch of a training set (a shard stream knows its epoch size)."""
     return dataset.num_samples if isinstance(dataset, TrainShards) else len(dataset)
-
-
-class WorkerRandomState(Dataset):
-    """A map-style training set whose loader workers' random generators travel in the loader's state:
-    StatefulDataLoader asks each worker for its dataset's state after every batch, augmentation in a
-    worker draws from them, and a continued run must draw what the stopped run would have drawn."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.dataset[i]
-
-    def state_dict(self) -> dict:
-        return {"rng": rng_states()} if get_worker_info() else {}  # without workers: RandomState's
-
-    def load_state_dict(self, state: dict) -> None:
-        if "rng" in state:
-            set_rng_states(state["rng"])
 
 
 class EveryRankLoader(StatefulDataLoader):
@@ -108,10 +85,11 @@ class ImageDataModule(L.LightningDataModule):
     out of training (the test loop's second loader), and the training set; `mixer eval` has no training set."""
 
     def __init__(self, eval_set: Dataset, device_batch: int, num_workers: int, *, train_set: Dataset | None = None,
-                 dev_set: Dataset | None = None, micro_batches_per_epoch: int | None = None):
+                 dev_set: Dataset | None = None, micro_batches_per_epoch: int | None = None, accumulate: int = 1,
+                 seed: int = 0):
         super().__init__()
         self.train_set, self.eval_set, self.dev_set = train_set, eval_set, dev_set
-        self.device_batch = device_batch
+        self.device_batch, self.accumulate, self.seed = device_batch, accumulate, seed
         self.num_workers = num_workers
         self.micro_batches_per_epoch = micro_batches_per_epoch
 
@@ -136,13 +114,10 @@ class ImageDataModule(L.LightningDataModule):
             warnings.filterwarnings("ignore", ".*IterableDataset.*has.*__len__.*")
             return self._loader(self.train_set, EveryRankLoader, batch_size=None,
                                 batches_per_epoch=self.micro_batches_per_epoch)
-        # Our own distributed sampler (Lightning keeps it), stateful, with the run's seed as Lightning's own
-        # would have: Lightning would wrap StatefulDataLoader's sampler in one that keeps no position.
         world, rank = self._world()
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
-        sampler = StatefulDistributedSampler(self.train_set, world, rank, shuffle=True, seed=seed)
-        return self._loader(WorkerRandomState(self.train_set), EveryRankLoader, batch_size=self.device_batch,
-                            sampler=sampler, drop_last=True, batches_per_epoch=self.micro_batches_per_epoch)
+        sampler = GlobalBatchSampler(len(self.train_set), self.seed, self.device_batch, self.accumulate, world, rank)
+        return self._loader(SeededSamples(self.train_set, self.seed), EveryRankLoader, batch_sampler=sampler,
+                            batches_per_epoch=self.micro_batches_per_epoch)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader(self.eval_set)

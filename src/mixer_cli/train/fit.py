@@ -39,6 +39,7 @@ from mixer_cli.models.contract import ACTIVATION_KEY, describe, with_class_names
 from mixer_cli.reporting.runs import plot_curves, print_summary
 from mixer_cli.train.batching import BatchPlan, plan_batches
 from mixer_cli.train.datamodule import ImageDataModule, num_samples
+from mixer_cli.train.draws import SeededMicroBatches
 from mixer_cli.train.launch import check_launch
 from mixer_cli.train.mixup import BatchMixup
 from mixer_cli.train.module import Classifier
@@ -151,7 +152,8 @@ class Job:
     def trainer(self, run: Run, progress: bool) -> L.Trainer:
         trainer = build_trainer(
             self.cfg.trainer, run.path, self.plan,
-            callbacks=[*build_callbacks(self.cfg.callbacks, run.path), *self.callbacks, LastValidation()],
+            callbacks=[*build_callbacks(self.cfg.callbacks, run.path), *self.callbacks,
+                       SeededMicroBatches(self.cfg.seed), LastValidation()],
             loggers=build_loggers(self.cfg.logger, run.path, run.continues), progress=progress,
             micro_batches_per_epoch=self.datamodule.micro_batches_per_epoch,
         )
@@ -200,7 +202,8 @@ def build(cfg: DictConfig, model: nn.Module, splits: Splits, probe_transform: Ca
     steps = t.steps or steps_per_epoch * t.epochs
     check_data(cfg, splits.train, world_size)
     datamodule = ImageDataModule(test_set, plan.device_batch, cfg.data.num_workers, train_set=splits.train,
-                                 dev_set=splits.dev, micro_batches_per_epoch=steps_per_epoch * plan.accumulate)
+                                 dev_set=splits.dev, micro_batches_per_epoch=steps_per_epoch * plan.accumulate,
+                                 accumulate=plan.accumulate, seed=cfg.seed)
     loss = instantiate(cfg.loss)
     # timm's contract: what a checkpoint's user feeds the model, and how its logits become probabilities
     model.pretrained_cfg = {**preprocessing(cfg), ACTIVATION_KEY: loss.activation}
@@ -213,7 +216,7 @@ def build(cfg: DictConfig, model: nn.Module, splits: Splits, probe_transform: Ca
         optimizer=instantiate(cfg.optim),
         scheduler=partial(instantiate(cfg.sched), total_steps=steps),
         num_classes=cfg.data.num_classes,
-        mixup=BatchMixup(cfg.aug.mixup) if cfg.aug.get("mixup") else None,
+        mixup=BatchMixup(cfg.aug.mixup, cfg.seed) if cfg.aug.get("mixup") else None,
         real_top1=real_top1,
         test_splits=("test", "dev") if splits.dev is not None else ("test",),
         **device_preprocessing(cfg),

@@ -10,21 +10,27 @@ Mixup one-hot encodes integer labels and cannot.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from mixer_cli.data.order import derived_seed
 
 
 class BatchMixup:
-    def __init__(self, p: float):
+    """One weight per global batch, drawn from (seed, optimiser step): every rank and accumulation slot
+    mixes its micro-batch with the same weight. Partners are neighbours within the micro-batch, as in
+    the authors' code, where each device mixed its own share of the batch."""
+
+    def __init__(self, p: float, seed: int = 0):
         if not 0 < p:
             raise ValueError(f"mixup needs p > 0, got {p}")
-        self.p = p
+        self.p, self.seed = p, seed
 
-    def sample_weight(self) -> float:
-        """The original image's share: the larger of the two Dirichlet weights, so in [0.5, 1]. torch's
-        global generator draws it: seeded by Lightning, so runs repeat."""
-        lam = float(torch.distributions.Beta(self.p, self.p).sample())
+    def sample_weight(self, step: int) -> float:
+        """The original image's share at `step`: the larger of the two Dirichlet weights, so in [0.5, 1]."""
+        lam = float(np.random.default_rng(derived_seed(self.seed, "mixup", step)).beta(self.p, self.p))
         return max(lam, 1 - lam)
 
-    def __call__(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lam = self.sample_weight()
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self.sample_weight(step)
         return lam * x + (1 - lam) * x.roll(1, 0), lam * targets + (1 - lam) * targets.roll(1, 0)

@@ -233,7 +233,7 @@ class Classifier(Evaluator):
         x, y = batch
         targets = target_rows(y, self.num_classes) if self.mixup is not None else y
         if self.mixup is not None:
-            x, targets = self.mixup(x, targets)
+            x, targets = self.mixup(x, targets, self.global_step)
         loss = self.loss(self(x), targets)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss, as one process's
         return loss

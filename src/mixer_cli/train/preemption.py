@@ -18,8 +18,10 @@ and during the final evaluation; Lightning restores them after.
 
 A continued run is the run left alone because the checkpoint holds all it depends on: weights,
 optimiser, schedule and loop position (Lightning), the training loader's position (torchdata's
-StatefulDataLoader, see train/datamodule.py) and the random generators (`RandomState`), which
-augmentation, mixup and dropout draw from.
+StatefulDataLoader, see train/datamodule.py) and the random generators (`RandomState`). Augmentation,
+mixup and dropout draw from generators seeded by the sample or the step (data/order.py,
+train/draws.py), except a shard stream's, which draws from its loader workers' generators, kept in the
+loader's state.
 """
 from __future__ import annotations
 

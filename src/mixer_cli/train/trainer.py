@@ -97,6 +97,7 @@ def build_trainer(
         max_steps=t.steps or -1,
         accumulate_grad_batches=plan.accumulate,
         limit_train_batches=micro_batches_per_epoch,
+        use_distributed_sampler=False,  # the DataModule's samplers split the data over the ranks
         gradient_clip_val=t.grad_clip,
         gradient_clip_algorithm="norm",
         check_val_every_n_epoch=t.val_every_epochs,

@@ -1,0 +1,111 @@
+"""The training order as a function of the seed alone: the same global batches, augmented the same way,
+whatever the number of devices, nodes, accumulation steps and loader workers.
+
+An epoch's order is a permutation drawn from (seed, epoch); global batch g is its samples
+[g*G, (g+1)*G), the last partial one dropped. Each global batch is cut into world x accumulate
+micro-batches of `device_batch` samples, and micro-batch j = rank * accumulate + slot goes to that
+rank's accumulation slot: 1 device accumulating 2 micro-batches and 2 devices taking one each
+train on the same two halves, in one gradient. Each sample's random augmentation (crop, flip,
+RandAugment) draws from generators seeded by (seed, epoch, sample), not by whichever process or loader
+worker reads it.
+
+The position is a count (micro-batches given in the epoch), so a stopped run continues exactly, on
+any number of loader workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.utils.data import Dataset
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed fixed by `parts` (the run's seed, a purpose, an epoch, a sample...), unrelated for
+    different parts: seed + epoch would give epoch 1 of seed 0 the order of epoch 0 of seed 1."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of `epoch`: a permutation of range(num_samples) that only (seed, epoch) fix."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(derived_seed(seed, "order", epoch)))
+
+
+@contextmanager
+def seeded_draws(seed: int):
+    """torch's CPU generator and Python's `random`, which the CPU transforms draw from, seeded with `seed`
+    inside the block and as they were after it: in a process without loader workers the training step
+    draws from them too."""
+    torch_state, python_state = torch.default_generator.get_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(torch_state)
+        random.setstate(python_state)
+
+
+class SeededSamples(Dataset):
+    """A map-style training set read by (epoch, index) keys (GlobalBatchSampler's): sample i of epoch e is
+    transformed with its draws seeded by (seed, e, i), so it comes out the same in any process."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with seeded_draws(derived_seed(self.seed, "sample", epoch, index)):
+            return self.dataset[index]
+
+
+class GlobalBatchSampler:
+    """This rank's micro-batches of (epoch, index) keys, `accumulate` per global batch of
+    world x accumulate x device_batch samples. Stateful for torchdata's StatefulDataLoader; Lightning
+    calls `set_epoch` before every epoch."""
+
+    def __init__(self, num_samples: int, seed: int, device_batch: int, accumulate: int = 1, world: int = 1,
+                 rank: int = 0):
+        self.num_samples, self.seed = num_samples, seed
+        self.device_batch, self.accumulate, self.world, self.rank = device_batch, accumulate, world, rank
+        self.global_batch = device_batch * accumulate * world
+        self.epoch, self.given = 0, 0
+        self._loaded: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch on this rank: `accumulate` per whole global batch."""
+        return self.num_samples // self.global_batch * self.accumulate
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def micro_batch(self, order: torch.Tensor, given: int) -> list[int]:
+        """The samples of this rank's micro-batch number `given` of the epoch, in `order`."""
+        batch, slot = divmod(given, self.accumulate)
+        start = batch * self.global_batch + (self.rank * self.accumulate + slot) * self.device_batch
+        return order[start:start + self.device_batch].tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self._loaded is not None:
+            (self.epoch, self.given), self._loaded = self._loaded, None
+        else:
+            self.given = 0
+        order = epoch_order(self.num_samples, self.seed, self.epoch)
+        while self.given < len(self):
+            indices = self.micro_batch(order, self.given)
+            self.given += 1
+            yield [(self.epoch, i) for i in indices]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "given": self.given}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """None: an iteration that had ended (train/datamodule.py); the next one starts the epoch Lightning sets."""
+        self._loaded = (state["epoch"], state["given"]) if state is not None else None

@@ -1,0 +1,147 @@
+"""The same run on any number of devices, accumulation steps and loader workers: global batches and
+augmentation fixed by the seed alone (data/order.py), the training step's draws by (seed, step,
+micro-batch) (train/draws.py)."""
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from mixer_cli.data.demo import demo_arrays
+from mixer_cli.data.order import GlobalBatchSampler, SeededSamples, epoch_order, seeded_draws
+from mixer_cli.data.tensor import TensorImages
+from mixer_cli.data.transforms import demo_transform
+
+LAYOUTS = [(32, 1, 1), (16, 2, 1), (16, 1, 2), (8, 2, 2), (4, 2, 4)]  # (device batch, accumulate, ranks): 32 each
+
+
+def steps(n: int, device_batch: int, accumulate: int, world: int, epoch: int = 0, seed: int = 7) -> list[list[int]]:
+    """Each optimiser step's samples, as every (rank, slot) of the layout takes them, in micro-batch order j."""
+    per_rank = []
+    for rank in range(world):
+        sampler = GlobalBatchSampler(n, seed, device_batch, accumulate, world, rank)
+        sampler.set_epoch(epoch)
+        per_rank.append([[i for _, i in keys] for keys in sampler])
+    return [[i for rank in range(world) for i in sum(per_rank[rank][s * accumulate:(s + 1) * accumulate], [])]
+            for s in range(len(per_rank[0]) // accumulate)]
+
+
+@pytest.mark.parametrize("device_batch,accumulate,world", LAYOUTS)
+def test_every_layout_trains_on_the_global_batches_the_seed_fixes(device_batch, accumulate, world):
+    order = epoch_order(100, seed=7, epoch=0).tolist()
+    expected = [order[s * 32:(s + 1) * 32] for s in range(3)]  # 100 // 32 whole global batches; 4 left out
+    assert steps(100, device_batch, accumulate, world) == expected
+
+
+def test_the_order_is_the_seed_and_the_epochs_alone():
+    one, again = epoch_order(1000, 7, 3), epoch_order(1000, 7, 3)
+    assert torch.equal(one, again) and sorted(one.tolist()) == list(range(1000))
+    assert not torch.equal(one, epoch_order(1000, 7, 4)) and not torch.equal(one, epoch_order(1000, 8, 3))
+    # epoch 1 of seed 7 is not epoch 0 of seed 8 (no seed + epoch)
+    assert not torch.equal(epoch_order(1000, 7, 1), epoch_order(1000, 8, 0))
+    # Lightning's epoch reaches the sampler
+    assert steps(100, 16, 1, 2, epoch=4)[0] == epoch_order(100, 7, 4)[:32].tolist()
+
+
+def test_a_rank_takes_whole_micro_batches_and_every_sample_at_most_once_an_epoch():
+    samplers = [GlobalBatchSampler(1003, 0, 10, 3, 4, rank) for rank in range(4)]
+    taken = Counter(i for s in samplers for keys in s for _, i in keys)
+    assert len(samplers[0]) == 1003 // 120 * 3 == 24 and all(len(list(s)) == 24 for s in samplers)
+    assert len(taken) == 8 * 120 and set(taken.values()) == {1}
+
+
+@pytest.mark.parametrize("stop_after", [0, 5, 12])
+def test_a_loaded_sampler_continues_with_the_next_micro_batch(stop_after):
+    left_alone = GlobalBatchSampler(200, 3, 8, 2, 2, 1)
+    left_alone.set_epoch(2)
+    expected = list(left_alone)
+    stopped = GlobalBatchSampler(200, 3, 8, 2, 2, 1)
+    stopped.set_epoch(2)
+    taken = [keys for _, keys in zip(range(stop_after), stopped)]
+    state = stopped.state_dict()
+    assert state == {"epoch": 2, "given": stop_after}
+    continued = GlobalBatchSampler(200, 3, 8, 2, 2, 1)
+    continued.load_state_dict(state)
+    assert taken + list(continued) == expected
+    continued.set_epoch(3)
+    assert [i for _, i in next(iter(continued))] == epoch_order(200, 3, 3)[16:24].tolist()  # j = rank 1 x 2 + slot 0
+
+
+def test_seeded_draws_repeat_and_leave_the_outer_generators_as_they_were():
+    torch.manual_seed(1)
+    random.seed(1)
+    outer_torch, outer_python = torch.rand(3), random.random()
+    torch.manual_seed(1)
+    random.seed(1)
+    with seeded_draws(42):
+        inner = torch.rand(2), random.random()
+    with seeded_draws(42):
+        again = torch.rand(2), random.random()
+    assert torch.equal(inner[0], again[0]) and inner[1] == again[1]
+    assert torch.equal(torch.rand(3), outer_torch) and random.random() == outer_python
+
+
+def demo_training_set(seed: int = 5) -> SeededSamples:
+    data = OmegaConf.create({"img_size": 28, "mean": [0.1307], "std": [0.3081], "interpolation": "bilinear"})
+    aug = OmegaConf.create({"pad_crop": 2, "hflip": True, "inception_crop": False, "randaug_magnitude": 0})
+    x, y = demo_arrays("train")
+    return SeededSamples(TensorImages(x[:64], y[:64], demo_transform(data, aug, train=True)), seed)
+
+
+def test_a_sample_is_augmented_by_its_seed_epoch_and_index_alone():
+    dataset = demo_training_set()
+    first = dataset[(0, 3)][0]
+    torch.rand(5)  # whatever was drawn before
+    assert torch.equal(dataset[(0, 3)][0], first)
+    assert not torch.equal(dataset[(1, 3)][0], first)  # another epoch, another crop and flip
+    assert not torch.equal(demo_training_set(seed=6)[(0, 3)][0], first)
+
+
+@pytest.mark.filterwarnings("ignore:.*set_vital")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_loader_workers_give_the_batches_the_main_process_gives(workers):
+    def batches(num_workers: int) -> list[torch.Tensor]:
+        sampler = GlobalBatchSampler(64, 5, 8, 2, 1, 0)
+        loader = StatefulDataLoader(demo_training_set(), batch_sampler=sampler, num_workers=num_workers)
+        return [x for epoch in range(2) if not sampler.set_epoch(epoch) for x, _ in loader]
+
+    main, in_workers = batches(0), batches(workers)
+    assert len(main) == 16 and all(torch.equal(a, b) for a, b in zip(main, in_workers, strict=True))
+
+
+# --- whole runs: real processes ------------------------------------------------------------------------
+
+ONE_EPOCH = ["trainer.epochs=1", "data.global_batch=128", "trainer.log_every_steps=1", "seed=3"]
+MAX_ABS = 1e-3  # reduction order: 4.3e-4 (accumulation), 4.9e-4 (2 ranks) measured on the demo's network
+
+
+def pretrain_in(run_root, *overrides: str) -> dict[str, torch.Tensor]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MIXER_RUN_DIR", "LOCAL_RANK", "RANK")}
+    r = subprocess.run([sys.executable, "-m", "mixer_cli.cli", "pretrain", *overrides, f"run_root={run_root}"],
+                       cwd=run_root.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = (run_root / "pretrain").iterdir()
+    return torch.load(run / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def max_abs_difference(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_one_demo_epoch_gives_the_same_weights_on_any_layout(tmp_path, tiny_run):
+    run = [*tiny_run, *ONE_EPOCH]
+    one = pretrain_in(tmp_path / "one", *run)
+    layouts = {
+        "accumulation": ["trainer.device_batch=64"],
+        "2 ranks, 2 loader workers each": ["trainer=ddp", "trainer.devices=2", "data.num_workers=2"],
+    }
+    for name, overrides in layouts.items():
+        other = pretrain_in(tmp_path / name.replace(" ", "_").replace(",", ""), *run, *overrides)
+        assert max_abs_difference(other, one) < MAX_ABS, name
+    assert max_abs_difference(one, pretrain_in(tmp_path / "workers", *run, "data.num_workers=2")) == 0
