@@ -3,9 +3,12 @@
 The rows, each timed in turn (A B C, A B C, ...) and kept at its best round:
 - `webdataset (reference)`: `wds.WebDataset(...).decode("torchl8").to_tuple("png", "cls").batched(128)`,
   webdataset's reader (Python's tarfile) and decoder (PIL), uint8 out, no shuffle;
-- `mixer, uint8 (default)`: the training set `mixer pretrain data.source=shards` builds (our tar reader,
-  the shuffle buffer, torchvision's decoder for plain PNGs), uint8 out;
-- `mixer, float (data.decode=pil)`: the same, decoded by PIL and normalised to floats in the loader.
+- `mixer, uint8 (default)`: the training set `mixer pretrain data.source=shards` builds from local
+  shards (indexed: each sample read at its place, in the seed's order; our tar reader, torchvision's
+  decoder for plain PNGs), its augmentation seeded per sample, uint8 out;
+- `mixer, float (data.decode=pil)`: the same, decoded by PIL and normalised to floats in the loader;
+- `mixer, streamed`: the stream that URLs, pipes and compressed shards get (our tar reader, a
+  shuffle buffer), uint8 out.
 All give (128, 1, 28, 28) batches of the same digits. Without --shards it writes the demo's 4,000
 training digits as shards (`mixer data write --from demo`) into a temporary folder.
 
@@ -19,24 +22,44 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import webdataset as wds
+from torch.utils.data import default_collate
 
 from mixer_cli.config.compose import compose
-from mixer_cli.data.shards import resolve_shards
+from mixer_cli.data import image_transform
+from mixer_cli.data.indexed_shards import IndexedShards
+from mixer_cli.data.order import GlobalBatchSampler, SeededSamples
+from mixer_cli.data.shards import TrainShards, resolve_shards
 from mixer_cli.train.fit import build_datasets
 
 BATCH = 128
 
 
-def ours(shards: Path, decode: str, seconds_for):
+def ours(shards: Path, decode: str, seconds_for, streamed: bool = False):
     cfg = compose(["data.source=shards", f"data.train_path={shards}", f"data.eval_path={shards}",
                    f"data.global_batch={BATCH}", "aug.pad_crop=0", f"data.decode={decode}", "trainer.accelerator=cpu"])
-    dataset = build_datasets(cfg).train
+    if not streamed:
+        return seconds_for(indexed_batches(build_datasets(cfg).train))
+    urls, size = resolve_shards(str(shards), None, "train_path")
+    transform = image_transform(cfg.data, cfg.aug, augment=True, decode=decode)
+    dataset = TrainShards(urls, size, transform, cfg.data.channels, cfg.data.shuffle_buffer, 0,
+                          num_classes=cfg.data.num_classes, decoded=decode == "pil")
     dataset.set_epoch_length(BATCH, 10**9)  # one long epoch: the shards are passed over again and again
     return seconds_for(iter(dataset))
+
+
+def indexed_batches(dataset: IndexedShards):
+    """Batches as the training loader's worker makes them, epoch after epoch."""
+    samples = SeededSamples(dataset, seed=0)
+    for epoch in itertools.count():
+        sampler = GlobalBatchSampler(partial(dataset.order, 0), len(dataset), BATCH)
+        sampler.set_epoch(epoch)
+        for keys in sampler:
+            yield default_collate([samples[key] for key in keys])
 
 
 def webdataset_reference(shards: Path, seconds_for):
@@ -61,7 +84,7 @@ def main() -> None:
             shards = Path(tmp) / "digits" / "train"  # the demo is written as train/ and test/
 
         def seconds_for(batches) -> float:
-            next(batches)  # the first batch fills the shuffle buffer: not the steady rate
+            next(batches)  # the first batch fills the shuffle buffer, opens the files: not the steady rate
             start = time.perf_counter()
             for _ in itertools.islice(batches, args.batches):
                 pass
@@ -69,7 +92,8 @@ def main() -> None:
 
         rows = {"webdataset (reference)": lambda: webdataset_reference(shards, seconds_for),
                 "mixer, uint8 (default)": lambda: ours(shards, "uint8", seconds_for),
-                "mixer, float (data.decode=pil)": lambda: ours(shards, "pil", seconds_for)}
+                "mixer, float (data.decode=pil)": lambda: ours(shards, "pil", seconds_for),
+                "mixer, streamed": lambda: ours(shards, "uint8", seconds_for, streamed=True)}
         best = dict.fromkeys(rows, float("inf"))
         for _ in range(args.rounds):
             for name, run in rows.items():

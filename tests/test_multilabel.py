@@ -7,7 +7,7 @@ import torch
 from mixer_cli.commands.pretrain import pretrain
 from mixer_cli.config.compose import compose
 from mixer_cli.data import build_dataset
-from mixer_cli.data.shards import parse_label
+from mixer_cli.data.shard_samples import parse_label
 
 LABELS = ["0,2", "1", "3 4", "2", "0,1,4", "4", "1,3", "2,3"]
 

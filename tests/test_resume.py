@@ -8,6 +8,7 @@ are small so that a run lasts long enough. The shard test signals its own proces
 short. Both runs end inside their epoch, and still end with an evaluation. The loader test checks
 the piece that makes the data exact: a training loader rebuilt from its state gives the very batches
 the one left alone gives, for in-memory data and shards, with and without loader workers."""
+import gzip
 import json
 import os
 import signal
@@ -222,12 +223,15 @@ def test_a_one_task_slurm_job_names_its_runs_and_only_a_requeued_one_continues_o
     assert run_dir(compose([f"run_root={tmp_path}", "seed=2"]), 1).name == "slurm4242-4-demo"  # none of its config
 
 
-def write_demo_shards(root: Path) -> list[str]:
-    """800 training digits in 4 shards (two per loader worker of two), 200 test digits; their overrides."""
+def write_demo_shards(root: Path, streamed: bool = False) -> list[str]:
+    """800 training digits in 4 shards (two per loader worker of two), 200 test digits; their overrides.
+    streamed: the training shards gzipped, so that they are streamed (TrainShards), not indexed."""
     classes, train = demo_samples("train")
     classes, test = demo_samples("test")
     write_shards(classes, train[:800], root / "train", shard_size=200)
     write_shards(classes, test[:200], root / "test", shard_size=200)
+    for tar in (root / "train").glob("*.tar") if streamed else ():
+        tar.write_bytes(gzip.compress(tar.read_bytes()))
     return ["data.source=shards", f"data.train_path={root / 'train'}", f"data.eval_path={root / 'test'}"]
 
 
@@ -244,16 +248,17 @@ class SignalAt(Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("batch", "stop_at"), [
-    (20, 13),  # inside the first epoch of 40 steps
+@pytest.mark.parametrize(("batch", "stop_at", "streamed"), [
+    (20, 13, False),  # inside the first epoch of 40 steps
+    (20, 13, True),
     # one step into the second epoch of 25 steps, 13 from one loader worker and 12 from the other: the
     # second had served its share of the first epoch and had none of the second to show yet
-    (32, 26),
+    (32, 26, True),
 ])
-def test_sigterm_mid_epoch_then_resume_continues_the_shard_stream_as_the_run_left_alone(
-        tmp_path, warm_run, batch, stop_at):
+def test_sigterm_mid_epoch_then_resume_continues_the_shards_as_the_run_left_alone(
+        tmp_path, warm_run, batch, stop_at, streamed):
     # In this process, to keep the test short: the signal is as real, the stop step known.
-    shards = [*warm_run, *SHARDS, f"data.global_batch={batch}", *write_demo_shards(tmp_path)]
+    shards = [*warm_run, *SHARDS, f"data.global_batch={batch}", *write_demo_shards(tmp_path, streamed)]
     cfg = compose([*shards, f"run_root={tmp_path / 'runs'}"])
     with pytest.raises(Stopped) as stop:
         one_thread(train, cfg, SignalAt(stop_at, signal.SIGTERM))
@@ -282,8 +287,7 @@ def test_a_stop_at_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path, war
     one_thread(resume, run, [], "pretrain")
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 2 * epoch_steps and results["epochs"] == 2.0
-    if source == "demo" or workers:  # and the very run left alone (shards without workers: not yet)
-        assert_same_run(run, reference(tmp_path, overrides), steps=2 * epoch_steps)
+    assert_same_run(run, reference(tmp_path, overrides), steps=2 * epoch_steps)
 
 
 JOB = textwrap.dedent(

@@ -1,21 +1,30 @@
 """The same run on any number of devices, accumulation steps and loader workers: global batches and
 augmentation fixed by the seed alone (data/order.py), the training step's draws by (seed, step,
 micro-batch) (train/draws.py)."""
+import gzip
+import io
 import os
 import random
 import subprocess
 import sys
 from collections import Counter
+from functools import partial
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torchdata.stateful_dataloader import StatefulDataLoader
+from webdataset.handlers import reraise_exception
 
+from mixer_cli.data import build_dataset
 from mixer_cli.data.demo import demo_arrays
+from mixer_cli.data.indexed_shards import IndexedShards, sample_spans, seekable, shard_aware_order
 from mixer_cli.data.order import GlobalBatchSampler, SeededSamples, epoch_order, seeded_draws
+from mixer_cli.data.subsets import Selection
+from mixer_cli.data.tar_stream import members, samples_of_tars
 from mixer_cli.data.tensor import TensorImages
 from mixer_cli.data.transforms import demo_transform
+from mixer_cli.data.writer import demo_samples, write_shards
 
 LAYOUTS = [(32, 1, 1), (16, 2, 1), (16, 1, 2), (8, 2, 2), (4, 2, 4)]  # (device batch, accumulate, ranks): 32 each
 
@@ -24,7 +33,7 @@ def steps(n: int, device_batch: int, accumulate: int, world: int, epoch: int = 0
     """Each optimiser step's samples, as every (rank, slot) of the layout takes them, in micro-batch order j."""
     per_rank = []
     for rank in range(world):
-        sampler = GlobalBatchSampler(n, seed, device_batch, accumulate, world, rank)
+        sampler = GlobalBatchSampler(partial(epoch_order, n, seed), n, device_batch, accumulate, world, rank)
         sampler.set_epoch(epoch)
         per_rank.append([[i for _, i in keys] for keys in sampler])
     return [[i for rank in range(world) for i in sum(per_rank[rank][s * accumulate:(s + 1) * accumulate], [])]
@@ -49,7 +58,7 @@ def test_the_order_is_the_seed_and_the_epochs_alone():
 
 
 def test_a_rank_takes_whole_micro_batches_and_every_sample_at_most_once_an_epoch():
-    samplers = [GlobalBatchSampler(1003, 0, 10, 3, 4, rank) for rank in range(4)]
+    samplers = [GlobalBatchSampler(partial(epoch_order, 1003, 0), 1003, 10, 3, 4, rank) for rank in range(4)]
     taken = Counter(i for s in samplers for keys in s for _, i in keys)
     assert len(samplers[0]) == 1003 // 120 * 3 == 24 and all(len(list(s)) == 24 for s in samplers)
     assert len(taken) == 8 * 120 and set(taken.values()) == {1}
@@ -57,15 +66,15 @@ def test_a_rank_takes_whole_micro_batches_and_every_sample_at_most_once_an_epoch
 
 @pytest.mark.parametrize("stop_after", [0, 5, 12])
 def test_a_loaded_sampler_continues_with_the_next_micro_batch(stop_after):
-    left_alone = GlobalBatchSampler(200, 3, 8, 2, 2, 1)
+    left_alone = GlobalBatchSampler(partial(epoch_order, 200, 3), 200, 8, 2, 2, 1)
     left_alone.set_epoch(2)
     expected = list(left_alone)
-    stopped = GlobalBatchSampler(200, 3, 8, 2, 2, 1)
+    stopped = GlobalBatchSampler(partial(epoch_order, 200, 3), 200, 8, 2, 2, 1)
     stopped.set_epoch(2)
     taken = [keys for _, keys in zip(range(stop_after), stopped)]
     state = stopped.state_dict()
     assert state == {"epoch": 2, "given": stop_after}
-    continued = GlobalBatchSampler(200, 3, 8, 2, 2, 1)
+    continued = GlobalBatchSampler(partial(epoch_order, 200, 3), 200, 8, 2, 2, 1)
     continued.load_state_dict(state)
     assert taken + list(continued) == expected
     continued.set_epoch(3)
@@ -106,7 +115,7 @@ def test_a_sample_is_augmented_by_its_seed_epoch_and_index_alone():
 @pytest.mark.parametrize("workers", [1, 2])
 def test_loader_workers_give_the_batches_the_main_process_gives(workers):
     def batches(num_workers: int) -> list[torch.Tensor]:
-        sampler = GlobalBatchSampler(64, 5, 8, 2, 1, 0)
+        sampler = GlobalBatchSampler(partial(epoch_order, 64, 5), 64, 8, 2, 1, 0)
         loader = StatefulDataLoader(demo_training_set(), batch_sampler=sampler, num_workers=num_workers)
         return [x for epoch in range(2) if not sampler.set_epoch(epoch) for x, _ in loader]
 
@@ -134,8 +143,15 @@ def max_abs_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-def test_one_demo_epoch_gives_the_same_weights_on_any_layout(tmp_path, tiny_run):
-    run = [*tiny_run, *ONE_EPOCH]
+@pytest.mark.parametrize("source", ["demo", "shards"])
+def test_one_demo_epoch_gives_the_same_weights_on_any_layout(tmp_path, tiny_run, source):
+    data = []
+    if source == "shards":  # the demo's digits in 16 shards of 250, windows of 1,000 samples
+        for split in ("train", "test"):
+            write_shards(*demo_samples(split), tmp_path / split, shard_size=250)
+        data = ["data.source=shards", f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'test'}",
+                "data.shuffle_buffer=1000"]
+    run = [*tiny_run, *ONE_EPOCH, *data]
     one = pretrain_in(tmp_path / "one", *run)
     layouts = {
         "accumulation": ["trainer.device_batch=64"],
@@ -145,3 +161,79 @@ def test_one_demo_epoch_gives_the_same_weights_on_any_layout(tmp_path, tiny_run)
         other = pretrain_in(tmp_path / name.replace(" ", "_").replace(",", ""), *run, *overrides)
         assert max_abs_difference(other, one) < MAX_ABS, name
     assert max_abs_difference(one, pretrain_in(tmp_path / "workers", *run, "data.num_workers=2")) == 0
+
+
+# --- shards: read sample by sample, in the seed's order --------------------------------------------
+
+
+def test_the_index_reads_each_sample_the_stream_reads(tmp_path, index_shards):
+    index_shards(tmp_path / "s", n=7, shard_size=7)  # webdataset's writer: a PAX header before every member
+    shard = str(tmp_path / "s" / "shard-000000.tar")
+    streamed = list(samples_of_tars(iter([{"url": shard}]), handler=reraise_exception))
+    keys, spans = sample_spans(shard)
+    assert keys == [s["__key__"] for s in streamed] and len(spans) == 7
+    with open(shard, "rb") as f:
+        for (start, end), sample in zip(spans, streamed):
+            f.seek(start)
+            assert dict(members(io.BytesIO(f.read(end - start)))) == {
+                f"{sample['__key__']}.{ext}": sample[ext] for ext in ("png", "cls")}
+
+
+def test_the_shard_aware_order_shuffles_shards_then_within_windows():
+    counts = [5, 3, 4, 6]  # samples 0-4 in shard 0, 5-7 in shard 1, ...
+    shard_of = torch.tensor(sum(([s] * c for s, c in enumerate(counts)), []))
+    by_shard = shard_aware_order(counts, window=1, seed=2, epoch=0)
+    assert sorted(by_shard.tolist()) == list(range(18))
+    shards = shard_of[by_shard].tolist()
+    runs = [shard for k, shard in enumerate(shards) if k == 0 or shard != shards[k - 1]]
+    assert sorted(runs) == [0, 1, 2, 3]  # each shard's samples together
+    windows = shard_aware_order(counts, window=8, seed=2, epoch=0)  # 2 windows of 2 shards each here
+    first = set(shard_of[windows[:8]].tolist())
+    size = sum(counts[s] for s in first)  # the first window: its shards' samples, then the others'
+    assert len(first) == 2 and size >= 8 and set(shard_of[windows[size:]].tolist()).isdisjoint(first)
+    assert torch.equal(windows, shard_aware_order(counts, 8, 2, 0))
+    assert not torch.equal(windows, shard_aware_order(counts, 8, 2, 1))
+
+
+def test_indexed_shards_hold_the_samples_of_the_evaluation_pass(tmp_path, index_shards, monkeypatch):
+    index_shards(tmp_path / "train", n=30, shard_size=8)
+    data = OmegaConf.create({"source": "shards", "train_path": str(tmp_path / "train"), "num_classes": 30,
+                             "img_size": 16, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3,
+                             "interpolation": "bilinear", "shuffle_buffer": 10})
+    plain = OmegaConf.create({"pad_crop": 0, "hflip": False, "inception_crop": False, "randaug_magnitude": 0})
+    monkeypatch.setattr("mixer_cli.data.indexed_shards.OPEN_FILES", 2)  # of 4 shards
+    train = build_dataset(data, plain, "train")
+    assert isinstance(train, IndexedShards) and len(train) == 30 and train.counts == [8, 8, 8, 6]
+    evaluated = build_dataset(data, plain, "train", augment=False)  # the exact pass of the stream
+    evaluated.batch_size = 30
+    ((images, labels),) = list(evaluated)
+    read = {int(y): x for x, y in (train[i] for i in range(30))}
+    assert sorted(read) == labels.tolist() and all(torch.equal(read[int(y)], x) for x, y in zip(images, labels))
+    assert list(train._files) == [2, 3]  # the two latest shards' files are open, the others closed
+    monkeypatch.setattr("mixer_cli.data.indexed_shards.sample_spans", lambda path: pytest.fail("read the tar again"))
+    assert len(build_dataset(data, plain, "train")) == 30  # the index came from the cache
+    half = build_dataset(OmegaConf.merge(data, {"train_fraction": 0.5}), plain, "train")
+    kept = Selection("train", 0.0, 0.5, 0)
+    assert sorted(int(half[i][1]) for i in range(len(half))) == [i for i in range(30) if kept.keeps(f"{i:09d}")]
+
+
+def test_a_damaged_sample_gives_way_to_the_next_and_a_damaged_header_ends_the_shard(tmp_path, index_shards):
+    index_shards(tmp_path / "s", n=3, shard_size=3)
+    shard = tmp_path / "s" / "shard-000000.tar"
+    _, spans = sample_spans(str(shard))
+    raw = bytearray(shard.read_bytes())
+    raw[spans[1][1] - 600:spans[1][1] - 500] = bytes(100)  # inside sample 1's last member, its PNG
+    shard.write_bytes(bytes(raw))
+    dataset = IndexedShards([str(shard)], None, channels=3, window=3)
+    assert len(dataset) == 3 and [dataset[i][1] for i in range(3)] == [0, 2, 2] and dataset.corrupt.count == 1
+    raw[spans[1][0] + 148] ^= 0xFF  # sample 1's first header's checksum: the stream reads no further either
+    shard.write_bytes(bytes(raw))
+    assert len(IndexedShards([str(shard)], None, channels=3, window=3)) == 1
+
+
+def test_compressed_or_remote_shards_are_streamed(tmp_path, index_shards):
+    index_shards(tmp_path / "s", n=4, shard_size=4)
+    packed = tmp_path / "shard.tar.gz"
+    packed.write_bytes(gzip.compress((tmp_path / "s" / "shard-000000.tar").read_bytes()))
+    assert seekable(str(tmp_path / "s" / "shard-000000.tar"))
+    assert not seekable(str(packed)) and not seekable("https://example.com/a.tar") and not seekable("pipe:cat a.tar")

@@ -1,7 +1,9 @@
 """The permutation experiment (Sec. 3.4, Figure 4): the shuffles, and why the Mixer is immune to one."""
 import copy
 import csv
+import gzip
 import json
+import shutil
 
 import pytest
 import torch
@@ -224,6 +226,7 @@ def test_relative_drops_and_the_verdict():
      "error: shuffle.pipelines must include original: the drops are measured against it"),
     (["resnet=bit_r50x1", "resnet.model_name=resnet5000"], "error: Unknown model (resnet5000)"),  # timm's words
     (["fewshot.every_n_steps=0"], "error: fewshot.every_n_steps must be at least 1 (the curves), got 0"),
+    (["data.global_batch=4096"], "error: data.global_batch=4096 is more than the 4000 training samples; lower "),
     (["fewshot.shots=500"], "error: class 0 has only 400 training example(s), fewer than the 500 shots asked for;"),
 ])
 def test_user_errors_are_one_line_and_write_nothing(tmp_path, args, message, short_run, tiny_experiment):
@@ -234,17 +237,25 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path, args, message, sho
     assert not any(tmp_path.iterdir())
 
 
-def test_too_few_shards_fail_before_anything_is_written(tmp_path, shard_data, tiny_experiment):
+def test_too_few_streamed_shards_fail_before_anything_is_written(tmp_path, shards, shard_data, tiny_experiment):
+    # compressed shards cannot be read sample by sample: each loader worker streams shards of its own
+    streamed = tmp_path / "streamed"
+    shutil.copytree(shards.root / "train", streamed)
+    for tar in streamed.glob("*.tar"):
+        tar.write_bytes(gzip.compress(tar.read_bytes()))
+    runs = tmp_path / "runs"
     r = CliRunner().invoke(app, ["shuffle-experiment", *tiny_experiment, "data=imagenet", *shard_data,
-                                 "data.num_workers=2", "model.patch_size=8", f"run_root={tmp_path}"])
+                                 f"data.train_path={streamed}", "data.num_workers=2", "model.patch_size=8",
+                                 f"run_root={runs}"])
     assert r.exit_code == 2, r.output
     assert r.output == ("error: 1 training shard(s) cannot feed 1 rank(s) x 2 loader worker(s) = 2; write smaller "
                         "shards (mixer data write --shard-size) or lower data.num_workers\n")
-    assert not any(tmp_path.iterdir())
+    assert not runs.exists()
 
 
 def test_command_writes_curves_table_and_permutations(tmp_path, shard_data, tiny_experiment):
-    tiny_data = ["data=imagenet", *shard_data, "data.num_workers=0", "model.patch_size=8", "fewshot.shots=2"]
+    tiny_data = ["data=imagenet", *shard_data, "data.num_workers=0", "model.patch_size=8", "fewshot.shots=2",
+                 "data.global_batch=8"]  # of 16 training images
     r = CliRunner().invoke(app, ["shuffle-experiment", *tiny_experiment, *tiny_data,
                                  "shuffle.pipelines=[original,patch_pixel]", f"run_root={tmp_path}"],
                            env={"COLUMNS": "200"})

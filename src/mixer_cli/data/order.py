@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -68,12 +68,13 @@ class SeededSamples(Dataset):
 
 class GlobalBatchSampler:
     """This rank's micro-batches of (epoch, index) keys, `accumulate` per global batch of
-    world x accumulate x device_batch samples. Stateful for torchdata's StatefulDataLoader; Lightning
-    calls `set_epoch` before every epoch."""
+    world x accumulate x device_batch samples, cut from `order(epoch)` (epoch_order, or a source's
+    own, such as the shard-aware order of data/indexed_shards.py). Stateful for torchdata's
+    StatefulDataLoader; Lightning calls `set_epoch` before every epoch."""
 
-    def __init__(self, num_samples: int, seed: int, device_batch: int, accumulate: int = 1, world: int = 1,
-                 rank: int = 0):
-        self.num_samples, self.seed = num_samples, seed
+    def __init__(self, order: Callable[[int], torch.Tensor], num_samples: int, device_batch: int, accumulate: int = 1,
+                 world: int = 1, rank: int = 0):
+        self.order, self.num_samples = order, num_samples  # order(epoch): a permutation of range(num_samples)
         self.device_batch, self.accumulate, self.world, self.rank = device_batch, accumulate, world, rank
         self.global_batch = device_batch * accumulate * world
         self.epoch, self.given = 0, 0
@@ -97,7 +98,7 @@ class GlobalBatchSampler:
             (self.epoch, self.given), self._loaded = self._loaded, None
         else:
             self.given = 0
-        order = epoch_order(self.num_samples, self.seed, self.epoch)
+        order = self.order(self.epoch)
         while self.given < len(self):
             indices = self.micro_batch(order, self.given)
             self.given += 1

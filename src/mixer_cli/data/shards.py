@@ -1,13 +1,15 @@
 """Webdataset shards as training and evaluation sources.
 
-Training (`TrainShards`): the shard list is split by node and by worker into disjoint subsets, so
-different ranks see different data; each (rank, worker) streams its subset, reshuffled every pass,
-through a shuffle buffer, with a seed of its own for every epoch. The epoch length is set on the
-loader: a rank yields exactly `batches_per_epoch` batches per epoch however many workers share them,
-so step counts match `samples per epoch / global batch` under DDP, and no rank ever runs dry (no
-DDP hang). The stream is resumable (`state_dict`): a continued run rebuilds the epoch's stream from
-its seed and skips, before decoding, the samples the stopped run had taken, so it yields exactly
-the batches the stopped run would have yielded next.
+Training on local shards reads them sample by sample, in the order the seed fixes (`IndexedShards`,
+data/indexed_shards.py). Training on shards that cannot be seeked in (URLs, pipes, compressed tars)
+streams them (`TrainShards`): the shard list is split by node and by worker into disjoint subsets,
+so different ranks see different data; each (rank, worker) streams its subset, reshuffled every
+pass, through a shuffle buffer, with a seed of its own for every epoch. The epoch length is set on
+the loader: a rank yields exactly `batches_per_epoch` batches per epoch however many workers share
+them, so step counts match `samples per epoch / global batch` under DDP, and no rank ever runs dry
+(no DDP hang). The stream is resumable (`state_dict`): a continued run rebuilds the epoch's stream
+from its seed and skips, before decoding, the samples the stopped run had taken, so it yields
+exactly the batches the stopped run would have yielded next.
 Evaluation (`EvalShards`): every shard is read exactly once, split by node and by worker, last
 batch partial: no sample is dropped or duplicated across ranks. With `with_keys` its batches carry
 the samples' keys as a third element (the ReaL labels read ImageNet's validation image numbers from them).
@@ -17,11 +19,9 @@ from __future__ import annotations
 
 import glob
 import itertools
-import logging
 import random
 import re
 import tarfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,11 @@ from omegaconf import DictConfig
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from mixer_cli.core.errors import UserError
+from mixer_cli.data.indexed_shards import IndexedShards, seekable
+from mixer_cli.data.shard_samples import SkipCorrupt, decoded_samples
 from mixer_cli.data.subsets import Selection
-from mixer_cli.data.tar_stream import samples_of_tars
 from mixer_cli.data.transforms import hands_over_uint8
 from mixer_cli.data.writer import INDEX, read_index
-
-log = logging.getLogger(__name__)
-IMAGE_KEYS = "jpg;jpeg;png;webp"
 
 
 def rank_and_world(placed: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -102,69 +100,6 @@ def resolve_shards(path: str, size: int | None, key: str) -> tuple[list[str], in
     if missing:
         raise UserError(f"{len(missing)} of {len(urls)} shards of data.{key} are missing, e.g. {missing[0]}")
     return urls, size
-
-
-class SkipCorrupt:
-    """Webdataset error handler: skip the sample (or the rest of a truncated shard), count, log.
-    So many failures in a row with no good sample between means the data is broken, not a few
-    samples: stop then, rather than let an endless training stream spin without yielding."""
-
-    MAX_IN_A_ROW = 1000
-
-    def __init__(self):
-        self.count = 0
-        self.in_a_row = 0
-
-    def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        self.in_a_row += 1
-        log.warning("data: skipped corrupt sample #%d in this loader worker: %s", self.count, str(exn)[:200])
-        if self.in_a_row >= self.MAX_IN_A_ROW:
-            raise UserError(f"{self.in_a_row} corrupt samples in a row, the last: {str(exn)[:200]}; check the shards")
-        return True
-
-    def good(self, samples):
-        """Pipeline stage after decoding: each sample that got through ends a run of failures."""
-        for sample in samples:
-            self.in_a_row = 0
-            yield sample
-
-
-def decoded_samples(transform, channels: int, handler: SkipCorrupt, selection: Selection | None = None,
-                    num_classes: int | None = None, decoded: bool = True, keys: bool = False):
-    """Pipeline stages: tar streams -> (image, label) pairs, of the samples that `selection` keeps (by
-    key, before anything is decoded). The image is decoded to PIL (decoded=False: its bytes, for the
-    uint8 and GPU-decode paths) and transformed; the label is `.cls` (one class) or `.labels` (several,
-    e.g. "3,17,42" for multi-label data such as JFT-300M), which becomes a multi-hot row. keys=True:
-    (image, label, key) triples."""
-    keep = [] if selection is None or selection.everything else [wds.select(lambda s: selection.keeps(s["__key__"]))]
-    images = ["pil" if channels == 3 else "pill"] if decoded else []
-    return [
-        partial(samples_of_tars, handler=handler),
-        *keep,
-        wds.decode(*images, handler=handler),
-        wds.to_tuple(IMAGE_KEYS, "cls;labels", *(["__key__"] if keys else []), handler=handler),
-        wds.map_tuple(transform or encoded_bytes, partial(parse_label, num_classes=num_classes), handler=handler),
-        handler.good,
-    ]
-
-
-def encoded_bytes(raw: bytes) -> bytes:
-    """The GPU-decode path's image: the file's bytes, for the device to decode."""
-    return raw
-
-
-def parse_label(value, num_classes: int | None):
-    """`.cls` -> the class index; `.labels` (text of class indices) -> a multi-hot float row."""
-    if isinstance(value, int):
-        return value
-    text = value.decode() if isinstance(value, bytes) else str(value)
-    classes = [int(c) for c in text.replace(",", " ").split()]
-    if num_classes is None or any(not 0 <= c < num_classes for c in classes):
-        raise ValueError(f"labels {text!r} outside 0..{num_classes} (data.num_classes)")
-    row = torch.zeros(num_classes)
-    row[classes] = 1.0
-    return row
 
 
 class TrainShards(IterableDataset):
@@ -339,11 +274,17 @@ def tar_keys(path: str) -> list[str]:
     return list(dict.fromkeys(re.sub(r"\.[^/]*$", "", n) for n in names if "." in n.rsplit("/", 1)[-1]))
 
 
-def train_shards(data: DictConfig, transform, seed: int, selection: Selection | None = None) -> TrainShards:
+def train_shards(data: DictConfig, transform, seed: int, selection: Selection | None = None):
+    """Local shards as IndexedShards, read in the order the seed fixes (data/indexed_shards.py); others
+    (URLs, pipes, compressed tars) as a stream that each rank and worker shuffles (TrainShards)."""
     urls, size = resolve_shards(data.train_path, data.get("train_size"), "train_path")
+    shuffle_buffer = data.get("shuffle_buffer", 10_000)
+    if all(seekable(url) for url in urls):
+        return IndexedShards(urls, transform, data.channels, shuffle_buffer, selection, data.num_classes,
+                             not hands_over_uint8(data))
     if not size:
         raise UserError("set data.train_size (samples per epoch) for a shard pattern, e.g. data.train_size=50000")
-    return TrainShards(urls, size, transform, data.channels, data.get("shuffle_buffer", 10_000), seed, selection,
+    return TrainShards(urls, size, transform, data.channels, shuffle_buffer, seed, selection,
                        data.num_classes, not hands_over_uint8(data))
 
 

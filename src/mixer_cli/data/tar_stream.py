@@ -99,8 +99,21 @@ def pax_records(data: bytes) -> dict[str, str]:
 
 def members(stream) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file of a tar stream, in order."""
-    stream = uncompressed(stream)
-    long_name, pax = None, {}
+    for name, _, _, data in walk(uncompressed(stream)):
+        yield name, data
+
+
+def member_spans(file) -> Iterator[tuple[str, int, int]]:
+    """(name, start, end) of each regular file of an uncompressed tar file open for reading: its bytes
+    from its first header (extension headers included) to the end of its data, which is skipped,
+    not read. Those bytes alone are a tar stream that `members` reads."""
+    for name, start, end, _ in walk(file, read=False):
+        yield name, start, end
+
+
+def walk(stream, read: bool = True) -> Iterator[tuple[str, int, int, bytes | None]]:
+    """(name, start, end, bytes) of each regular file; without `read`, the data is seeked over (None)."""
+    long_name, pax, pos, start = None, {}, 0, 0
     while True:
         header = stream.read(BLOCK)
         if len(header) < BLOCK or not any(header):  # the end-of-archive blocks, or an archive without them
@@ -112,7 +125,13 @@ def members(stream) -> Iterator[tuple[str, bytes]]:
         kind = header[156:157]
         extension = kind in (PAX, GLOBAL_PAX, GNU_LONGNAME, GNU_LONGLINK)  # headers about the next member
         size = int(pax["size"]) if "size" in pax and not extension else number(header[124:136])  # past 8 GiB
-        data = read_exactly(stream, size + -size % BLOCK, "member")[:size]
+        padded = size + -size % BLOCK
+        pos += BLOCK + padded
+        if read or extension:
+            data = read_exactly(stream, padded, "member")[:size]
+        else:
+            data = None
+            stream.seek(padded, 1)
         if kind == PAX:
             pax = pax_records(data)
             continue
@@ -129,7 +148,8 @@ def members(stream) -> Iterator[tuple[str, bytes]]:
             name = f"{prefix}/{name}"
         long_name, pax = None, {}
         if kind in REGULAR and not name.endswith("/"):
-            yield name, data
+            yield name, start, pos, data
+        start = pos
 
 
 def samples_of_tars(sources: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:

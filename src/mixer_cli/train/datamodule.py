@@ -15,6 +15,7 @@ evaluating leaves the training's random stream as it was.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import lightning as L
 import torch
@@ -23,7 +24,8 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mixer_cli.data.order import GlobalBatchSampler, SeededSamples
+from mixer_cli.data.indexed_shards import IndexedShards
+from mixer_cli.data.order import GlobalBatchSampler, SeededSamples, epoch_order
 from mixer_cli.data.shards import TrainShards
 from mixer_cli.data.workers import worker_init
 from mixer_cli.train.preemption import every_rank
@@ -115,7 +117,10 @@ class ImageDataModule(L.LightningDataModule):
             return self._loader(self.train_set, EveryRankLoader, batch_size=None,
                                 batches_per_epoch=self.micro_batches_per_epoch)
         world, rank = self._world()
-        sampler = GlobalBatchSampler(len(self.train_set), self.seed, self.device_batch, self.accumulate, world, rank)
+        n = len(self.train_set)
+        order = (partial(self.train_set.order, self.seed) if isinstance(self.train_set, IndexedShards)
+                 else partial(epoch_order, n, self.seed))
+        sampler = GlobalBatchSampler(order, n, self.device_batch, self.accumulate, world, rank)
         return self._loader(SeededSamples(self.train_set, self.seed), EveryRankLoader, batch_sampler=sampler,
                             batches_per_epoch=self.micro_batches_per_epoch)
 

@@ -62,9 +62,13 @@ def build_datasets(cfg: DictConfig) -> Splits:
 
 
 def check_data(cfg: DictConfig, train_set, world_size: int) -> None:
-    """Too few shards for ranks x loader workers: say so before anything runs or is written."""
-    if hasattr(train_set, "check_split"):
+    """A training set that cannot give a global batch, or too few streamed shards for ranks x loader
+    workers: say so before anything runs or is written."""
+    if hasattr(train_set, "check_split"):  # a stream resamples its shards: its epoch is data.train_size
         train_set.check_split(world_size, cfg.data.num_workers)
+    elif len(train_set) < cfg.data.global_batch:
+        raise UserError(f"data.global_batch={cfg.data.global_batch} is more than the {len(train_set)} training "
+                        "samples; lower data.global_batch")
 
 
 def preprocessing(cfg: DictConfig) -> dict:
