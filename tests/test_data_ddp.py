@@ -28,8 +28,10 @@ def test_two_ranks_see_disjoint_training_data_right_steps_and_exact_evaluation(t
     res0, res1 = r0["results"], r1["results"]
     assert res0["steps"] == res1["steps"] == res0["planned_steps"] == 2 * (40 // 8)  # 2 epochs of 40 / batch 8
     assert len(r0["train"]) == len(r1["train"]) == 2 * 5 * 4  # steps x device batch 4
-    assert not set(r0["train"]) & set(r1["train"])  # disjoint shards per rank
-    assert set(r0["train"]) | set(r1["train"]) == set(range(40))
+    for epoch in (0, 1):  # each epoch's 40 samples split over the ranks, reshuffled the next epoch
+        mine, theirs = (set(r["train"][epoch * 20:(epoch + 1) * 20]) for r in (r0, r1))
+        assert not mine & theirs and mine | theirs == set(range(40))
+    assert r0["train"][:20] != r0["train"][20:]
 
     # Exact, unpadded evaluation: 21 samples once each over both ranks, twice (one per epoch; the run
     # ends on an epoch's evaluation, so none more).

@@ -64,21 +64,27 @@ def test_a_rank_takes_whole_micro_batches_and_every_sample_at_most_once_an_epoch
     assert len(taken) == 8 * 120 and set(taken.values()) == {1}
 
 
-@pytest.mark.parametrize("stop_after", [0, 5, 12])
+@pytest.mark.parametrize("stop_after", [0, 5, 11, 12])
 def test_a_loaded_sampler_continues_with_the_next_micro_batch(stop_after):
-    left_alone = GlobalBatchSampler(partial(epoch_order, 200, 3), 200, 8, 2, 2, 1)
-    left_alone.set_epoch(2)
-    expected = list(left_alone)
-    stopped = GlobalBatchSampler(partial(epoch_order, 200, 3), 200, 8, 2, 2, 1)
-    stopped.set_epoch(2)
+    def sampler(epoch: int | None = None) -> GlobalBatchSampler:
+        made = GlobalBatchSampler(partial(epoch_order, 200, 3), 200, 8, 2, 2, 1)  # 12 micro-batches an epoch
+        if epoch is not None:
+            made.set_epoch(epoch)
+        return made
+
+    expected = list(sampler(2)) + list(sampler(3))
+    stopped = sampler(2)
     taken = [keys for _, keys in zip(range(stop_after), stopped)]
     state = stopped.state_dict()
     assert state == {"epoch": 2, "given": stop_after}
-    continued = GlobalBatchSampler(partial(epoch_order, 200, 3), 200, 8, 2, 2, 1)
+    continued = sampler()  # a new process: its epoch comes from the state
     continued.load_state_dict(state)
-    assert taken + list(continued) == expected
-    continued.set_epoch(3)
-    assert [i for _, i in next(iter(continued))] == epoch_order(200, 3, 3)[16:24].tolist()  # j = rank 1 x 2 + slot 0
+    if stop_after < 12:
+        after = list(continued) + list(sampler(3))
+    else:  # saved at the epoch's last micro-batch: it goes on with the next epoch (Lightning sets it later)
+        after = list(continued)
+    assert taken + after == expected
+    assert [i for _, i in expected[12]] == epoch_order(200, 3, 3)[16:24].tolist()  # j = rank 1 x 2 + slot 0
 
 
 def test_seeded_draws_repeat_and_leave_the_outer_generators_as_they_were():
@@ -237,3 +243,16 @@ def test_compressed_or_remote_shards_are_streamed(tmp_path, index_shards):
     packed.write_bytes(gzip.compress((tmp_path / "s" / "shard-000000.tar").read_bytes()))
     assert seekable(str(tmp_path / "s" / "shard-000000.tar"))
     assert not seekable(str(packed)) and not seekable("https://example.com/a.tar") and not seekable("pipe:cat a.tar")
+
+
+def test_lightning_sets_the_epoch_of_the_training_loaders_sampler():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    from mixer_cli.train.datamodule import ImageDataModule
+
+    dataset = demo_training_set().dataset  # the DataModule seeds the samples itself
+    loader = ImageDataModule(dataset, 8, 0, train_set=dataset, micro_batches_per_epoch=8).train_dataloader()
+    first = [i for _, i in next(iter(loader.batch_sampler))]
+    _set_sampler_epoch(loader, 3)  # as Lightning's fit loop does before every epoch
+    assert loader.batch_sampler.epoch == 3 and next(iter(loader))[1].shape == (8,)
+    assert [i for _, i in next(iter(loader.batch_sampler))] == epoch_order(64, 0, 3)[:8].tolist() != first

@@ -87,6 +87,11 @@ class GlobalBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> GlobalBatchSampler:
+        """Lightning sets the epoch of a batch sampler's `sampler` (torch's BatchSampler has one), not its own."""
+        return self
+
     def micro_batch(self, order: torch.Tensor, given: int) -> list[int]:
         """The samples of this rank's micro-batch number `given` of the epoch, in `order`."""
         batch, slot = divmod(given, self.accumulate)
@@ -96,6 +101,8 @@ class GlobalBatchSampler:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self._loaded is not None:
             (self.epoch, self.given), self._loaded = self._loaded, None
+            if self.given >= len(self):  # saved at the epoch's last micro-batch: the next epoch's start
+                self.epoch, self.given = self.epoch + 1, 0
         else:
             self.given = 0
         order = self.order(self.epoch)
@@ -107,6 +114,5 @@ class GlobalBatchSampler:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "given": self.given}
 
-    def load_state_dict(self, state: dict | None) -> None:
-        """None: an iteration that had ended (train/datamodule.py); the next one starts the epoch Lightning sets."""
-        self._loaded = (state["epoch"], state["given"]) if state is not None else None
+    def load_state_dict(self, state: dict) -> None:
+        self._loaded = (state["epoch"], state["given"])

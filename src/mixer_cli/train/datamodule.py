@@ -71,15 +71,11 @@ def batches_given(state: dict) -> int:
 
 
 def ended(state: dict) -> dict:
-    """The state as torchdata saves an iteration that has reached its end: the next one starts an epoch,
-    its sampler at the start (the sampler's state is its position in the ended epoch); the dataset's
-    and the workers' states (shard epochs, random generators) are kept."""
-    fresh_sampler = {"_index_sampler_state": None, "_sampler_iter_state": None}
-    if "_snapshot" not in state:
-        return {**state, **fresh_sampler, "_iterator_finished": True}
-    snapshot = state["_snapshot"]
-    return {**state, "_iterator_finished": True,
-            "_snapshot": {**snapshot, "_main_snapshot": {**snapshot["_main_snapshot"], **fresh_sampler}}}
+    """The state as torchdata saves an iteration that has reached its end: the next one starts an epoch.
+    The sampler's, the dataset's and the workers' states are kept: GlobalBatchSampler, whose state is
+    its position in the ended epoch, starts the next one (Lightning sets a batch sampler's epoch only
+    after the loader's workers have taken their first batches); a shard stream knows its epoch."""
+    return {**state, "_iterator_finished": True}
 
 
 class ImageDataModule(L.LightningDataModule):
