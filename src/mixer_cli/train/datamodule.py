@@ -1,10 +1,10 @@
 """The LightningDataModule over two built datasets.
 
-Map-style sources (demo, image folder): our GlobalBatchSampler (data/order.py) gives each rank its
-micro-batches of global batches that the seed alone fixes, and each sample's augmentation is seeded
-by (seed, epoch, sample); evaluation uses an unpadded sampler so no sample is counted twice.
-Shards: the dataset batches itself and yields `micro_batches_per_epoch` batches per rank and epoch,
-so every rank takes the same number of optimiser steps (no DDP hang).
+Map-style sources (demo, image folder, local shards): our GlobalBatchSampler (data/order.py) gives
+each rank its micro-batches of global batches that the seed alone fixes, and each sample's
+augmentation is seeded by (seed, epoch, sample); evaluation uses an unpadded sampler so no sample is
+counted twice. Streamed shards: the dataset batches itself and yields `micro_batches_per_epoch`
+batches per rank and epoch, so every rank takes the same number of optimiser steps (no DDP hang).
 
 The training loader is torchdata's StatefulDataLoader: Lightning keeps its position (the sampler's
 count; the shard stream's `state_dict` and random generators in every worker) in each checkpoint, so
