@@ -5,6 +5,7 @@ import gzip
 import io
 import os
 import random
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -137,9 +138,16 @@ MAX_ABS = 1e-3  # reduction order: 4.3e-4 (accumulation), 4.9e-4 (2 ranks) measu
 
 def pretrain_in(run_root, *overrides: str) -> dict[str, torch.Tensor]:
     env = {k: v for k, v in os.environ.items() if k not in ("MIXER_RUN_DIR", "LOCAL_RANK", "RANK")}
-    r = subprocess.run([sys.executable, "-m", "mixer_cli.cli", "pretrain", *overrides, f"run_root={run_root}"],
-                       cwd=run_root.parent, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # a session of its own: a run that hangs is ended with every rank and loader worker it started
+    proc = subprocess.Popen([sys.executable, "-m", "mixer_cli.cli", "pretrain", *overrides, f"run_root={run_root}"],
+                            cwd=run_root.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the run hung: {proc.communicate()[1][-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
     (run,) = (run_root / "pretrain").iterdir()
     return torch.load(run / "last.ckpt", weights_only=True)["state_dict"]
 
@@ -234,6 +242,7 @@ def test_a_damaged_sample_gives_way_to_the_next_and_a_damaged_header_ends_the_sh
     assert len(dataset) == 3 and [dataset[i][1] for i in range(3)] == [0, 2, 2] and dataset.corrupt.count == 1
     raw[spans[1][0] + 148] ^= 0xFF  # sample 1's first header's checksum: the stream reads no further either
     shard.write_bytes(bytes(raw))
+    assert dataset[1][1] == 2 and dataset.corrupt.count == 2  # damaged since it was indexed: counted too
     assert len(IndexedShards([str(shard)], None, channels=3, window=3)) == 1
 
 

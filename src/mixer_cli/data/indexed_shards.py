@@ -77,21 +77,21 @@ def cached_index(path: str) -> Path:
 
 def indexed_spans(urls: list[str]) -> list[tuple[list[str], np.ndarray]]:
     """cached_spans of each shard, with a progress bar while shards not indexed before are read."""
-    new = sum(not cached_index(url).is_file() for url in urls)
+    indexes = [cached_index(url) for url in urls]
+    new = sum(not index.is_file() for index in indexes)
     if not new:
-        return [cached_spans(url) for url in urls]
+        return [cached_spans(url, index) for url, index in zip(urls, indexes)]
     spans = []
     with counting_progress(err_console) as bar:
         task = bar.add_task(f"indexing {new} shard(s), once", total=len(urls))
-        for url in urls:
-            spans.append(cached_spans(url))
+        for url, index in zip(urls, indexes):
+            spans.append(cached_spans(url, index))
             bar.advance(task)
     return spans
 
 
-def cached_spans(path: str) -> tuple[list[str], np.ndarray]:
-    """sample_spans, read once per version of the file and kept in the cache folder."""
-    cached = cached_index(path)
+def cached_spans(path: str, cached: Path) -> tuple[list[str], np.ndarray]:
+    """sample_spans, read once per version of the file and kept at `cached` (cached_index)."""
     if cached.is_file():
         with np.load(cached) as saved:
             return saved["keys"].tolist(), saved["spans"]
@@ -108,12 +108,13 @@ def shard_aware_order(counts: list[int], window: int, seed: int, epoch: int) -> 
     within each window of consecutive shards holding at least `window` samples."""
     g = torch.Generator().manual_seed(derived_seed(seed, "shards", epoch))
     starts = np.concatenate([[0], np.cumsum(counts)])
-    order, pending = [], []
+    order, pending, pending_samples = [], [], 0
     for shard in torch.randperm(len(counts), generator=g).tolist():
         pending.append(torch.arange(starts[shard], starts[shard + 1]))
-        if sum(map(len, pending)) >= window:
+        pending_samples += counts[shard]
+        if pending_samples >= window:
             order.append(shuffled(torch.cat(pending), g))
-            pending = []
+            pending, pending_samples = [], 0
     if pending:
         order.append(shuffled(torch.cat(pending), g))
     return torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
@@ -173,11 +174,21 @@ class IndexedShards(Dataset):
         start, end = self.spans[index]
         raw = os.pread(self.descriptor(shard), int(end - start), int(start))
         url = self.urls[shard]
-        files = [{"fname": name, "data": data, "__url__": url} for name, data in members_of(raw, url)]
+        files = [{"fname": name, "data": data, "__url__": url} for name, data in self.members_of(raw, url)]
         samples = group_by_keys(iter([*files, {}]))
         for stage in self.stages:
             samples = stage(samples)
         return next(iter(samples), None)
+
+    def members_of(self, raw: bytes, url: str) -> list[tuple[str, bytes]]:
+        """The members of one sample's bytes; a damaged sample gives none, and the corrupt-sample
+        handler counts it (the decode stages, its other caller, never see it)."""
+        try:
+            return [(name, data) for name, _, _, data in walk(io.BytesIO(raw))]
+        except tarfile.ReadError as e:
+            e.args = (*e.args, url)
+            self.corrupt(e)
+            return []
 
     def descriptor(self, shard: int) -> int:
         """The shard's file, open; at most OPEN_FILES at once (ImageNet-21k has thousands of shards)."""
@@ -191,13 +202,3 @@ class IndexedShards(Dataset):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_files": OrderedDict()}  # a loader worker started by pickling opens its own
-
-
-def members_of(raw: bytes, url: str):
-    """The members of one sample's bytes; a damaged sample gives none (the decode stages' handler
-    never sees it, so it is counted here)."""
-    try:
-        return [(name, data) for name, _, _, data in walk(io.BytesIO(raw))]
-    except tarfile.ReadError as e:
-        log.warning("data: skipped a damaged sample in %s: %s", url, e)
-        return []
