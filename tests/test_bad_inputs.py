@@ -33,6 +33,7 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
 from mixer_cli.data.folder import UnreadableImage
 from mixer_cli.data.subsets import Selection
+from mixer_cli.data.workers import worker_init
 from mixer_cli.models.checkpoints import export_safetensors
 
 
@@ -109,6 +110,31 @@ def write_data(d: Path) -> None:
         (d / name).mkdir()
         (d / name / "index.json").write_text(text)
     (d / "no-index").mkdir()
+    write_hf_data(d / "hf")
+
+
+def write_hf_data(d: Path) -> None:
+    """Hugging Face data sets: good ones, a row labelled beyond num_classes, a first image that is not
+    one, parquet files of two schemas, a DatasetDict folder, and a folder of the Hub's files of two splits."""
+    from hf_sets import hf_rows, write_hf
+
+    good = io.BytesIO()
+    Image.fromarray(np.full((28, 28), 128, np.uint8)).save(good, "PNG")
+    pixels = [good.getvalue()] * 3
+    write_hf(hf_rows(pixels, [0, 1, 0], ["a", "b"]), d / "good", files=1)
+    write_hf(hf_rows(pixels, [0, 1, 5]), d / "label-5", files=1)
+    write_hf(hf_rows(pixels, [0, -1, 1]), d / "unlabelled", files=1)
+    write_hf(hf_rows([b"GIF89a, then nothing", *pixels[1:]], [0, 1, 0], ["a", "b"]), d / "not-an-image", files=1)
+    other = hf_rows(pixels, [0, 1, 0], ["a", "b"], label_key="class")
+    other.to_parquet(str(d / "good" / "parquet" / "part-other.parquet"))
+    shutil.copytree(d / "good" / "parquet", d / "two-schemas")
+    (d / "good" / "parquet" / "part-other.parquet").unlink()
+    from datasets import DatasetDict
+
+    DatasetDict({"train": other, "test": other}).save_to_disk(str(d / "dataset-dict"))
+    (d / "hub").mkdir()
+    for split in ("train", "validation"):
+        shutil.copy(d / "good" / "parquet" / "part-0.parquet", d / "hub" / f"{split}-00000-of-00001.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +163,11 @@ CKPT = "--from={files}/ckpt.safetensors"
 SHARDS = ["data.source=shards", "data.train_path={files}/%s", "data.eval_path={files}/%s"]
 FOLDER = ["data=folder", "data.train_path={files}/%s", "data.eval_path={files}/%s", "data.num_classes=2",
           "data.img_size=28", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]"]
+
+
+def hf(path: str, *more: str) -> list[str]:
+    return ["data=hf", f"data.train_path={{files}}/hf/{path}", f"data.eval_path={{files}}/hf/{path}",
+            "data.img_size=28", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", *more]
 
 
 def shards(folder: str) -> list[str]:
@@ -200,7 +231,7 @@ CASES = [
     (["pretrain", "data.num_classes=1"], "data.num_classes must be a whole number >= 2, got 1"),
     (["pretrain", "data.interpolation=cubic"],
      "data.interpolation must be one of bilinear, bicubic, nearest, box, hamming, lanczos, got 'cubic'"),
-    (["pretrain", "data.source=hdf5"], "data.source must be one of demo, digits, folder, shards, got 'hdf5'"),
+    (["pretrain", "data.source=hdf5"], "data.source must be one of demo, digits, folder, shards, hf, got 'hdf5'"),
     (["pretrain", "data.dev_fraction=1.0"], "data.dev_fraction must be a number in [0, 1), got 1.0"),
     (["pretrain", "data.train_fraction=0"], "data.train_fraction must be a number in (0, 1], got 0"),
     (["pretrain", "aug.mixup=-1"], "aug.mixup must be a number >= 0, got -1"),
@@ -234,6 +265,28 @@ CASES = [
     pytest.param(["pretrain", *shards("index-truncated")], names("index-truncated/index.json")),
     pytest.param(["pretrain", *shards("index-list")], names("index-list/index.json")),
     pytest.param(["pretrain", *shards("index-missing-shard")], names("index-missing-shard/shard-000000.tar")),
+    # ---- data=hf: Hugging Face datasets
+    (["pretrain", *hf("nowhere")], "no Hugging Face data set at data.train_path={files}/hf/nowhere: give a folder "
+     "that save_to_disk wrote, or parquet files (a file, a folder of them, or a glob)"),
+    (["pretrain", *hf("good/disk", "data.label_key=fine_label")],
+     "data.train_path={files}/hf/good/disk has no column 'fine_label' (data.label_key); its columns: image, label; "
+     "set data.label_key=..."),
+    (["pretrain", *hf("good/parquet", "data.num_classes=3")], "data.train_path={files}/hf/good/parquet has 2 classes "
+     "(the ClassLabel of 'label'), data.num_classes=3; set data.num_classes=2"),
+    (["pretrain", *hf("label-5/parquet", "data.num_classes=2")], "data.train_path={files}/hf/label-5/parquet: row 2 "
+     "has label 5, outside 0..1 (2 classes; 1 such label(s); the Hub marks unlabelled rows -1)"),
+    (["pretrain", *hf("not-an-image/disk")], "data.train_path={files}/hf/not-an-image/disk: cannot read the image "
+     "of row 0 (column 'image'): not an image PIL reads"),
+    (["pretrain", *hf("two-schemas")], "data.train_path={files}/hf/two-schemas: {files}/hf/two-schemas/"
+     "part-other.parquet has columns (image, class) unlike {files}/hf/two-schemas/part-0.parquet (image, label): "
+     "a split's parquet files must share one schema"),
+    (["pretrain", *hf("dataset-dict")], "data.train_path={files}/hf/dataset-dict holds the splits test, train (a "
+     "DatasetDict): name one, e.g. data.train_path={files}/hf/dataset-dict/test"),
+    (["pretrain", *hf("hub")], "data.train_path={files}/hf/hub holds parquet files of the splits train, validation: "
+     "name one with a glob, e.g. data.train_path='{files}/hf/hub/**/validation-*.parquet'"),
+    (["eval", CKPT, "data=hf", "data.eval_path={files}/hf/good/parquet", "data.image_key=img"],
+     "data.eval_path={files}/hf/good/parquet has no column 'img' (data.image_key); its columns: image, label; set "
+     "data.image_key=..."),
     (["pretrain", *folder("nowhere")], "no image folder at data.train_path={files}/nowhere; set data.train_path=... "
                                        "(or the MIXER_DATA root)"),
     (["pretrain", *folder("flat-folder")], Match(r"data\.train_path={files}/flat-folder: .*class folder.*")),
@@ -299,7 +352,13 @@ CASES = [
     (["export", CKPT, "--to={tmp}/no/m.safetensors"], "--to {tmp}/no/m.safetensors: folder {tmp}/no does not exist"),
     # ---- data write, data bench
     (["data", "write", "--from={files}/nowhere", "--to={tmp}/shards"],
-     "--from {files}/nowhere: no such folder; give an image folder (a sub-folder per class) or 'demo'"),
+     "--from {files}/nowhere: no such folder; give an image folder (a sub-folder per class), hf:PATH (a Hugging Face "
+     "data set) or 'demo'"),
+    (["data", "write", "--from=hf:{files}/hf/dataset-dict", "--to={tmp}/shards"], "--from hf:{files}/hf/dataset-dict "
+     "holds the splits test, train (a DatasetDict): name one, e.g. --from hf:{files}/hf/dataset-dict/test"),
+    (["data", "write", "--from=hf:{files}/hf/unlabelled/parquet", "--to={tmp}/shards"], "--from hf:{files}/hf/"
+     "unlabelled/parquet: row 1 has label -1, outside 0..1 (2 classes; 1 such label(s); the Hub marks unlabelled rows "
+     "-1)"),
     (["data", "write", "--from={files}/flat-folder", "--to={tmp}/shards"],
      "{files}/flat-folder has no class sub-folders; expected {files}/flat-folder/<class>/<image files>"),
     (["data", "write", "--from={files}/folder", "--to={files}/folder"],
@@ -393,8 +452,11 @@ def test_training_puts_the_next_image_in_place_of_an_unreadable_one_and_evaluati
     with pytest.raises(UnreadableImage) as e:
         test[1]
     assert str(e.value) == line
-    with pytest.raises(UnreadableImage) as e:  # a loader worker's: torch re-raises it with its traceback
-        list(DataLoader(test, batch_size=5, num_workers=1))
+    # A loader worker's: torch re-raises it with its traceback. The worker is ours (worker_init), as in
+    # every run: once a run has made one in this process, forks block SIGTERM until it unblocks it,
+    # and a plain worker left waiting could then not be ended at exit.
+    with pytest.raises(UnreadableImage) as e:
+        list(DataLoader(test, batch_size=5, num_workers=1, worker_init_fn=worker_init()))
     assert str(e.value) == line
 
 

@@ -223,14 +223,25 @@ def test_a_one_task_slurm_job_names_its_runs_and_only_a_requeued_one_continues_o
     assert run_dir(compose([f"run_root={tmp_path}", "seed=2"]), 1).name == "slurm4242-4-demo"  # none of its config
 
 
-def write_demo_shards(root: Path, streamed: bool = False) -> list[str]:
+def write_demo_data(root: Path, form: str = "indexed") -> list[str]:
     """800 training digits in 4 shards (two per loader worker of two), 200 test digits; their overrides.
-    streamed: the training shards gzipped, so that they are streamed (TrainShards), not indexed."""
+    form: "indexed" (local tars), "streamed" (the tars gzipped, so that they are streamed, not indexed),
+    "parquet" (Hugging Face parquet files of 4 row groups, streamed), "disk" (a save_to_disk folder)."""
     classes, train = demo_samples("train")
     classes, test = demo_samples("test")
+    if form in ("parquet", "disk"):
+        from hf_sets import hf_rows
+
+        for split, samples in (("train", train[:800]), ("test", test[:200])):
+            rows = hf_rows([s.read() for s in samples], [s.label for s in samples], classes)
+            rows.save_to_disk(str(root / "disk" / split))
+            rows.to_parquet(str(root / "parquet" / f"{split}.parquet"), batch_size=200)
+        return ["data=hf", f"data.train_path={root / form / 'train'}{'.parquet' * (form == 'parquet')}",
+                f"data.eval_path={root / form / 'test'}{'.parquet' * (form == 'parquet')}", "data.img_size=28",
+                "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", "data.interpolation=bilinear"]
     write_shards(classes, train[:800], root / "train", shard_size=200)
     write_shards(classes, test[:200], root / "test", shard_size=200)
-    for tar in (root / "train").glob("*.tar") if streamed else ():
+    for tar in (root / "train").glob("*.tar") if form == "streamed" else ():
         tar.write_bytes(gzip.compress(tar.read_bytes()))
     return ["data.source=shards", f"data.train_path={root / 'train'}", f"data.eval_path={root / 'test'}"]
 
@@ -248,17 +259,19 @@ class SignalAt(Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("batch", "stop_at", "streamed"), [
-    (20, 13, False),  # inside the first epoch of 40 steps
-    (20, 13, True),
+@pytest.mark.parametrize(("batch", "stop_at", "form"), [
+    (20, 13, "indexed"),  # inside the first epoch of 40 steps
+    (20, 13, "streamed"),
+    (20, 13, "disk"),
     # one step into the second epoch of 25 steps, 13 from one loader worker and 12 from the other: the
     # second had served its share of the first epoch and had none of the second to show yet
-    (32, 26, True),
+    (32, 26, "streamed"),
+    (32, 26, "parquet"),
 ])
 def test_sigterm_mid_epoch_then_resume_continues_the_shards_as_the_run_left_alone(
-        tmp_path, warm_run, batch, stop_at, streamed):
+        tmp_path, warm_run, batch, stop_at, form):
     # In this process, to keep the test short: the signal is as real, the stop step known.
-    shards = [*warm_run, *SHARDS, f"data.global_batch={batch}", *write_demo_shards(tmp_path, streamed)]
+    shards = [*warm_run, *SHARDS, f"data.global_batch={batch}", *write_demo_data(tmp_path, form)]
     cfg = compose([*shards, f"run_root={tmp_path / 'runs'}"])
     with pytest.raises(Stopped) as stop:
         one_thread(train, cfg, SignalAt(stop_at, signal.SIGTERM))
@@ -276,7 +289,7 @@ def test_sigterm_mid_epoch_then_resume_continues_the_shards_as_the_run_left_alon
 def test_a_stop_at_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path, warm_run, source, workers):
     # Lightning ends an epoch after its batches, before the loader's own end: a loader state saved
     # there resumed the ended epoch, so the next epoch had no batches (8 of 12 steps on the demo)
-    data = write_demo_shards(tmp_path) if source == "shards" else []
+    data = write_demo_data(tmp_path) if source == "shards" else []
     batch, epoch_steps = (32, 25) if source == "shards" else (1000, 4)  # 800 shard samples, 4,000 demo images
     overrides = [*warm_run, *data, f"data.num_workers={workers}", f"data.global_batch={batch}",
                  "trainer.epochs=2"]  # epochs, not steps: a lost epoch is not made up for by a third
@@ -339,7 +352,7 @@ def test_a_signal_to_every_process_of_the_job_stops_it_as_a_signal_to_its_main_p
         sig, moment, stop_step, tmp_path, warm_run):
     (tmp_path / "job.py").write_text(JOB)
     runs = tmp_path / "runs"
-    shards = [*warm_run, *SHARDS, *write_demo_shards(tmp_path), f"run_root={runs}"]
+    shards = [*warm_run, *SHARDS, *write_demo_data(tmp_path), f"run_root={runs}"]
     job = subprocess.run([sys.executable, "job.py", str(int(sig)), moment, *shards], cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
                          capture_output=True, text=True, timeout=WAIT_S)
@@ -513,7 +526,7 @@ def test_a_training_loader_continues_from_its_state_with_the_very_batches_it_wou
         source, workers, tmp_path):
     # The loader alone, without Lightning: stopped after 3 batches, then a new one from its state_dict
     # (and, without workers, the process's generators, which RandomState restores in a run).
-    overrides = write_demo_shards(tmp_path) if source == "shards" else ["data.train_fraction=0.1"]
+    overrides = write_demo_data(tmp_path) if source == "shards" else ["data.train_fraction=0.1"]
     cfg = compose(overrides)
     first = training_loader(cfg, workers)
     left_alone, state, rng = [], None, None

@@ -398,25 +398,29 @@ app.add_typer(data_app, name="data")
 
 @data_app.command(
     "write",
-    short_help="An image folder or the demo as webdataset shards and index.json.",
+    short_help="An image folder, a Hugging Face data set or the demo as webdataset shards and index.json.",
     epilog="Examples: [bold]mixer data write --from ~/pics/train --to /data/pics/train[/] · "
+    "[bold]mixer data write --from 'hf:/data/imagenet-1k/data/validation-*.parquet' --to /data/in1k/val[/] · "
     "[bold]mixer data write --from demo --to /tmp/demo-shards --shard-size 500[/] (writes train/ and test/), then "
     "[bold]mixer pretrain data.source=shards data.train_path=/tmp/demo-shards/train "
     "data.eval_path=/tmp/demo-shards/test[/]",
 )
 @user_errors
 def data_write(
-    source: str = typer.Option(..., "--from", help="An image folder (one sub-folder per class), or 'demo'."),
+    source: str = typer.Option(..., "--from", help="An image folder (one sub-folder per class), hf:PATH (a Hugging "
+                               "Face data set's split: a save_to_disk folder or parquet files), or 'demo'."),
     out: Path = typer.Option(..., "--to", help="A new or empty folder for the shards and index.json.", file_okay=False),
     shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per shard (need >= ranks x workers shards)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample order (shards mix the classes)."),
     workers: int = typer.Option(1, "--workers", help="Processes that decode-check the images (CPU cores to use)."),
+    image_key: str = typer.Option("image", "--image-key", help="hf:PATH: the column of the images."),
+    label_key: str = typer.Option("label", "--label-key", help="hf:PATH: the column of the class numbers."),
 ):
-    """Write an image folder or the bundled demo as webdataset shards plus index.json (classes,
-    counts, shards). Unreadable or corrupt images are reported and skipped."""
+    """Write an image folder, a Hugging Face data set or the bundled demo as webdataset shards plus
+    index.json (classes, counts, shards). Unreadable or corrupt images are reported and skipped."""
     from mixer_cli.commands.data_write import data_write as write
 
-    write(source, out, shard_size, seed, workers)
+    write(source, out, shard_size, seed, workers, image_key, label_key)
 
 
 @data_app.command(

@@ -85,6 +85,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     """Resolve interpolations and check that every required value is set and of the right kind."""
     check_table_choice(cfg, "target", "targets", "fine-tuning target")
     check_table_choice(cfg, "subset", "subsets", "subset")
+    fill_num_classes(cfg)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -94,6 +95,16 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise UserError(f"config value(s) {', '.join(sorted(missing))} must be set, e.g. {sorted(missing)[0]}=...")
     check_config(cfg)
     return cfg
+
+
+def fill_num_classes(cfg: DictConfig) -> None:
+    """data=hf with data.num_classes null: the number the label column's ClassLabel gives, before the
+    model's head size interpolates it."""
+    data = cfg.get("data")
+    if data is not None and data.get("source") == "hf" and data.get("num_classes") is None:
+        from mixer_cli.data.hf_source import hf_num_classes
+
+        data.num_classes = hf_num_classes(data)
 
 
 def check_table_choice(cfg: DictConfig, key: str, table: str, what: str) -> None:

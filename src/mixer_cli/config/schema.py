@@ -199,6 +199,8 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "data.train_fraction": interval("(0, 1]"),
     "data.subset_seed": SEED,
     "data.decode": one_of("pil", "uint8", "gpu"),
+    "data.image_key": TEXT,
+    "data.label_key": TEXT,
     # aug: conf/aug/*.yaml
     "aug.inception_crop": FLAG,
     "aug.crop_area_min": interval("(0, 1]"),

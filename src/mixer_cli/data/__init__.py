@@ -1,4 +1,4 @@
-"""Data sources: the bundled demo, image folders, and webdataset shards at scale."""
+"""Data sources: the bundled demo, image folders, webdataset shards at scale, and Hugging Face datasets."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from mixer_cli.data.subsets import Selection, select
 from mixer_cli.data.tensor import TensorImages
 from mixer_cli.data.transforms import DEFAULT_DECODE, demo_transform, eval_transform, train_transform
 
-SOURCES = ("demo", "digits", "folder", "shards")
+SOURCES = ("demo", "digits", "folder", "shards", "hf")
 __all__ = ["build_dataset", "class_names", "demo_arrays", "SOURCES"]
 
 
@@ -50,6 +50,10 @@ def build_dataset(data: DictConfig, aug: DictConfig, split: str, seed: int = 0, 
 
         folder = image_folder(data, key, transform, decoded=decode == "pil", training=chosen if augment else None)
         return subset(folder, chosen)
+    if data.source == "hf":
+        from mixer_cli.data.hf import hf_dataset
+
+        return hf_dataset(data, transform, key, chosen, training=augment, seed=seed)
     from mixer_cli.data.shards import eval_shards, train_shards
 
     return train_shards(data, transform, seed, chosen) if augment else eval_shards(data, transform, key, chosen)
@@ -57,7 +61,8 @@ def build_dataset(data: DictConfig, aug: DictConfig, split: str, seed: int = 0, 
 
 def class_names(data: DictConfig) -> tuple[str, ...] | None:
     """The names of the data's classes, in label order: the digits of the demo sets, an image folder's
-    sub-folder names, the classes a shard folder's index.json lists. None where the data names none
+    sub-folder names, the classes a shard folder's index.json lists, a Hugging Face data set's
+    ClassLabel names. None where the data names none
     (shards written by another tool) or names another number of classes than data.num_classes (a split
     written from a folder that lacks some): names that may be shifted are worse than indices."""
     names = listed_class_names(data)
@@ -67,6 +72,10 @@ def class_names(data: DictConfig) -> tuple[str, ...] | None:
 def listed_class_names(data: DictConfig) -> tuple[str, ...] | None:
     if data.source in ("demo", "digits"):
         return tuple(str(digit) for digit in range(10))
+    if data.source == "hf":
+        from mixer_cli.data.hf_source import hf_class_names
+
+        return hf_class_names(data)
     found = [Path(str(data[key])) for key in ("train_path", "eval_path") if data.get(key)]
     root = next((path for path in found if path.is_dir()), Path(""))
     if data.source == "folder" and root.is_dir():

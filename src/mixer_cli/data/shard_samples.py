@@ -45,16 +45,17 @@ class SkipCorrupt:
 
 
 def decoded_samples(transform, channels: int, handler: SkipCorrupt, selection: Selection | None = None,
-                    num_classes: int | None = None, decoded: bool = True, keys: bool = False):
+                    num_classes: int | None = None, decoded: bool = True, keys: bool = False, read=samples_of_tars):
     """Pipeline stages: tar streams -> (image, label) pairs, of the samples that `selection` keeps (by
     key, before anything is decoded). The image is decoded to PIL (decoded=False: its bytes, for the
     uint8 and GPU-decode paths) and transformed; the label is `.cls` (one class) or `.labels` (several,
     e.g. "3,17,42" for multi-label data such as JFT-300M), which becomes a multi-hot row. keys=True:
-    (image, label, key) triples."""
+    (image, label, key) triples. `read`: the first stage, shards -> samples (tar files; data/hf.py's
+    parquet row groups)."""
     keep = [] if selection is None or selection.everything else [wds.select(lambda s: selection.keeps(s["__key__"]))]
     images = ["pil" if channels == 3 else "pill"] if decoded else []
     return [
-        partial(samples_of_tars, handler=handler),
+        partial(read, handler=handler),
         *keep,
         wds.decode(*images, handler=handler),
         wds.to_tuple(IMAGE_KEYS, "cls;labels", *(["__key__"] if keys else []), handler=handler),

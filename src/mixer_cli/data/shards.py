@@ -34,6 +34,7 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.data.indexed_shards import IndexedShards, seekable
 from mixer_cli.data.shard_samples import SkipCorrupt, decoded_samples
 from mixer_cli.data.subsets import Selection
+from mixer_cli.data.tar_stream import samples_of_tars
 from mixer_cli.data.transforms import hands_over_uint8
 from mixer_cli.data.writer import INDEX, read_index
 
@@ -106,11 +107,15 @@ class TrainShards(IterableDataset):
     """Shuffled (image, label) batches from this rank's and worker's share of the shards, `batches_per_epoch`
     per epoch over all workers. Each (rank, worker) holds its own copy and position: `epoch` (the epoch it
     is in), `batches` (yielded in that epoch) and `taken` (samples taken off the shuffle buffer for them,
-    corrupt ones included)."""
+    corrupt ones included). `read` makes samples of the shards: tar files by default."""
+
+    units = "training shard(s)"
+    smaller_units = "write smaller shards (mixer data write --shard-size)"
 
     def __init__(self, urls: list[str], num_samples: int, transform, channels: int, shuffle_buffer: int, seed: int,
-                 selection: Selection | None = None, num_classes: int | None = None, decoded: bool = True):
-        self.urls, self.selection = urls, selection
+                 selection: Selection | None = None, num_classes: int | None = None, decoded: bool = True,
+                 read=samples_of_tars):
+        self.urls, self.selection, self.read = urls, selection, read
         self.num_classes, self.decoded = num_classes, decoded
         self.num_samples = round(num_samples * selection.expected_fraction) if selection else num_samples
         self.transform, self.channels = transform, channels
@@ -129,8 +134,8 @@ class TrainShards(IterableDataset):
         slots = world_size * max(num_workers, 1)
         if len(self.urls) < slots:
             raise UserError(
-                f"{len(self.urls)} training shard(s) cannot feed {world_size} rank(s) x {max(num_workers, 1)} loader "
-                f"worker(s) = {slots}; write smaller shards (mixer data write --shard-size) or lower data.num_workers"
+                f"{len(self.urls)} {self.units} cannot feed {world_size} rank(s) x {max(num_workers, 1)} loader "
+                f"worker(s) = {slots}; {self.smaller_units} or lower data.num_workers"
             )
 
     def my_shards(self) -> tuple[list[str], int]:
@@ -176,7 +181,7 @@ class TrainShards(IterableDataset):
         # No larger than the epoch: the buffer is filled afresh every epoch.
         buffer = min(self.shuffle_buffer, self.my_share() * self.batch_size)
         tar_stage, *decode_stages = decoded_samples(self.transform, self.channels, self.corrupt, self.selection,
-                                                    self.num_classes, self.decoded)
+                                                    self.num_classes, self.decoded, read=self.read)
         return wds.DataPipeline(
             shard_passes,
             tar_stage,
@@ -224,14 +229,18 @@ class EvalShards(IterableDataset):
     and with `with_keys` the list of the samples' keys after them."""
 
     def __init__(self, urls: list[str], num_samples: int | None, transform, channels: int,
-                 selection: Selection | None = None, num_classes: int | None = None, decoded: bool = True):
-        self.num_classes, self.decoded = num_classes, decoded
+                 selection: Selection | None = None, num_classes: int | None = None, decoded: bool = True,
+                 read=samples_of_tars):
+        self.num_classes, self.decoded, self.read = num_classes, decoded, read
         self.urls, self.num_samples, self.selection = urls, num_samples, selection
         self.transform, self.channels = transform, channels
         self.batch_size = 1
         self.with_keys = False
         self.corrupt = SkipCorrupt()
         self.placed: tuple[int, int] | None = None  # (rank, world size), set by the DataModule
+
+    def shard_list(self):
+        return (dict(url=url) for url in self.urls)
 
     def my_rank_shards(self, shards):
         rank, world = rank_and_world(self.placed)
@@ -240,11 +249,11 @@ class EvalShards(IterableDataset):
     def __iter__(self):
         return iter(
             wds.DataPipeline(
-                wds.SimpleShardList(self.urls),
+                self.shard_list,
                 self.my_rank_shards,
                 wds.split_by_worker,
                 *decoded_samples(self.transform, self.channels, self.corrupt, self.selection, self.num_classes,
-                                 self.decoded, self.with_keys),
+                                 self.decoded, self.with_keys, self.read),
                 wds.batched(self.batch_size, partial=True),
             )
         )

@@ -157,7 +157,7 @@ def _checked_or_error(raw: bytes | str) -> tuple[str, bytes] | str:
 def _read_or_error(sample: Sample) -> bytes | str:
     try:
         return sample.read()
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a data set's image cell that holds no image
         return f"{type(e).__name__}: {e}"
 
 
