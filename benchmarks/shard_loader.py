@@ -8,9 +8,13 @@ The rows, each timed in turn (A B C, A B C, ...) and kept at its best round:
   decoder for plain PNGs), its augmentation seeded per sample, uint8 out;
 - `mixer, float (data.decode=pil)`: the same, decoded by PIL and normalised to floats in the loader;
 - `mixer, streamed`: the stream that URLs, pipes and compressed shards get (our tar reader, a
-  shuffle buffer), uint8 out.
+  shuffle buffer), uint8 out;
+- `mixer, hf save_to_disk` and `mixer, hf parquet`: the same digits as a Hugging Face data set
+  (`data=hf`): a `save_to_disk` folder read row by row in the seed's order, and parquet files
+  (row groups of 500) streamed as the shards are, uint8 out.
 All give (128, 1, 28, 28) batches of the same digits. Without --shards it writes the demo's 4,000
-training digits as shards (`mixer data write --from demo`) into a temporary folder.
+training digits as shards (`mixer data write --from demo`) into a temporary folder; the Hugging Face
+rows are always those digits, written with `datasets` beside it.
 
     python benchmarks/shard_loader.py [--shards DIR] [--batches 300] [--rounds 3]
 """
@@ -32,8 +36,9 @@ from torch.utils.data import default_collate
 from mixer_cli.config.compose import compose
 from mixer_cli.data import image_transform
 from mixer_cli.data.indexed_shards import IndexedShards
-from mixer_cli.data.order import GlobalBatchSampler, SeededSamples
+from mixer_cli.data.order import GlobalBatchSampler, SeededSamples, epoch_order
 from mixer_cli.data.shards import TrainShards, resolve_shards
+from mixer_cli.data.writer import demo_samples
 from mixer_cli.train.fit import build_datasets
 
 BATCH = 128
@@ -52,11 +57,36 @@ def ours(shards: Path, decode: str, seconds_for, streamed: bool = False):
     return seconds_for(iter(dataset))
 
 
-def indexed_batches(dataset: IndexedShards):
+def hf(path: Path, seconds_for):
+    cfg = compose(["data=hf", f"data.train_path={path}", f"data.eval_path={path}", "data.img_size=28",
+                   "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", f"data.global_batch={BATCH}",
+                   "aug.pad_crop=0", "trainer.accelerator=cpu", "data.shuffle_buffer=5000"])
+    dataset = build_datasets(cfg).train
+    if isinstance(dataset, TrainShards):  # parquet
+        dataset.set_epoch_length(BATCH, 10**9)
+        return seconds_for(iter(dataset))
+    return seconds_for(indexed_batches(dataset))
+
+
+def write_hf_digits(root: Path) -> tuple[Path, Path]:
+    """The demo's 4,000 training digits as a save_to_disk folder and a parquet file."""
+    import datasets
+
+    classes, samples = demo_samples("train")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    rows = datasets.Dataset.from_dict({"image": [{"bytes": s.read(), "path": None} for s in samples],
+                                       "label": [s.label for s in samples]}, features=features)
+    rows.save_to_disk(str(root / "disk"))
+    rows.to_parquet(str(root / "parquet" / "train.parquet"), batch_size=500)
+    return root / "disk", root / "parquet"
+
+
+def indexed_batches(dataset):
     """Batches as the training loader's worker makes them, epoch after epoch."""
     samples = SeededSamples(dataset, seed=0)
+    order = dataset.order if isinstance(dataset, IndexedShards) else partial(epoch_order, len(dataset))
     for epoch in itertools.count():
-        sampler = GlobalBatchSampler(partial(dataset.order, 0), len(dataset), BATCH)
+        sampler = GlobalBatchSampler(partial(order, 0), len(dataset), BATCH)
         sampler.set_epoch(epoch)
         for keys in sampler:
             yield default_collate([samples[key] for key in keys])
@@ -82,6 +112,7 @@ def main() -> None:
             subprocess.run([mixer, "data", "write", "--from", "demo", "--to", f"{tmp}/digits"], check=True,
                            stdout=subprocess.DEVNULL)
             shards = Path(tmp) / "digits" / "train"  # the demo is written as train/ and test/
+        disk, parquet = write_hf_digits(Path(tmp) / "hf")
 
         def seconds_for(batches) -> float:
             next(batches)  # the first batch fills the shuffle buffer, opens the files: not the steady rate
@@ -93,7 +124,9 @@ def main() -> None:
         rows = {"webdataset (reference)": lambda: webdataset_reference(shards, seconds_for),
                 "mixer, uint8 (default)": lambda: ours(shards, "uint8", seconds_for),
                 "mixer, float (data.decode=pil)": lambda: ours(shards, "pil", seconds_for),
-                "mixer, streamed": lambda: ours(shards, "uint8", seconds_for, streamed=True)}
+                "mixer, streamed": lambda: ours(shards, "uint8", seconds_for, streamed=True),
+                "mixer, hf save_to_disk": lambda: hf(disk, seconds_for),
+                "mixer, hf parquet": lambda: hf(parquet, seconds_for)}
         best = dict.fromkeys(rows, float("inf"))
         for _ in range(args.rounds):
             for name, run in rows.items():

@@ -31,8 +31,10 @@ def test_our_stream_gives_webdatasets_pixels_and_labels(tmp_path):
     reference = bench.webdataset_reference(shards, first(-(-4000 // bench.BATCH)))  # a whole pass and a bit
     labels = {x.numpy().tobytes(): int(y) for xs, ys in reference for x, y in zip(xs, ys)}
     assert len(labels) > 3900  # nearly all of the 4,000 demo digits are distinct images
-    for streamed in (False, True):
-        for xs, ys in bench.ours(shards, "uint8", first(3), streamed=streamed):
+    disk, parquet = bench.write_hf_digits(tmp_path / "hf")
+    loaders = [bench.ours(shards, "uint8", first(3), streamed=streamed) for streamed in (False, True)]
+    for batches in [*loaders, bench.hf(disk, first(3)), bench.hf(parquet, first(3))]:
+        for xs, ys in batches:
             assert xs.dtype == torch.uint8 and xs.shape == (bench.BATCH, 1, 28, 28)
             found = [labels.get(x.numpy().tobytes()) for x in xs]
             assert found == ys.tolist()
