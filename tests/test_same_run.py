@@ -157,7 +157,7 @@ def max_abs_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["demo", "shards"])
+@pytest.mark.parametrize("source", ["demo", "shards", "hf"])
 def test_one_demo_epoch_gives_the_same_weights_on_any_layout(tmp_path, tiny_run, source):
     data = []
     if source == "shards":  # the demo's digits in 16 shards of 250, windows of 1,000 samples
@@ -165,6 +165,14 @@ def test_one_demo_epoch_gives_the_same_weights_on_any_layout(tmp_path, tiny_run,
             write_shards(*demo_samples(split), tmp_path / split, shard_size=250)
         data = ["data.source=shards", f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'test'}",
                 "data.shuffle_buffer=1000"]
+    if source == "hf":  # the demo's digits as save_to_disk folders, read row by row
+        from hf_sets import hf_rows
+
+        for split in ("train", "test"):
+            classes, samples = demo_samples(split)
+            hf_rows([s.read() for s in samples], [s.label for s in samples], classes).save_to_disk(str(tmp_path / split))
+        data = ["data=hf", f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'test'}",
+                "data.img_size=28", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]"]
     run = [*tiny_run, *ONE_EPOCH, *data]
     one = pretrain_in(tmp_path / "one", *run)
     layouts = {
