@@ -170,7 +170,8 @@ def test_one_demo_epoch_gives_the_same_weights_on_any_layout(tmp_path, tiny_run,
 
         for split in ("train", "test"):
             classes, samples = demo_samples(split)
-            hf_rows([s.read() for s in samples], [s.label for s in samples], classes).save_to_disk(str(tmp_path / split))
+            rows = hf_rows([s.read() for s in samples], [s.label for s in samples], classes)
+            rows.save_to_disk(str(tmp_path / split))
         data = ["data=hf", f"data.train_path={tmp_path / 'train'}", f"data.eval_path={tmp_path / 'test'}",
                 "data.img_size=28", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]"]
     run = [*tiny_run, *ONE_EPOCH, *data]

@@ -78,7 +78,8 @@ class HFSplit:
             return self.table.data.slice(0, 1).to_pylist()[0]
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(self.files[0]).read_row_group(0, columns=columns).slice(0, 1).to_pylist()[0]
+        first = next(pq.ParquetFile(self.files[0]).iter_batches(batch_size=1, columns=columns))  # not its row group
+        return first.to_pylist()[0]
 
 
 def has_file_names(feature) -> bool:
@@ -147,8 +148,6 @@ def parquet_split(files: list[str], where: str) -> HFSplit:
 
 def columns_of(split: HFSplit, data: DictConfig) -> Columns:
     """The image and label columns data.image_key and data.label_key name, checked against the split."""
-    from datasets import ClassLabel, Value
-
     image, label = data.get("image_key", "image"), data.get("label_key", "label")
     for name, what in ((image, "image_key"), (label, "label_key")):
         if name not in split.features:
@@ -156,13 +155,15 @@ def columns_of(split: HFSplit, data: DictConfig) -> Columns:
                             f"{', '.join(split.features)}; set data.{what}=...")
     feature = split.features[label]
     inner = getattr(feature, "feature", None)  # a list column: several classes per row
-    if not classes_feature(inner if inner is not None else feature, ClassLabel, Value):
+    if not holds_class_numbers(inner if inner is not None else feature):
         raise UserError(f"{split.where}: column {label!r} (data.label_key) holds {feature}, not class numbers")
     return Columns(image, label, multi=inner is not None)
 
 
-def classes_feature(feature, class_label, value) -> bool:
-    return isinstance(feature, class_label) or isinstance(feature, value) and feature.dtype.startswith(("int", "uint"))
+def holds_class_numbers(feature) -> bool:
+    from datasets import ClassLabel, Value
+
+    return isinstance(feature, ClassLabel) or isinstance(feature, Value) and feature.dtype.startswith(("int", "uint"))
 
 
 def class_label(split: HFSplit, columns: Columns):
@@ -213,7 +214,7 @@ def check_first_image(split: HFSplit, columns: Columns, channels: int) -> None:
 
 def hf_num_classes(data: DictConfig) -> int:
     """data.num_classes when it is null: the ClassLabel of the label column, in the first split that exists."""
-    split, key = existing_split(data)
+    split = existing_split(data)
     named = class_label(split, columns_of(split, data))
     if named is None:
         raise UserError(f"{split.where}: column {data.get('label_key', 'label')!r} holds plain integers, not a "
@@ -223,18 +224,18 @@ def hf_num_classes(data: DictConfig) -> int:
 
 def hf_class_names(data: DictConfig) -> tuple[str, ...] | None:
     try:
-        split, _ = existing_split(data)
+        split = existing_split(data)
         named = class_label(split, columns_of(split, data))
     except UserError:
         return None
     return tuple(named.names) if named is not None else None
 
 
-def existing_split(data: DictConfig) -> tuple[HFSplit, str]:
+def existing_split(data: DictConfig) -> HFSplit:
     """The train split, or the evaluation split where there is no train split (`mixer eval`)."""
     keys = [k for k in ("train_path", "eval_path") if data.get(k)]
     for key in keys:
         path = str(data[key])
         if Path(path).expanduser().exists() or glob.has_magic(path) and glob.glob(str(Path(path).expanduser())):
-            return open_split(path, key), key
-    return open_split(str(data[keys[0]]), keys[0]), keys[0]  # raises: there is no data
+            return open_split(path, key)
+    return open_split(str(data[keys[0]]), keys[0])  # raises: there is no data
