@@ -37,7 +37,7 @@ from mixer_cli.data.hf_source import (
     image_bytes,
     open_split,
 )
-from mixer_cli.data.shard_samples import SkipCorrupt, decoded_samples
+from mixer_cli.data.shard_samples import OneAtATime, SkipCorrupt
 from mixer_cli.data.shards import EvalShards, TrainShards
 from mixer_cli.data.subsets import Selection
 from mixer_cli.data.transforms import hands_over_uint8
@@ -68,7 +68,7 @@ def image_rows(table, columns: Columns):
     return table
 
 
-class HFRows(Dataset):
+class HFRows(OneAtATime, Dataset):
     """The rows of a `save_to_disk` folder that `selection` keeps, by number: (image, label), and with
     `with_keys` the key after them. In training an unreadable image gives way to the next readable row
     (SkipCorrupt counts it); an evaluation reads every row, so there it ends the run, naming the row."""
@@ -82,31 +82,7 @@ class HFRows(Dataset):
         if selection is not None and not selection.everything:
             self.numbers = np.array([i for i, k in enumerate(split.keys(columns.image)) if selection.keeps(k)],
                                     dtype=np.int64)
-        self._with_keys = False
         self.transform = transform
-
-    @property
-    def transform(self):
-        return self._transform
-
-    @transform.setter
-    def transform(self, value) -> None:
-        """The image's transform (the shuffle experiment wraps it), and so the stages that apply it."""
-        self._transform = value
-        self._stages()
-
-    @property
-    def with_keys(self) -> bool:
-        return self._with_keys
-
-    @with_keys.setter
-    def with_keys(self, value: bool) -> None:
-        self._with_keys = value
-        self._stages()
-
-    def _stages(self) -> None:
-        _, *self.stages = decoded_samples(self._transform, self.channels, self.corrupt, None, self.num_classes,
-                                          self.decoded, self._with_keys)
 
     def keys(self) -> list[str]:
         """The samples' keys, from the image column's file names alone (no image is read)."""
@@ -136,9 +112,7 @@ class HFRows(Dataset):
         except (OSError, ValueError) as e:
             self.corrupt(e)
             return None
-        for stage in self.stages:
-            samples = stage(samples)
-        return next(iter(samples), None)
+        return self.staged(samples)
 
 
 @dataclass(frozen=True)

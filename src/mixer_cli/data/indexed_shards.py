@@ -28,7 +28,7 @@ from mixer_cli.core.console import counting_progress, err_console
 from mixer_cli.core.errors import UserError
 from mixer_cli.data.demo import cache_dir
 from mixer_cli.data.order import derived_seed
-from mixer_cli.data.shard_samples import SkipCorrupt, decoded_samples
+from mixer_cli.data.shard_samples import OneAtATime, SkipCorrupt
 from mixer_cli.data.subsets import Selection
 from mixer_cli.data.tar_stream import COMPRESSED, META, member_spans, walk
 
@@ -124,7 +124,7 @@ def shuffled(samples: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return samples[torch.randperm(len(samples), generator=g)]
 
 
-class IndexedShards(Dataset):
+class IndexedShards(OneAtATime, Dataset):
     """The training samples of local shards that `selection` keeps, by number: (image, label) as the
     stream makes them (data/shard_samples.py), `transform` applied to the image."""
 
@@ -144,16 +144,6 @@ class IndexedShards(Dataset):
         if not len(self.spans):
             raise UserError(f"no training sample in the {len(urls)} shard(s) from {urls[0]}")
         self._files: OrderedDict[int, int] = OrderedDict()  # shard number -> descriptor, the latest used last
-
-    @property
-    def transform(self):
-        return self._transform
-
-    @transform.setter
-    def transform(self, value) -> None:
-        """The image's transform (the shuffle experiment wraps it), and so the stages that apply it."""
-        self._transform = value
-        _, *self.stages = decoded_samples(value, self.channels, self.corrupt, None, self.num_classes, self.decoded)
 
     def __len__(self) -> int:
         return len(self.spans)
@@ -175,10 +165,7 @@ class IndexedShards(Dataset):
         raw = os.pread(self.descriptor(shard), int(end - start), int(start))
         url = self.urls[shard]
         files = [{"fname": name, "data": data, "__url__": url} for name, data in self.members_of(raw, url)]
-        samples = group_by_keys(iter([*files, {}]))
-        for stage in self.stages:
-            samples = stage(samples)
-        return next(iter(samples), None)
+        return self.staged(group_by_keys(iter([*files, {}])))
 
     def members_of(self, raw: bytes, url: str) -> list[tuple[str, bytes]]:
         """The members of one sample's bytes; a damaged sample gives none, and the corrupt-sample

@@ -1,10 +1,11 @@
 """What a shard's samples become, in both ways of reading shards (streamed, data/shards.py; sample by
-sample, data/indexed_shards.py): webdataset pipeline stages from tar members to (image, label), and
-the handler that skips a corrupt sample.
+sample, data/indexed_shards.py, and so Hugging Face rows, data/hf.py): webdataset pipeline stages
+from tar members to (image, label), and the handler that skips a corrupt sample.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from functools import partial
 
 import torch
@@ -80,3 +81,41 @@ def parse_label(value, num_classes: int | None):
     row = torch.zeros(num_classes)
     row[classes] = 1.0
     return row
+
+
+class OneAtATime:
+    """For a map-style source whose raw samples (dicts of members, as a tar holds them) go through the
+    stages one at a time; it has `channels`, `corrupt` (the handler), `num_classes` and `decoded`."""
+
+    _transform = None
+    _with_keys = False
+
+    @property
+    def transform(self):
+        return self._transform
+
+    @transform.setter
+    def transform(self, value) -> None:
+        """The image's transform (the shuffle experiment wraps it), and so the stages that apply it."""
+        self._transform = value
+        self._restage()
+
+    @property
+    def with_keys(self) -> bool:
+        """Samples as (image, label, key): the ReaL labels read the key."""
+        return self._with_keys
+
+    @with_keys.setter
+    def with_keys(self, value: bool) -> None:
+        self._with_keys = value
+        self._restage()
+
+    def _restage(self) -> None:
+        _, *self.stages = decoded_samples(self._transform, self.channels, self.corrupt, None, self.num_classes,
+                                          self.decoded, self._with_keys)
+
+    def staged(self, raw: Iterable[dict]):
+        """The sample the stages make of `raw`; None where the handler skipped it."""
+        for stage in self.stages:
+            raw = stage(raw)
+        return next(iter(raw), None)
