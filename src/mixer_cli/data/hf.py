@@ -179,15 +179,10 @@ class ParquetEvalRows(EvalShards):
 
     def __init__(self, split: HFSplit, columns: Columns, *args, **kwargs):
         super().__init__(row_groups(split.files), split.num_rows, *args, read=ParquetRows(columns), **kwargs)
-        if self.selection is not None and not self.selection.everything:
-            self.num_samples = None  # known only once read
         self.split, self.columns = split, columns
 
-    def keys(self) -> list[str]:
-        keys = self.split.keys(self.columns.image)
-        if self.selection is not None and not self.selection.everything:
-            keys = [k for k in keys if self.selection.keeps(k)]
-        return keys
+    def all_keys(self) -> list[str]:
+        return self.split.keys(self.columns.image)
 
 
 def hf_dataset(data: DictConfig, transform, key: str, selection: Selection | None, training: bool, seed: int):

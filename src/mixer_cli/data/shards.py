@@ -232,7 +232,9 @@ class EvalShards(IterableDataset):
                  selection: Selection | None = None, num_classes: int | None = None, decoded: bool = True,
                  read=samples_of_tars):
         self.num_classes, self.decoded, self.read = num_classes, decoded, read
-        self.urls, self.num_samples, self.selection = urls, num_samples, selection
+        selected = selection is not None and not selection.everything
+        self.urls, self.selection = urls, selection
+        self.num_samples = None if selected else num_samples  # a selection's size is known only once read
         self.transform, self.channels = transform, channels
         self.batch_size = 1
         self.with_keys = False
@@ -259,14 +261,17 @@ class EvalShards(IterableDataset):
         )
 
     def keys(self) -> list[str] | None:
-        """The keys of the samples the pass will read, from the tar headers alone (no image is read);
-        None when a shard is not a local file (a URL or a pipe: only a pass can tell)."""
-        if any("://" in url or url.startswith("pipe:") for url in self.urls):
-            return None
-        keys = [key for url in self.urls for key in tar_keys(url)]
-        if self.selection is not None and not self.selection.everything:
+        """The keys of the samples the pass will read, before any image is read; None where only a pass can tell."""
+        keys = self.all_keys()
+        if keys is not None and self.selection is not None and not self.selection.everything:
             keys = [k for k in keys if self.selection.keeps(k)]
         return keys
+
+    def all_keys(self) -> list[str] | None:
+        """Every sample's key, from the tar headers alone; None when a shard is not a local file (a URL or a pipe)."""
+        if any("://" in url or url.startswith("pipe:") for url in self.urls):
+            return None
+        return [key for url in self.urls for key in tar_keys(url)]
 
 
 def tar_keys(path: str) -> list[str]:
@@ -301,7 +306,5 @@ def eval_shards(data: DictConfig, transform, key: str = "eval_path", selection: 
     """One exact pass over the shards of `key` (eval_path, or train_path for frozen-feature probes and
     the dev split), of the samples `selection` keeps."""
     urls, size = resolve_shards(data[key], data.get(key.replace("_path", "_size")), key)
-    if selection is not None and not selection.everything:
-        size = None  # known only once read
     return EvalShards(urls, size, transform, data.channels, selection, data.num_classes,
                       not hands_over_uint8(data))
