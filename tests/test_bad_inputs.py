@@ -33,7 +33,7 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
 from mixer_cli.data.folder import UnreadableImage
 from mixer_cli.data.subsets import Selection
-from mixer_cli.data.workers import worker_init
+from mixer_cli.data.workers import worker_options
 from mixer_cli.models.checkpoints import export_safetensors
 
 
@@ -452,11 +452,8 @@ def test_training_puts_the_next_image_in_place_of_an_unreadable_one_and_evaluati
     with pytest.raises(UnreadableImage) as e:
         test[1]
     assert str(e.value) == line
-    # A loader worker's: torch re-raises it with its traceback. The worker is ours (worker_init), as in
-    # every run: once a run has made one in this process, forks block SIGTERM until it unblocks it,
-    # and a plain worker left waiting could then not be ended at exit.
-    with pytest.raises(UnreadableImage) as e:
-        list(DataLoader(test, batch_size=5, num_workers=1, worker_init_fn=worker_init()))
+    with pytest.raises(UnreadableImage) as e:  # a loader worker's: torch re-raises it with its traceback
+        list(DataLoader(test, batch_size=5, **worker_options(1)))
     assert str(e.value) == line
 
 

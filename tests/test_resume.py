@@ -10,6 +10,7 @@ the piece that makes the data exact: a training loader rebuilt from its state gi
 the one left alone gives, for in-memory data and shards, with and without loader workers."""
 import gzip
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -459,6 +460,19 @@ def test_a_jobs_sigterm_can_reach_a_loader_worker_through_its_waiting_thread_onl
     torch.set_num_threads(torch.get_num_threads())  # as Lightning does: torch's thread pool then exists
     loader = make_loader(ThreadsTakingSigterm(), batch_size=1, num_workers=2)
     assert [b for batch in loader for b in batch] == [""] * 8
+
+
+def sigterm_blocked() -> bool:
+    return signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_only_our_loaders_workers_start_with_sigterm_blocked():
+    # A process-wide fork hook once blocked it in every later child, a multiprocessing Pool's too
+    # (`mixer data write --workers`'s kind): Pool.terminate() could then not end an idle worker, and hung
+    assert [b for batch in make_loader(ThreadsTakingSigterm(), batch_size=1, num_workers=1) for b in batch] == [""] * 8
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(sigterm_blocked) is False
+    assert not sigterm_blocked()  # nor in this process, after its loader's workers started
 
 
 def signal_handling() -> tuple:

@@ -4,45 +4,47 @@ Workers leave the job's stop signals to the main process (which checkpoints, the
 train/preemption.py) and seed themselves as Lightning seeds workers."""
 from __future__ import annotations
 
+import multiprocessing.context
 import os
 import signal
 import threading
-from collections.abc import Callable
 from functools import partial
 
 from lightning.fabric.utilities.seed import pl_worker_init_function
 
 
-def worker_init(rank: int | None = None) -> Callable[[int], None]:
-    """The worker_init_fn of every DataLoader of ours, made in the process that iterates the loader."""
-    fork_with_sigterm_blocked()
-    return partial(start_worker, main_pid=os.getpid(), rank=rank)
+def worker_options(num_workers: int, rank: int | None = None) -> dict:
+    """DataLoader keywords for every loader of ours, made in the process that iterates the loader: its
+    workers, their start (worker_init_fn) and, where the sender of a signal can be known, the context
+    that starts them with SIGTERM blocked (SigtermBlockedForks; torch takes a context only with workers)."""
+    options = {"num_workers": num_workers, "worker_init_fn": partial(start_worker, main_pid=os.getpid(), rank=rank)}
+    if num_workers > 0 and hasattr(signal, "sigwaitinfo"):
+        options["multiprocessing_context"] = SIGTERM_BLOCKED_FORKS
+    return options
 
 
-_forks_block_sigterm = False
-_mask_before_fork = threading.local()
+class SigtermBlockedProcess(multiprocessing.context.ForkProcess):
+    """A process forked with SIGTERM blocked, so that every thread a loader worker starts inherits the
+    block, those it starts before its worker_init_fn runs included (torch's thread pool, as the worker
+    sets its thread count). A job's SIGTERM that reached such a thread met torch's worker handler,
+    which ends a worker unless the main process sent it: under torchrun, whose launcher passes SIGTERM
+    on to the whole process group, it killed a worker, and so the run, before the step checkpoint.
+    Blocked everywhere, it reaches the worker's waiting thread only (leave_stop_signals_to). Only our
+    loaders' workers start so: other children of the process (a multiprocessing Pool's) keep SIGTERM."""
+
+    def start(self) -> None:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-def fork_with_sigterm_blocked() -> None:
-    """From now on this process forks (its loader workers) with SIGTERM blocked, so that every thread
-    a worker starts inherits the block, those it starts before its worker_init_fn runs included (torch's
-    thread pool, as the worker sets its thread count). A job's SIGTERM that reached such a thread met
-    torch's worker handler, which ends a worker unless the main process sent it: under torchrun,
-    whose launcher passes SIGTERM on to the whole process group, it killed a worker, and so the run,
-    before the step checkpoint. Blocked everywhere, it reaches the worker's waiting thread only."""
-    global _forks_block_sigterm
-    if _forks_block_sigterm or not hasattr(signal, "sigwaitinfo"):
-        return
-    os.register_at_fork(before=_block_sigterm, after_in_parent=_restore_mask)
-    _forks_block_sigterm = True
+class SigtermBlockedForks(multiprocessing.context.ForkContext):
+    Process = SigtermBlockedProcess
 
 
-def _block_sigterm() -> None:
-    _mask_before_fork.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-
-
-def _restore_mask() -> None:
-    signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork.mask)
+SIGTERM_BLOCKED_FORKS = SigtermBlockedForks()
 
 
 def start_worker(worker_id: int, main_pid: int, rank: int | None) -> None:

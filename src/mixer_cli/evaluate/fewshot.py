@@ -46,7 +46,7 @@ from mixer_cli.config.compose import compose
 from mixer_cli.config.schema import DEFAULT_L2
 from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset, class_names
-from mixer_cli.data.workers import worker_init
+from mixer_cli.data.workers import worker_options
 
 L2_GRID = tuple(2.0**i for i in range(-10, 20))  # big_vision's grid for choosing l2
 STD_EPS = 1e-5
@@ -270,7 +270,7 @@ def labels_of(dataset) -> np.ndarray | None:
 
 
 def make_loader(dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    workers = {"num_workers": num_workers, "worker_init_fn": worker_init()}
+    workers = worker_options(num_workers)
     if hasattr(dataset, "batch_size"):  # our shard datasets batch themselves
         dataset.batch_size = batch_size
         return DataLoader(dataset, batch_size=None, **workers)

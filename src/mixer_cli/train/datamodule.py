@@ -27,7 +27,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from mixer_cli.data.indexed_shards import IndexedShards
 from mixer_cli.data.order import GlobalBatchSampler, SeededSamples, epoch_order
 from mixer_cli.data.shards import TrainShards
-from mixer_cli.data.workers import worker_init
+from mixer_cli.data.workers import worker_options
 from mixer_cli.train.preemption import every_rank
 
 
@@ -99,8 +99,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, loader=DataLoader, **kw) -> DataLoader:
         workers = self.num_workers
-        return loader(dataset, num_workers=workers, persistent_workers=workers > 0, pin_memory=self._pin(),
-                      worker_init_fn=worker_init(rank=self._world()[1]), **kw)
+        return loader(dataset, persistent_workers=workers > 0, pin_memory=self._pin(),
+                      **worker_options(workers, rank=self._world()[1]), **kw)
 
     def train_dataloader(self) -> EveryRankLoader:
         warnings.filterwarnings("ignore", ".*'set_vital' is deprecated.*")  # torchdata calls it, not us
