@@ -75,3 +75,30 @@ def test_help_lists_one_line_per_command(group):
     names = command.commands[group[0]].commands if group else command.commands
     assert sorted(row[0] for row in rows) == sorted(names)
     assert all(len(row) == 2 and row[1].endswith(".") for row in rows), panel
+
+
+def test_main_pauses_garbage_collection_for_the_imports_and_a_command_runs_with_it_frozen(monkeypatch):
+    # `mixer` pauses collection while torch, Lightning and timm load, then freezes what they left,
+    # so the run collects only its own objects (docs/benchmark.md); in-process callers keep theirs
+    import gc
+
+    from mixer_cli import cli
+
+    seen = []
+    command = cli.user_errors(lambda: seen.append((gc.isenabled(), gc.get_freeze_count())))
+    before = gc.get_freeze_count()
+    command()
+    assert seen == [(True, before)]  # called in-process (CliRunner, the tests): nothing frozen
+
+    def typer_app(prog_name):
+        seen.append(gc.isenabled())
+        command()
+
+    monkeypatch.setattr(cli, "app", typer_app)
+    try:
+        cli.main()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    assert seen[1] is False
+    assert seen[2][0] is True and seen[2][1] > before + 10_000  # torch's, Lightning's objects frozen
