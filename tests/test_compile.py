@@ -27,3 +27,24 @@ def test_compiled_training_gives_the_eager_losses_and_a_plain_checkpoint(tmp_pat
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
     a, b = (load_mixer(f"{runs[c]['run_dir']}/last.ckpt") for c in (False, True))
     assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_a_compiled_run_resumes_compiled_and_trains_on_as_an_eager_one_does(tmp_path, tiny_run):
+    from torch._dynamo.utils import counters
+
+    from mixer_cli.train.fit import resume
+
+    losses, graphs = {}, {}
+    for compiled in (False, True):
+        cfg = compose([*tiny_run, *SHORT, f"trainer.compile={str(compiled).lower()}",
+                       f"run_root={tmp_path / str(compiled)}"])
+        run_dir = Path(pretrain(cfg, progress=False)["run_dir"])
+        torch._dynamo.reset()  # else the resumed model reuses the first run's compiled code unseen
+        counters.clear()
+        resume(run_dir, ["trainer.steps=5"], "pretrain", progress=False)
+        graphs[compiled] = counters["stats"]["unique_graphs"]
+        losses[compiled] = read_metrics(run_dir / "metrics.csv")["train/loss"]
+    assert graphs[False] == 0 and graphs[True] >= 1  # the resumed run compiled its model again
+    assert [s for s, _ in losses[True]] == [s for s, _ in losses[False]] == [0, 1, 2, 3, 4]  # 3 steps, then 2 resumed
+    assert all(abs(a - b) <= 1e-4 * abs(a) for (_, a), (_, b) in zip(losses[False], losses[True]))

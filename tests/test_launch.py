@@ -1,5 +1,6 @@
 """Launches that cannot run end with one line and exit 2 before anything is written (train/launch.py)."""
 import importlib.util
+import json
 
 import pytest
 from typer.testing import CliRunner
@@ -7,7 +8,8 @@ from typer.testing import CliRunner
 from mixer_cli.cli import app
 from mixer_cli.config.compose import compose
 from mixer_cli.core.errors import UserError
-from mixer_cli.train.launch import check_launch
+from mixer_cli.train import launch
+from mixer_cli.train.launch import check_launch, settle_auto
 
 
 def refused(tmp_path, *args) -> str:
@@ -22,7 +24,7 @@ def refused(tmp_path, *args) -> str:
 def test_fsdp_on_a_cpu_is_refused(tmp_path, no_launcher):
     assert refused(tmp_path, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2") == (
         "error: trainer.strategy=FSDPStrategy cannot run with trainer.accelerator=cpu (devices=2, "
-        "precision=bf16-mixed): The strategy `fsdp` requires a GPU accelerator, but received `accelerator='cpu'`. "
+        "precision=32-true): The strategy `fsdp` requires a GPU accelerator, but received `accelerator='cpu'`. "
         "Please set `accelerator='cuda'`, `accelerator='gpu'`, or pass a `CUDAAccelerator()` instance to use FSDP.")
 
 
@@ -71,3 +73,33 @@ def test_torchrun_sizes_the_launch(monkeypatch, no_launcher):
     with pytest.raises(UserError, match=r"^trainer\.devices=1 x trainer\.num_nodes=1 = 1 processes, but torchrun "
                                         r"started 3: use trainer=torchrun \(it reads torchrun's sizes\)$"):
         check_launch(compose(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"]).trainer)
+
+
+@pytest.mark.parametrize("trainer", ["default", "ddp", "fsdp", "slurm", "torchrun"])
+@pytest.mark.parametrize(("device", "bf16", "precision", "compiled"), [
+    ("cuda", True, "bf16-mixed", True), ("cuda", False, "16-mixed", True),  # a V100 has no bf16: fp16 + loss scaling
+    ("cpu", True, "32-true", False), ("mps", True, "32-true", False)])
+def test_auto_precision_and_compile_follow_the_device_the_trainer_picks(monkeypatch, trainer, device, bf16,
+                                                                         precision, compiled):
+    monkeypatch.setattr(launch, "accelerator_name", lambda name: device if name == "auto" else name)
+    monkeypatch.setattr(launch.torch.cuda, "is_bf16_supported", lambda: bf16)
+    t = compose([f"trainer={trainer}"]).trainer
+    assert (t.precision, t.compile) == ("auto", "auto")  # every recipe's trainer says auto
+    settle_auto(t)
+    assert (t.precision, t.compile) == (precision, compiled)
+    # what a user sets is kept, on any device
+    t = compose([f"trainer={trainer}", "trainer.precision=bf16-mixed", "trainer.compile=false"]).trainer
+    settle_auto(t)
+    assert (t.precision, t.compile) == ("bf16-mixed", False)
+
+
+def test_a_run_records_the_precision_and_compile_auto_chose(tmp_path, tiny_run, no_launcher):
+    from omegaconf import OmegaConf
+
+    args = [a for a in tiny_run if not a.startswith("trainer.precision")]
+    r = CliRunner().invoke(app, ["pretrain", *args, "trainer.steps=1", "data.global_batch=8", f"run_root={tmp_path}"])
+    assert r.exit_code == 0, r.output
+    run_dir = next(tmp_path.glob("pretrain/*"))
+    recorded = OmegaConf.load(run_dir / "config.yaml").trainer
+    assert (recorded.precision, recorded.compile) == ("32-true", False)  # this machine has no GPU
+    assert json.loads((run_dir / "results.json").read_text())["precision"] == "32-true"

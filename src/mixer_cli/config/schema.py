@@ -90,6 +90,7 @@ def list_of(item: Rule, what: str, length: int | None = None) -> Rule:
 NULL = Rule("null", lambda v: v is None)
 NUMBER = Rule("a number", is_number)
 FLAG = Rule("true or false", lambda v: isinstance(v, bool))
+FLAG_OR_AUTO = Rule("true, false or auto", lambda v: isinstance(v, bool) or v == "auto")
 TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 RUN_NAME = Rule("a non-empty name without '/'", lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v)
 SEED = whole(0, 2**32 - 1)  # numpy's (and so Lightning's seed_everything's) bounds
@@ -252,13 +253,13 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "trainer.devices": DEVICES,
     "trainer.num_nodes": whole(1),
     "trainer.strategy": lambda: one_of(*lightning_strategies()) | TARGET_CONFIG,
-    "trainer.precision": lambda: one_of(*lightning_precisions()),
+    "trainer.precision": lambda: one_of("auto", *lightning_precisions()),
     "trainer.device_batch": whole(1) | NULL,
     "trainer.epochs": whole(1),
     "trainer.steps": whole(1) | NULL,
     "trainer.grad_clip": above(0) | NULL,
     "trainer.grad_checkpointing": FLAG,
-    "trainer.compile": FLAG,
+    "trainer.compile": FLAG_OR_AUTO,
     "trainer.val_every_epochs": whole(1),
     "trainer.log_every_steps": whole(1),
     "trainer.progress_every_steps": whole(1),

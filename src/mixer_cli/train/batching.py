@@ -41,7 +41,7 @@ def devices_per_node(accelerator: str, devices) -> int:
     """How many devices the Trainer will use on each node: Lightning's own parsing of `trainer.devices`
     for `trainer.accelerator`, as its Trainer does it. The batch plan needs the count before the Trainer
     exists (the Trainer is built in the run directory, which is made only once everything is checked)."""
-    name = _accelerator_name(accelerator)
+    name = accelerator_name(accelerator)
     found = AcceleratorRegistry[name]["accelerator"]
     if not found.is_available():
         raise UserError(f"trainer.accelerator={accelerator}: there is no {name} device on this machine; "
@@ -53,7 +53,7 @@ def devices_per_node(accelerator: str, devices) -> int:
         raise UserError(f"trainer.devices={devices} on trainer.accelerator={accelerator}: {e}") from None
 
 
-def _accelerator_name(name: str) -> str:
+def accelerator_name(name: str) -> str:
     """`auto` and `gpu` resolved as the Trainer resolves them: Lightning's order of preference."""
     def available(n: str) -> bool:
         return AcceleratorRegistry[n]["accelerator"].is_available()

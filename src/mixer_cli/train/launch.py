@@ -12,12 +12,13 @@ import os
 import warnings
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from mixer_cli.core.errors import UserError
-from mixer_cli.train.batching import devices_per_node
+from mixer_cli.train.batching import accelerator_name, devices_per_node
 from mixer_cli.train.trainer import build_strategy
 
 LAUNCH_DOCS = "docs/reliability.md, 'Launching on several nodes'"
@@ -25,11 +26,25 @@ LAUNCH_DOCS = "docs/reliability.md, 'Launching on several nodes'"
 
 def check_launch(t: DictConfig) -> int:
     """The number of processes the `trainer` config runs (devices per node x nodes), once it is
-    known that they can run here; else a UserError naming the key to change."""
+    known that they can run here; else a UserError naming the key to change. `auto` precision and
+    compile are settled first, in place, so config.yaml records what ran."""
+    settle_auto(t)
     per_node = devices_per_node(t.accelerator, t.devices)
     check_lightning_accepts(t)
     check_nodes(t, per_node)
     return per_node * t.num_nodes
+
+
+def settle_auto(t: DictConfig) -> None:
+    """trainer.precision=auto and trainer.compile=auto for the device the Trainer picks: bf16 autocast
+    (fp16 with loss scaling on a GPU without bf16) and torch.compile on a CUDA GPU, where eager fp32
+    leaves most of its matmul peak unused (docs/benchmark.md); fp32 and eager elsewhere: a CPU without
+    bf16 instructions runs bf16 slower than fp32, and compiling gains nothing there."""
+    on_cuda = accelerator_name(t.accelerator) == "cuda"
+    if t.precision == "auto":
+        t.precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_cuda else "32-true"
+    if t.compile == "auto":
+        t.compile = on_cuda
 
 
 def check_lightning_accepts(t: DictConfig) -> None:
