@@ -94,13 +94,15 @@ def test_auto_precision_and_compile_follow_the_device_the_trainer_picks(monkeypa
     assert (t.precision, t.compile) == ("bf16-mixed", False)
 
 
-def test_a_run_records_the_precision_and_compile_auto_chose(tmp_path, tiny_run, no_launcher):
+@pytest.mark.parametrize(("given", "ran"), [([], "32-true"), (["trainer.precision=32"], 32)])  # auto; Lightning's int
+def test_a_run_records_the_precision_and_compile_auto_chose(tmp_path, tiny_run, no_launcher, given, ran):
     from omegaconf import OmegaConf
 
     args = [a for a in tiny_run if not a.startswith("trainer.precision")]
-    r = CliRunner().invoke(app, ["pretrain", *args, "trainer.steps=1", "data.global_batch=8", f"run_root={tmp_path}"])
+    r = CliRunner().invoke(app, ["pretrain", *args, *given, "trainer.steps=1", "data.global_batch=8",
+                                 f"run_root={tmp_path}"])
     assert r.exit_code == 0, r.output
     run_dir = next(tmp_path.glob("pretrain/*"))
     recorded = OmegaConf.load(run_dir / "config.yaml").trainer
-    assert (recorded.precision, recorded.compile) == ("32-true", False)  # this machine has no GPU
-    assert json.loads((run_dir / "results.json").read_text())["precision"] == "32-true"
+    assert (recorded.precision, recorded.compile) == (ran, False)  # this machine has no GPU
+    assert json.loads((run_dir / "results.json").read_text())["precision"] == str(ran)

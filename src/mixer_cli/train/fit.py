@@ -174,7 +174,7 @@ class Job:
             "batch": plan.describe(),
             "devices": plan.world_size,
             # what trainer.precision/compile=auto chose for this device
-            "precision": self.cfg.trainer.precision + (", compiled" if self.cfg.trainer.compile else ""),
+            "precision": f"{self.cfg.trainer.precision}" + (", compiled" if self.cfg.trainer.compile else ""),
             "epochs": round(trainer.global_step / self.steps_per_epoch, 2),
             "steps": trainer.global_step,
             "planned_steps": self.steps,
