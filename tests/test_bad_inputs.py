@@ -218,6 +218,8 @@ CASES = [
     (["pretrain", "model.variant=B/17"],
      "model.variant must be one of S/32, S/16, B/32, B/16, L/32, L/16, H/14 or null, got 'B/17'"),
     (["pretrain", "model.gelu=null"], "model.gelu must be one of tanh, exact, got null"),  # null: finetune's only
+    (["pretrain", "model.token_mixing=bmm"],
+     "model.token_mixing must be one of transpose, matmul, einsum or null, got 'bmm'"),
     (["pretrain", "model.dropout=1.5"], "model.dropout must be a number in [0, 1), got 1.5"),
     (["pretrain", "model.drop_path=-0.1"], "model.drop_path must be a number in [0, 1), got -0.1"),
     (["pretrain", "data.img_size=30"],

@@ -136,6 +136,21 @@ def test_claims_are_ratios_beside_the_papers():
     assert len(found) == 5
 
 
+def test_token_mixing_layouts_are_timed_as_their_own_models_and_compared_with_transpose():
+    assert CONTENDERS["mixer-b16-matmul"].build(32).blocks[0].mlp_tokens.token_mixing == "matmul"
+    assert CONTENDERS["mixer-l16-einsum"].label == "Mixer-L/16 (einsum)"
+    rows = [_row("mixer-b16", 224, "train", 10.0), _row("mixer-b16-matmul", 224, "train", 12.0),
+            _row("mixer-b16-einsum", 224, "train", 9.0)]
+    found = {c["claim"]: c["measured"] for c in claims(rows)}
+    assert found == {"token mixing matmul vs transpose: mixer-b16-matmul / mixer-b16 img/s (train, 224px)": 1.2,
+                     "token mixing einsum vs transpose: mixer-b16-einsum / mixer-b16 img/s (train, 224px)": 0.9}
+
+
+@pytest.mark.parametrize("value,mode", [("false", None), ("true", "default"), ("reduce-overhead", "reduce-overhead")])
+def test_compile_names_a_torch_compile_mode(value, mode):
+    assert _plan(f"compile={value}").compile == mode
+
+
 def test_bare_comma_lists_become_hydra_lists():
     assert list_overrides(["models=mixer-b16,vit-b16", "res=[224]", "precision=bf16"]) == [
         "models=[mixer-b16,vit-b16]", "res=[224]", "precision=bf16"]
@@ -147,6 +162,8 @@ def test_bare_comma_lists_become_hydra_lists():
     (["precision=fp16"], r"^precision must be one of fp32, bf16, not 'fp16'$"),
     (["memory_batches=[8,4]"], r"^memory_batches must be two increasing batch sizes"),
     (["device=tpu"], r"^device must be auto, cpu, cuda or cuda:N, got 'tpu'$"),
+    (["compile=fast"], r"^compile must be true, false or a torch.compile mode \(default, reduce-overhead, "
+                       r"max-autotune, max-autotune-no-cudagraphs\), got 'fast'$"),
     pytest.param(["device=cuda:0"], r"^device 'cuda:0' asked for, but torch sees no CUDA GPU here; use device=cpu$",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")),
 ])

@@ -158,6 +158,20 @@ def test_older_checkpoints_recording_preprocess_keep_their_pipeline(tmp_path, ev
     assert loaded.pretrained_cfg["crop_mode"] == ("center" if eval_crop == "resmall-crop" else "squash")
 
 
+def test_checkpoint_records_its_token_mixing_layout_and_loads_into_another(tmp_path):
+    """The layout is how the model computes, not what it computes: a checkpoint keeps the one it was
+    trained with, and an override (finetune's model.token_mixing) loads the same weights into another."""
+    ref = _ours(gelu="exact")
+    ref = load_mixer(_save_ckpt(tmp_path / "a.ckpt", ref, {"pretrained_cfg": ref.pretrained_cfg}),
+                     token_mixing="matmul")
+    assert ref.spec.token_mixing == "matmul"
+    kept = load_mixer(_save_ckpt(tmp_path / "matmul.ckpt", ref, {"pretrained_cfg": ref.pretrained_cfg}))
+    assert kept.spec == ref.spec and kept.blocks[1].mlp_tokens.token_mixing == "matmul"
+    einsum = load_mixer(tmp_path / "matmul.ckpt", token_mixing="einsum")
+    assert einsum.blocks[0].mlp_tokens.token_mixing == "einsum"
+    torch.testing.assert_close(_logits(einsum, X), _logits(ref, X), atol=1e-5, rtol=1e-5)
+
+
 def test_export_round_trip_records_spec_and_pretrained_cfg(tmp_path):
     ref = _ours()
     model = load_mixer(_save_npz(tmp_path, ref), drop_path=0.1)

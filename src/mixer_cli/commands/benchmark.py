@@ -25,10 +25,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from mixer_cli.config.run_dirs import Run
+from mixer_cli.config.schema import COMPILE_MODES
 from mixer_cli.core.console import console
 from mixer_cli.core.devices import pick_device
 from mixer_cli.core.errors import UserError
-from mixer_cli.models.mixer import VARIANTS, build_mixer, spec_for
+from mixer_cli.models.mixer import TOKEN_MIXING, VARIANTS, build_mixer, spec_for
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ class Contender:
     paper: dict[int, float] = field(default_factory=dict)  # resolution -> img/s/core on TPUv3
 
 
-def _ours(variant: str, img_size: int) -> nn.Module:
-    return build_mixer(variant, img_size=img_size)
+def _ours(variant: str, img_size: int, token_mixing: str = TOKEN_MIXING[0]) -> nn.Module:
+    return build_mixer(variant, img_size=img_size, token_mixing=token_mixing)
 
 
 def _timm_mixer(variant: str, img_size: int) -> nn.Module:
@@ -81,6 +82,9 @@ def _contenders() -> dict[str, Contender]:
                                           partial(_ours, variant), PAPER_IMG_S_CORE.get(f"mixer-{key}", {}))
         found[f"timm-mixer-{key}"] = Contender(f"timm-mixer-{key}", f"timm Mixer-{variant}", patch,
                                                partial(_timm_mixer, variant))
+        for layout in TOKEN_MIXING[1:]:  # the same Mixer, its token mixing computed another way
+            found[f"mixer-{key}-{layout}"] = Contender(f"mixer-{key}-{layout}", f"Mixer-{variant} ({layout})", patch,
+                                                       partial(_ours, variant, token_mixing=layout))
     for key, label, patch, timm_name in (
         ("vit-b16", "ViT-B/16", 16, "vit_base_patch16_224"),
         ("vit-l16", "ViT-L/16", 16, "vit_large_patch16_224"),
@@ -108,7 +112,7 @@ class Plan:
     batches: list[int]
     device: torch.device
     precision: str
-    compile: bool
+    compile: str | None  # a torch.compile mode; None: eager
     grad_checkpointing: bool
     warmup: int
     iters: int
@@ -152,9 +156,16 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     iters = cfg.iters if cfg.iters is not None else (1 if device.type == "cpu" else 10)
     if cfg.clock not in CLOCKS or (cfg.clock == "cpu" and device.type != "cpu"):
         raise UserError(f"clock must be wall, or cpu when timing on a CPU, not {cfg.clock!r}")
-    return Plan(contenders, res, modes, sorted(set(batches)), device, str(cfg.precision), bool(cfg.compile),
+    return Plan(contenders, res, modes, sorted(set(batches)), device, str(cfg.precision), compile_mode(cfg.compile),
                 bool(cfg.grad_checkpointing), cfg.warmup, iters, cfg.repeats, tuple(cfg.memory_batches),
                 str(cfg.clock))
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """`compile` as the torch.compile mode it names: true is torch's "default", false eager (None)."""
+    if compile is True:
+        return COMPILE_MODES[0]
+    return compile or None
 
 
 def _default_batches(device: torch.device) -> list[int]:
@@ -176,7 +187,7 @@ def prepare(contender: Contender, res: int, plan: Plan) -> nn.Module:
     if plan.grad_checkpointing:
         model.set_grad_checkpointing(True)  # ours and every timm model have it
     if plan.compile:
-        model.compile()  # compiled on the first (untimed, warm-up) call of each shape and mode
+        model.compile(mode=plan.compile)  # compiled on the first (untimed, warm-up) call of each shape and mode
     return model
 
 
@@ -376,6 +387,10 @@ def _rate(rows: list[dict], model: str, res: int, mode: str) -> float | None:
                 None)
 
 
+def _variant_keys() -> list[str]:
+    return [v.lower().replace("/", "") for v in VARIANTS]
+
+
 def claims(rows: list[dict]) -> list[dict]:
     """The paper's claims as ratios of throughputs measured in this run, beside the paper's ratio."""
     out = []
@@ -384,8 +399,10 @@ def claims(rows: list[dict]) -> list[dict]:
         (("mixer-b16", "vit-b16"), "Mixer vs ViT"),
         (("mixer-l16", "vit-l16"), "Mixer vs ViT"),
         (("mixer-h14", "vit-h14"), "Mixer vs ViT"),
-    ) + tuple(((f"mixer-{k}", f"timm-mixer-{k}"), "ours vs timm")
-              for k in (v.lower().replace("/", "") for v in VARIANTS)):
+    ) + tuple(((f"mixer-{k}", f"timm-mixer-{k}"), "ours vs timm") for k in _variant_keys()) + tuple(
+        ((f"mixer-{k}-{layout}", f"mixer-{k}"), f"token mixing {layout} vs {TOKEN_MIXING[0]}")
+        for k in _variant_keys() for layout in TOKEN_MIXING[1:]
+    ):
         if not {mixer, other} <= present:
             continue
         for res in sorted({r["res"] for r in rows}):
@@ -418,7 +435,7 @@ def _fmt(value, spec: str) -> str:
 def print_tables(report: dict) -> None:
     """One table per mode (inference, training), then the claims; every number is also in the JSON."""
     per = "img/s/core" if report["device"]["type"] == "cpu" else "img/s/GPU"
-    setting = ", ".join([report["precision"]] + ["compiled"] * report["compile"]
+    setting = ", ".join([report["precision"]] + [f"compiled ({report['compile']})"] * bool(report["compile"])
                         + ["grad checkpointing"] * report["grad_checkpointing"]
                         + ["CPU-time clock"] * (report["plan"]["clock"] == "cpu"))
     for mode in MODES:
@@ -444,7 +461,7 @@ def print_tables(report: dict) -> None:
                   f"measured here, {report['matmul_peak_tflop_s']:.3f} TFLOP/s; paper: img/s/core on TPUv3 "
                   "(Tables 2-3); MiB/img: training memory per extra image.", highlight=False)
     if report["claims"]:
-        title = "The paper's claims, as ratios measured in this run"
+        title = "Ratios measured in this run: the paper's claims, ours against timm, the layouts"
         table = Table(title=title, title_style="bold", box=box.SIMPLE_HEAD)
         for col in ("claim", "measured", "paper", "expected"):
             table.add_column(col, justify="left" if col == "claim" else "right")

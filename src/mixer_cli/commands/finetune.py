@@ -23,7 +23,7 @@ from mixer_cli.evaluate import vtab
 from mixer_cli.models import grow_resolution, load_mixer
 from mixer_cli.models.growth import growth_factor
 from mixer_cli.models.mixer import Mixer, variant_of
-from mixer_cli.train.fit import build, build_datasets
+from mixer_cli.train.fit import build, build_datasets, spec_changes
 from mixer_cli.train.fit import resume as resume_run
 
 
@@ -44,9 +44,7 @@ def pretrained_model(cfg: DictConfig) -> Mixer:
     if not cfg.checkpoint:
         raise UserError("fine-tuning needs a pre-trained model: --from CKPT (.ckpt, .npz, .pth or .safetensors)")
     path, m = Path(cfg.checkpoint), cfg.model
-    model = load_mixer(path, dropout=m.dropout, drop_path=m.drop_path,
-                       drop_path_rescale=m.get("drop_path_rescale", False),
-                       **({"gelu": m.gelu} if m.gelu else {}))
+    model = load_mixer(path, **spec_changes(m))
     check_variant(model, m.variant, path)
     if model.spec.in_chans != cfg.data.channels:
         raise UserError(f"{path} takes {model.spec.in_chans}-channel images, the data has {cfg.data.channels}")

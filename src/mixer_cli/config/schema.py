@@ -34,7 +34,7 @@ from mixer_cli.core.files import package_root
 from mixer_cli.data import SOURCES
 from mixer_cli.data.inception_crop import CROP_SAMPLERS
 from mixer_cli.data.transforms import EVAL_CROP_MODES
-from mixer_cli.models.mixer import VARIANTS
+from mixer_cli.models.mixer import TOKEN_MIXING, VARIANTS
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,11 @@ def list_of(item: Rule, what: str, length: int | None = None) -> Rule:
 
 NULL = Rule("null", lambda v: v is None)
 NUMBER = Rule("a number", is_number)
+# torch.compile's modes (torch._inductor.list_mode_options()); reduce-overhead replays CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FLAG = Rule("true or false", lambda v: isinstance(v, bool))
+FLAG_OR_COMPILE_MODE = Rule(f"true, false or a torch.compile mode ({', '.join(COMPILE_MODES)})",
+                            lambda v: isinstance(v, bool) or v in COMPILE_MODES)
 FLAG_OR_AUTO = Rule("true, false or auto", lambda v: isinstance(v, bool) or v == "auto")
 TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 RUN_NAME = Rule("a non-empty name without '/'", lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v)
@@ -237,6 +241,7 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "model.dropout": PROBABILITY,
     "model.drop_path": PROBABILITY,
     "model.drop_path_rescale": FLAG,
+    "model.token_mixing": one_of(*TOKEN_MIXING) | NULL,
     "resnet._target_": lambda: group_targets("resnet"),
     # loss, optim, sched
     "loss._target_": lambda: group_targets("loss"),
@@ -302,7 +307,7 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "res": list_of(whole(1), "a non-empty list of whole numbers >= 1"),
     "modes": list_of(TEXT, "a non-empty list of modes"),
     "precision": TEXT,
-    "compile": FLAG,
+    "compile": FLAG_OR_COMPILE_MODE,
     "grad_checkpointing": FLAG,
     "device": DEVICE,
     "threads": whole(1) | NULL,

@@ -35,6 +35,7 @@ class MixerSpec:
     drop_path: float = 0.0  # stochastic depth at the last block; 0 at the first, linear between
     drop_path_rescale: bool = False  # False: the paper's code drops branches unscaled; True: timm's DropPath
     head_bias: float = 0.0  # -6.9 = log(1/1000) for sigmoid cross-entropy from scratch
+    token_mixing: str = "transpose"  # how the token-mixing MLP is computed (TOKEN_MIXING); same function
 
     @property
     def grid(self) -> int:
@@ -97,6 +98,8 @@ def validate(spec: MixerSpec) -> None:
         )
     if spec.gelu not in ("tanh", "exact"):
         raise UserError(f"gelu must be 'tanh' or 'exact', not {spec.gelu!r}")
+    if spec.token_mixing not in TOKEN_MIXING:
+        raise UserError(f"token_mixing must be one of {', '.join(TOKEN_MIXING)}, not {spec.token_mixing!r}")
 
 
 def check_known(fields) -> None:
@@ -158,6 +161,39 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+# The layouts of the token-mixing product W1 LayerNorm(X)^T of Eq. (1), for X of shape (B, S, C):
+#   transpose  nn.Linear on the transposed tokens (B, C, S), then back (timm's; two transposes);
+#   matmul     W1 @ X, the (D_S, S) weight broadcast over the batch: (B, D_S, C), no transpose;
+#   einsum     torch.einsum("ts,bsc->btc", W1, X), left to torch to lay out.
+# All three use the same parameters (fc1.weight is W1), so checkpoints do not depend on the choice.
+TOKEN_MIXING = ("transpose", "matmul", "einsum")
+
+
+class TokenMixingMlp(Mlp):
+    """The token-mixing MLP of Eq. (1), W2 gelu(W1 X^T)^T on tokens X (B, S, C): an MLP across the S
+    tokens, shared by the C channels, computed in the layout `token_mixing` names (TOKEN_MIXING).
+    The layouts differ only in speed, which depends on the device and on torch.compile
+    (`mixer benchmark models=[mixer-b16,mixer-b16-matmul,mixer-b16-einsum]` measures them)."""
+
+    def __init__(self, spec: MixerSpec):
+        super().__init__(spec.num_tokens, spec.tokens_mlp_dim, spec.gelu, spec.dropout)
+        self.token_mixing = spec.token_mixing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_mixing == "transpose":
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        h = self.drop(self.act(self.across_tokens(self.fc1, x)))
+        return self.drop(self.across_tokens(self.fc2, h))
+
+    def across_tokens(self, fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """fc applied along dim 1 of (B, S, C): W @ x + b, the bias broadcast over the channels."""
+        if self.token_mixing == "matmul":
+            out = torch.matmul(fc.weight, x)
+        else:
+            out = torch.einsum("ts,bsc->btc", fc.weight, x)
+        return out + fc.bias.unsqueeze(-1)
+
+
 def stochastic_depth(rate: float, rescale: bool) -> nn.Module:
     """Drops a block's residual branch for whole samples in training; identity at evaluation.
     Without rescale as the paper's code (big_vision: branch x (1 - bernoulli(rate))), with rescale
@@ -174,13 +210,13 @@ class MixerBlock(nn.Module):
     def __init__(self, spec: MixerSpec, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(spec.hidden_dim, eps=1e-6)
-        self.mlp_tokens = Mlp(spec.num_tokens, spec.tokens_mlp_dim, spec.gelu, spec.dropout)
+        self.mlp_tokens = TokenMixingMlp(spec)
         self.norm2 = nn.LayerNorm(spec.hidden_dim, eps=1e-6)
         self.mlp_channels = Mlp(spec.hidden_dim, spec.channels_mlp_dim, spec.gelu, spec.dropout)
         self.drop_path = stochastic_depth(drop_path, spec.drop_path_rescale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+        x = x + self.drop_path(self.mlp_tokens(self.norm1(x)))
         return x + self.drop_path(self.mlp_channels(self.norm2(x)))
 
 
@@ -273,6 +309,6 @@ class Mixer(nn.Module):
 def build_mixer(variant: str | None = None, num_classes: int = 1000, img_size: int = 224, **opts) -> Mixer:
     """A Mixer by the paper's variant name ("S/32" ... "H/14"); keyword arguments named as in the
     paper's code (patch_size, hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim) and the
-    MixerSpec fields (in_chans, gelu, dropout, drop_path, drop_path_rescale, head_bias) override the
+    MixerSpec fields (in_chans, gelu, dropout, drop_path, drop_path_rescale, head_bias, token_mixing) override the
     variant. Its `pretrained_cfg` holds the paper's evaluation preprocessing at `img_size`."""
     return Mixer(spec_for(variant, num_classes=num_classes, img_size=img_size, **opts))

@@ -231,6 +231,13 @@ def build(cfg: DictConfig, model: nn.Module, splits: Splits, probe_transform: Ca
     return Job(cfg, model, module, datamodule, plan, steps, steps_per_epoch, callbacks=[probe] if probe else [])
 
 
+def spec_changes(m: DictConfig) -> dict:
+    """The spec fields a run sets on a loaded Mixer without changing its weights: regularisation,
+    and the GELU and token-mixing layout where the config names them (null: as the checkpoint says)."""
+    return {"dropout": m.dropout, "drop_path": m.drop_path, "drop_path_rescale": m.get("drop_path_rescale", False),
+            **{k: m[k] for k in ("gelu", "token_mixing") if m.get(k)}}
+
+
 def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = True) -> dict:
     """Continue a stopped or killed run from its last.ckpt: the model is rebuilt from the spec
     recorded there (a fine-tune's head and resolution included), then Lightning restores weights,
@@ -238,8 +245,7 @@ def resume(run_dir: Path, overrides: list[str], command: str, progress: bool = T
     if not (run_dir / "last.ckpt").is_file():
         raise UserError(f"nothing to resume in {run_dir}: no last.ckpt there")
     cfg = resume_config(run_dir, overrides)
-    model = load_mixer(run_dir / "last.ckpt", dropout=cfg.model.dropout, drop_path=cfg.model.drop_path,
-                       drop_path_rescale=cfg.model.get("drop_path_rescale", False))
+    model = load_mixer(run_dir / "last.ckpt", **spec_changes(cfg.model))
     job = build(cfg, model, build_datasets(cfg))
     if cfg.get("checkpoint"):
         job.record["from"] = str(cfg.checkpoint)
