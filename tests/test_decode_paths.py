@@ -73,9 +73,10 @@ def test_every_decode_path_feeds_the_network_the_same_normalised_images(folder_r
     assert (inputs["gpu"] - inputs["uint8"]).abs().max() <= 1 * level + 1e-6
 
 
-@pytest.mark.parametrize("decode", ["uint8", "gpu"])
-def test_training_runs_on_the_device_side_paths(folder_run, tmp_path, decode):
-    results = pretrain(config(folder_run, decode, f"run_root={tmp_path}"), progress=False)
+@pytest.mark.parametrize("decode, randaug_magnitude", [("uint8", 0), ("gpu", 0), ("gpu", 15)])
+def test_training_runs_on_the_device_side_paths(folder_run, tmp_path, decode, randaug_magnitude):
+    overrides = (f"run_root={tmp_path}", f"aug.randaug_magnitude={randaug_magnitude}")
+    results = pretrain(config(folder_run, decode, *overrides), progress=False)
     assert results["steps"] == 2 and results["num_samples"] == 6 and 0 <= results["top1"] <= 1
 
 
@@ -139,3 +140,18 @@ def test_the_default_uint8_path_gives_the_float_paths_digits_bit_for_bit(digit_s
         expected_x, expected_y = first_samples(floats, split)
         assert x.dtype == torch.float32 and x.shape == (24, 1, 28, 28)
         assert torch.equal(y, expected_y) and torch.equal(x, expected_x)
+
+
+def test_gpu_decode_trains_on_the_uint8_paths_randaugmented_images(folder_run):
+    """The ImageNet recipes' RandAugment under data.decode=gpu: the training batch the network gets, decoded,
+    cropped and RandAugmented by the Classifier's hook (here on the CPU), is the uint8 loader's, with the
+    same seed."""
+    inputs = {}
+    for decode in ("uint8", "gpu"):
+        cfg = config(folder_run, decode, "aug.randaug_magnitude=15")
+        module = classifier(cfg)
+        module.trainer = SimpleNamespace(training=True)
+        dataset = build_dataset(cfg.data, cfg.aug, "train")
+        torch.manual_seed(0)
+        inputs[decode] = model_input(module, dataset)
+    assert inputs["gpu"].shape == (12, 3, 16, 16) and torch.equal(inputs["gpu"], inputs["uint8"])

@@ -12,6 +12,8 @@ from torchvision import transforms as T
 
 from mixer_cli.commands.data_bench import pil_decode, synthetic_jpegs
 from mixer_cli.core.errors import UserError
+from mixer_cli.data import device_transforms
+from mixer_cli.data.device_randaugment import apply_layers
 from mixer_cli.data.device_transforms import (
     DecodeResize,
     NormalizeOnDevice,
@@ -25,7 +27,7 @@ from mixer_cli.data.device_transforms import (
     read_header,
     train_uint8_transform,
 )
-from mixer_cli.data.transforms import eval_transform, train_transform
+from mixer_cli.data.transforms import eval_transform, randaugment, train_transform
 from mixer_cli.train.module import Evaluator
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.5, 0.25, 0.2]  # unequal per channel: a broadcast or channel-order bug shows
@@ -144,12 +146,32 @@ def test_device_decode_crops_the_cpu_paths_boxes():
         assert (batch.int() - cpu.int()).abs().max() <= 1  # float vs uint8 resampling kernels
 
 
-def test_device_decode_refuses_randaugment_and_needs_the_inception_crop():
+def test_device_decode_runs_randaugment_batched_as_the_cpu_path_does(monkeypatch):
+    """With RandAugment, decode_on_device draws each image's ops right after its box and flip, as the
+    CPU path does, and applies them batched: with TF's resize the crops are equal, so the outputs are,
+    bit for bit (the tensor ops give the PIL ops' pixels: tests/test_device_randaugment.py)."""
     data, aug = configs(32, magnitude=15)
-    with pytest.raises(UserError, match="RandAugment runs on the CPU; use data.decode=uint8"):
-        gpu_decode_transform(data, aug, train=True)
+    transform = gpu_decode_transform(data, aug, train=True)
+    assert repr(transform.randaugment) == "RandAugment(num_layers=2, magnitude=15)"
+    raws = [SMALL[i % 2] for i in range(8)]
+    images, _ = collate_encoded([(raw, 0) for raw in raws])
+    batched = []
+    monkeypatch.setattr(device_transforms, "apply_layers",
+                        lambda x, draws: batched.append(len(x)) or apply_layers(x, draws))
+    for seed in range(3):
+        batch = seeded(seed, decode_on_device, images, transform, "cpu")
+        cpu = seeded(seed, lambda: torch.stack([transform(raw) for raw in raws]))
+        assert batch.dtype == torch.uint8 and batch.shape == (8, 3, 32, 32) and torch.equal(batch, cpu)
+        transform.randaugment = None  # the same seed without RandAugment: it did change the batch
+        assert not torch.equal(seeded(seed, decode_on_device, images, transform, "cpu"), batch)
+        transform.randaugment = randaugment(aug)
+    assert batched == [8, 8, 8]  # once per batch, not per image
+
+
+def test_device_decode_needs_the_inception_crop_for_training():
+    data, aug = configs(32, magnitude=15)
     gpu_decode_transform(data, aug, train=False)  # evaluation has no RandAugment
-    aug.inception_crop, aug.randaug_magnitude = False, 0
+    aug.inception_crop = False
     with pytest.raises(UserError, match="without aug.inception_crop use data.decode=uint8"):
         gpu_decode_transform(data, aug, train=True)
 

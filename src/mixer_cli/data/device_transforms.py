@@ -19,6 +19,9 @@ same PIL transform (tests/test_device_transforms.py).
 With `data.decode=gpu` the CPU only reads bytes: `decode_on_device` decodes a batch of JPEGs with
 nvJPEG (torchvision's `decode_jpeg(..., device="cuda")`) and crops, resizes and flips each image
 on the device with the same transforms (`on_tensor`), so the boxes come from the same sampler.
+RandAugment follows, batched on the device (data/device_randaugment.py): each image's ops and
+arguments are drawn on the CPU right after its box and flip, as the CPU path draws them, and the
+tensor ops compute the PIL ops' pixels (tests/test_device_randaugment.py).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from mixer_cli.core.errors import UserError
+from mixer_cli.data.device_randaugment import apply_layers, draw_layers
 from mixer_cli.data.inception_crop import Box, InceptionCrop, inception_crop
 from mixer_cli.data.randaugment import RandAugment
 from mixer_cli.data.transforms import AREA, AreaResizeCrop, eval_data_config, randaugment, resize_shift_flip
@@ -134,8 +138,20 @@ class InceptionCropUint8:
         return F.horizontal_flip(out) if flip else out
 
     def on_tensor(self, img: torch.Tensor) -> torch.Tensor:
-        """A decoded uint8 (C, H, W) image, e.g. on the GPU -> the crop (RandAugment is PIL-only)."""
+        """A decoded uint8 (C, H, W) image, e.g. on the GPU -> the crop, flipped or not (no RandAugment)."""
         return self.crop(img, *self.sample(img))
+
+    def on_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Decoded uint8 (C, H, W) images on the device -> uint8 (B, C, size, size): each cropped and
+        flipped, then RandAugment on the whole batch. Each image's RandAugment draws follow its box and
+        flip, the order `__call__` draws them in, so a seed gives the CPU path's ops."""
+        crops, draws = [], []
+        for img in images:
+            crops.append(self.on_tensor(img))
+            if self.randaugment is not None:
+                draws.append(draw_layers(self.randaugment, self.inception.size, self.inception.size))
+        batch = torch.stack(crops)
+        return apply_layers(batch, draws) if draws else batch
 
     def __call__(self, raw: bytes) -> torch.Tensor:
         header = read_header(raw)
@@ -180,6 +196,10 @@ class EvalResizeUint8:
         resized = F.resize(img, list(self.resized_size(*img.shape[-2:])), self.interpolation, antialias=True)
         return F.center_crop(resized, [self.size, self.size])
 
+    def on_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Decoded uint8 (C, H, W) images on the device -> uint8 (B, C, size, size)."""
+        return torch.stack([self.on_tensor(img) for img in images])
+
     def __call__(self, raw: bytes) -> torch.Tensor:
         if self.area is not None:
             return self.area(decode(raw, self.channels))
@@ -212,14 +232,11 @@ def eval_uint8_transform(data: DictConfig, aug: DictConfig) -> EvalResizeUint8:
 
 
 def gpu_decode_transform(data: DictConfig, aug: DictConfig, train: bool) -> InceptionCropUint8 | EvalResizeUint8:
-    """The transform `decode_on_device` applies: the Inception crop and flip (RandAugment runs on PIL
-    images, so not there)."""
+    """The transform `decode_on_device` applies: the Inception crop and flip, then RandAugment where
+    configured, or the evaluation resize."""
     if train and not aug.get("inception_crop"):
         raise UserError("data.decode=gpu crops on the device for the Inception-crop recipes; without "
                         "aug.inception_crop use data.decode=uint8")
-    if train and randaugment(aug) is not None:
-        raise UserError("data.decode=gpu crops and flips on the GPU but RandAugment runs on the CPU; "
-                        "use data.decode=uint8 or aug.randaug_magnitude=0")
     return train_uint8_transform(data, aug) if train else eval_uint8_transform(data, aug)
 
 
@@ -227,13 +244,14 @@ def decode_on_device(images: list[torch.Tensor], transform: InceptionCropUint8 |
                      device: torch.device | str) -> torch.Tensor:
     """Encoded images (1-D uint8 CPU tensors) -> uint8 (B, C, size, size) on `device`. The JPEGs
     decode as one batch (nvJPEG on a GPU); any other format decodes on the CPU and is copied over.
-    Each image is then cropped, resized and flipped on the device by `transform.on_tensor`."""
+    Each image is then cropped, resized and flipped on the device, and RandAugment, where the
+    transform has it, runs on the batch (`transform.on_batch`)."""
     is_jpeg = [x[:2].tolist() == list(JPEG_MAGIC) for x in images]
     jpegs = [x for x, j in zip(images, is_jpeg) if j]
     on_device = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
     decoded = [next(on_device) if j else decode_image(x, mode=ImageReadMode.RGB).to(device)
                for x, j in zip(images, is_jpeg)]
-    return torch.stack([transform.on_tensor(img) for img in decoded])
+    return transform.on_batch(decoded)
 
 
 def collate_encoded(samples: list[tuple[bytes, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:

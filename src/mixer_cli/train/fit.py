@@ -80,7 +80,7 @@ def preprocessing(cfg: DictConfig) -> dict:
 
 def device_preprocessing(cfg: DictConfig) -> dict:
     """The Evaluator's share of the input pipeline when the loader hands over uint8 images or encoded
-    bytes (data.decode=uint8|gpu): normalisation, and for gpu the decoding, crop and flip."""
+    bytes (data.decode=uint8|gpu): normalisation, and for gpu the decoding, crop, flip and RandAugment."""
     if not hands_over_uint8(cfg.data):
         return {}
     pieces = {"normalize": NormalizeOnDevice(list(cfg.data.mean), list(cfg.data.std))}

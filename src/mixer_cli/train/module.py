@@ -154,7 +154,7 @@ class Evaluator(L.LightningModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         x, y, *names = batch
-        if isinstance(x, (list, tuple)):  # encoded images: decode (nvJPEG on a GPU), crop and flip on the device
+        if isinstance(x, (list, tuple)):  # encoded: decode (nvJPEG on a GPU), crop, flip, RandAugment on the device
             from mixer_cli.data.device_transforms import decode_on_device, encoded
 
             transform = self.device_decode[0 if self.trainer.training else 1]
