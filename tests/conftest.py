@@ -197,3 +197,23 @@ def multi_label_shards():
         return folder
 
     return write
+
+
+def smooth_photo(seed: int, size=(40, 32)) -> np.ndarray:
+    """A photo-like RGB image (smooth colour gradients), width x height = size."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC))
+
+
+@pytest.fixture(scope="session")
+def jpeg_folders(tmp_path_factory) -> Path:
+    """An image-folder data set of JPEGs: train/ (4 per class) and val/ (2 per class), 3 classes."""
+    root = tmp_path_factory.mktemp("jpegs")
+    for split, n in (("train", 4), ("val", 2)):
+        for label in range(3):
+            (root / split / f"c{label}").mkdir(parents=True)
+            for j in range(n):
+                Image.fromarray(smooth_photo(100 * label + j)).save(root / split / f"c{label}" / f"{j}.jpg",
+                                                                    quality=95)
+    return root

@@ -16,27 +16,10 @@ from mixer_cli.train.fit import device_preprocessing
 from mixer_cli.train.module import Evaluator
 
 
-def photo(seed: int, size=(40, 32)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC))
-
-
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jpegs")
-    for split, n in (("train", 4), ("val", 2)):
-        for label in range(3):
-            (root / split / f"c{label}").mkdir(parents=True)
-            for j in range(n):
-                Image.fromarray(photo(100 * label + j)).save(root / split / f"c{label}" / f"{j}.jpg", quality=95)
-    return root
-
-
-@pytest.fixture(scope="module")
-def folder_run(folders, tiny_run) -> list[str]:
+def folder_run(jpeg_folders, tiny_run) -> list[str]:
     """Two steps of the tiny Mixer on the folders."""
-    return ["data=folder", f"data.train_path={folders / 'train'}", f"data.eval_path={folders / 'val'}",
+    return ["data=folder", f"data.train_path={jpeg_folders / 'train'}", f"data.eval_path={jpeg_folders / 'val'}",
             "data.num_classes=3", "data.img_size=16", "data.global_batch=4", "data.num_workers=0", "aug=finetune",
             *tiny_run, "model.patch_size=4", "trainer.steps=2"]
 
