@@ -60,6 +60,30 @@ def test_bench_times_each_recipe_on_both_paths_against_decoding(tmp_path):
     assert len(lines) == 9 and png.stat().st_size > 0
 
 
+def test_bench_on_a_device_adds_the_gpu_pipelines_with_their_host_and_device_rates(tmp_path):
+    """data.decode=gpu's pipelines (run here with device=cpu): the host's CPU time per image and the
+    device's images per second, and from them the cores and the device share a training rate needs."""
+    import torch
+
+    rows = run_bench(synthetic_jpegs(2, size=(200, 150)), seconds=0.02, rounds=1, device=torch.device("cpu"))
+    on_device = [r for r in rows if r["device_img_per_s"] is not None]
+    assert [r["pipeline"] for r in on_device] == [
+        "JFT: Inception crop + flip, data.decode=gpu (cpu)", "ImageNet: + RandAugment(2, 15), data.decode=gpu (cpu)",
+        "eval: resize 256 (area) + centre crop 224, data.decode=gpu (cpu)"]
+    assert all(r["img_per_s_per_core"] > 0 and r["device_img_per_s"] > 0 for r in on_device)
+    # on the CPU the "device" work is this process's, in one thread: CPU time at most wall time
+    assert all(r["img_per_s_per_core"] >= 0.9 * r["device_img_per_s"] for r in on_device)
+    needed = add_cores_needed(rows, 1000.0)
+    for r in needed:
+        assert r["cores_per_device"] == round(1000.0 / r["img_per_s_per_core"], 2)
+        assert r["device_share"] == (round(1000.0 / r["device_img_per_s"], 3) if r["device_img_per_s"] else None)
+    csv_path, _ = write_bench(needed, tmp_path / "b.csv")
+    assert csv_path.read_text().splitlines()[0] == (
+        "pipeline,img_per_s_per_core,vs_decode_only,vs_float_path,device_img_per_s,cores_per_device,device_share")
+    with pytest.raises(UserError, match="^--device must be auto, cpu, cuda or cuda:N, got 'tpu'$"):
+        data_bench(1, 1.0, device="tpu")
+
+
 def test_cores_needed_is_training_rate_over_pipeline_rate():
     rows = [{"pipeline": "a", "img_per_s_per_core": 400.0}, {"pipeline": "b", "img_per_s_per_core": 1600.0}]
     assert [r["cores_per_device"] for r in add_cores_needed(rows, 3000.0)] == [7.5, 1.88]

@@ -441,7 +441,8 @@ def data_write(
     short_help="Input pipeline img/s per CPU core, and the cores a device needs.",
     epilog="Examples: [bold]mixer data bench[/] · "
     "[bold]mixer data bench --seconds 20 --out /tmp/data-bench/bench.csv[/] · "
-    "[bold]mixer data bench --throughput 5900[/] (cores per device at 5,900 training img/s per device)",
+    "[bold]mixer data bench --throughput 5900[/] (cores per device at 5,900 training img/s per device) · "
+    "[bold]mixer data bench --device cuda[/] (and the GPU input pipeline, data.decode=gpu)",
 )
 @user_errors
 def data_bench(
@@ -459,13 +460,17 @@ def data_bench(
         "first Mixer in them).", show_default=False,
     ),
     runs: Path = typer.Option(Path("runs"), "--runs", help="The run_root `mixer benchmark` wrote to.", file_okay=False),
+    device: str | None = typer.Option(
+        None, "--device", help="Also time the GPU input pipeline (data.decode=gpu: nvJPEG, crops and RandAugment "
+        "on the device) there, e.g. cuda.", show_default=False,
+    ),
 ):
     """Input pipeline img/s per CPU core on ImageNet-like 500x375 JPEGs: each recipe's training
     pipeline (JFT: Inception crop + flip; ImageNet: + RandAugment) and the evaluation, on the float
     path and the uint8 path, beside JPEG decoding alone; and the cores one device needs."""
     from mixer_cli.commands.data_bench import data_bench as run_data_bench
 
-    run_data_bench(images, seconds, out, throughput, model, runs)
+    run_data_bench(images, seconds, out, throughput, model, runs, device)
 
 
 def main() -> None:

@@ -8,6 +8,12 @@ default (device_transforms.py: the loader stops at uint8, the device normalises 
 float path it replaced (data.decode=pil: PIL decode, transforms.py, float normalisation per image),
 beside JPEG decoding alone, the ceiling of any pipeline that decodes.
 
+With `--device cuda` the GPU input pipeline (data.decode=gpu) joins the table: the host only reads
+bytes, draws each image's crop, flip and RandAugment ops, and launches the work, so its img/s per
+core is this process's CPU time per image of `decode_on_device` on batches; the device does the
+decoding (nvJPEG) and the augmentation, and its rate (img/s in wall time) against the training rate
+is the share of the device's time that the input pipeline takes.
+
 Cores needed per device = a model's training img/s per device (from the latest `mixer benchmark
 --train` results, or given) / a pipeline's img/s per core.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +35,18 @@ from rich.table import Table
 from torch.nn import functional as F
 
 from mixer_cli.core.console import console
+from mixer_cli.core.devices import pick_device
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import csv_text, package_root, write_atomic
 from mixer_cli.core.plots import pyplot, save_figure
-from mixer_cli.data.device_transforms import decode, eval_uint8_transform, train_uint8_transform
+from mixer_cli.data.device_transforms import (
+    collate_encoded,
+    decode,
+    decode_on_device,
+    eval_uint8_transform,
+    gpu_decode_transform,
+    train_uint8_transform,
+)
 from mixer_cli.data.transforms import AREA, DEFAULT_DECODE, eval_data_config, eval_transform, train_transform
 
 IMAGE_SIZE = (500, 375)  # width, height: a typical ImageNet photo
@@ -39,7 +54,10 @@ QUALITY = 90
 # Each recipe family's data and aug groups: JFT recipes crop and flip, ImageNet and 21k add RandAugment.
 RECIPES = {"JFT": ("jft300m", "inception_flip"), "ImageNet": ("imagenet", "randaug_mixup")}
 UINT8, FLOAT = f"uint8{' (default)' if DEFAULT_DECODE == 'uint8' else ''}", "float (data.decode=pil)"
-COLUMNS = ["pipeline", "img_per_s_per_core", "vs_decode_only", "vs_float_path", "cores_per_device"]
+GPU = "data.decode=gpu"
+DEVICE_BATCH = 128  # images per decode_on_device call, as a training batch's share of one device
+COLUMNS = ["pipeline", "img_per_s_per_core", "vs_decode_only", "vs_float_path", "device_img_per_s",
+           "cores_per_device", "device_share"]
 
 
 # ---------------------------------------------------------------- images
@@ -107,17 +125,23 @@ class Pipeline:
     float_path: str | None = None  # the name of the pipeline this one replaces
 
 
-def pipelines() -> list[Pipeline]:
-    """Decoding alone, then each recipe's training pipeline and the evaluation, float then uint8."""
+def named_recipes() -> tuple[dict[str, tuple[DictConfig, DictConfig]], str]:
+    """The training pipelines' names and (data, aug) configs, and the evaluation's name."""
     jft, imagenet = recipe_configs("JFT"), recipe_configs("ImageNet")
     size = jft[0].img_size
     method = eval_data_config(*imagenet)["interpolation"]
     eval_name = (f"eval: resize {int(size / imagenet[1].eval_crop_pct)} ({'area' if method == AREA else method}) + "
                  f"centre crop {size}")
-    named = {
+    return {
         "JFT: Inception crop + flip": jft,
         f"ImageNet: + RandAugment({imagenet[1].randaug_layers}, {imagenet[1].randaug_magnitude})": imagenet,
-    }
+    }, eval_name
+
+
+def pipelines() -> list[Pipeline]:
+    """Decoding alone, then each recipe's training pipeline and the evaluation, float then uint8."""
+    named, eval_name = named_recipes()
+    imagenet = recipe_configs("ImageNet")
     out = [Pipeline("decode only (PIL)", pil_decode), Pipeline("decode only (torchvision)", decode)]
     for name, (data, aug) in named.items():
         floats = train_transform(data, aug)
@@ -141,21 +165,59 @@ def images_per_second(jpegs: list[bytes], run: Callable[[bytes], object], second
             return done / elapsed
 
 
-def run_bench(jpegs: list[bytes], seconds: float, rounds: int = 5) -> list[dict]:
+def device_pipelines() -> dict[str, object]:
+    """data.decode=gpu's transforms: each recipe's training one and the evaluation's."""
+    named, eval_name = named_recipes()
+    out = {f"{name}, {GPU}": gpu_decode_transform(data, aug, train=True) for name, (data, aug) in named.items()}
+    out[f"{eval_name}, {GPU}"] = gpu_decode_transform(*recipe_configs("ImageNet"), train=False)
+    return out
+
+
+def device_rates(jpegs: list[bytes], transform, device: torch.device, seconds: float) -> tuple[float, float]:
+    """(images per CPU second of this process, images per wall second) of `decode_on_device` on
+    batches of DEVICE_BATCH encoded images, over at least `seconds` of wall time after a warm-up."""
+    images, _ = collate_encoded([(jpegs[i % len(jpegs)], 0) for i in range(DEVICE_BATCH)])
+
+    def run() -> None:
+        decode_on_device(images, transform, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()
+    done, cpu, wall = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - wall < seconds:
+        run()
+        done += DEVICE_BATCH
+    return done / (time.process_time() - cpu), done / (time.perf_counter() - wall)
+
+
+def run_bench(jpegs: list[bytes], seconds: float, rounds: int = 5, device: torch.device | None = None) -> list[dict]:
     """Rows of pipeline, images/s per core, the ratio to PIL decoding alone and, for a uint8
-    pipeline, to the float pipeline it replaces. `seconds` per pipeline, split over `rounds`."""
+    pipeline, to the float pipeline it replaces. `seconds` per pipeline, split over `rounds`. With a
+    device, data.decode=gpu's pipelines too, with their img/s on the device."""
     torch.set_num_threads(1)
     named = pipelines()
+    on_device = device_pipelines() if device is not None else {}
     best = {p.name: 0.0 for p in named}
+    best_device = {name: (0.0, 0.0) for name in on_device}
     for _ in range(rounds):
         for p in named:
             best[p.name] = max(best[p.name], images_per_second(jpegs, p.run, seconds / rounds))
+        for name, transform in on_device.items():
+            rates = device_rates(jpegs, transform, device, seconds / rounds)
+            best_device[name] = tuple(map(max, best_device[name], rates))
     reference = best[named[0].name]
-    return [
+    rows = [
         {"pipeline": p.name, "img_per_s_per_core": round(best[p.name], 1),
          "vs_decode_only": round(best[p.name] / reference, 3),
-         "vs_float_path": round(best[p.name] / best[p.float_path], 3) if p.float_path else None}
+         "vs_float_path": round(best[p.name] / best[p.float_path], 3) if p.float_path else None,
+         "device_img_per_s": None}
         for p in named
+    ]
+    return rows + [
+        {"pipeline": f"{name} ({device.type})", "img_per_s_per_core": round(host, 1),
+         "vs_decode_only": round(host / reference, 3), "vs_float_path": None, "device_img_per_s": round(rate, 1)}
+        for name, (host, rate) in best_device.items()
     ]
 
 
@@ -178,17 +240,21 @@ def training_rate(run_root: Path, model: str | None = None) -> dict | None:
 
 
 def add_cores_needed(rows: list[dict], img_s_per_device: float) -> list[dict]:
-    """Each row with `cores_per_device`: the CPU cores that feed one device at this training rate."""
-    return [{**r, "cores_per_device": round(img_s_per_device / r["img_per_s_per_core"], 2)} for r in rows]
+    """Each row with `cores_per_device`: the CPU cores that feed one device at this training rate;
+    and, for a pipeline on the device, `device_share`: the part of the device's time it takes."""
+    return [{**r, "cores_per_device": round(img_s_per_device / r["img_per_s_per_core"], 2),
+             "device_share": round(img_s_per_device / r["device_img_per_s"], 3) if r.get("device_img_per_s") else None}
+            for r in rows]
 
 
 # ---------------------------------------------------------------- output
 def write_bench(rows: list[dict], csv_path: Path) -> list[Path]:
     """The rows as CSV, and a bar chart of images/s per core as PNG beside it."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(csv_path, csv_text(rows, [c for c in COLUMNS if c in rows[0]]))
+    write_atomic(csv_path, csv_text(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
     fig, ax = pyplot().subplots(figsize=(8, 3.6))
-    colours = ["tab:green" if r["pipeline"].endswith(UINT8) else "tab:blue" for r in rows][::-1]
+    colours = ["tab:orange" if r.get("device_img_per_s") else "tab:green" if r["pipeline"].endswith(UINT8)
+               else "tab:blue" for r in rows][::-1]
     ax.barh([r["pipeline"] for r in rows][::-1], [r["img_per_s_per_core"] for r in rows][::-1], color=colours)
     ax.set_xlabel(f"images/s per CPU core ({IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG, quality {QUALITY})")
     fig.tight_layout()
@@ -197,32 +263,43 @@ def write_bench(rows: list[dict], csv_path: Path) -> list[Path]:
     return [csv_path, png]
 
 
+def _optional(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def print_bench(rows: list[dict], jpegs: list[bytes], rate: dict | None) -> None:
     kib = sum(map(len, jpegs)) / len(jpegs) / 1024
     width, height = IMAGE_SIZE
     title = f"input pipelines, one CPU core, {len(jpegs)} synthetic {width}x{height} JPEGs ({kib:.0f} KiB)"
     table = Table(title=title)
+    on_device = any(r.get("device_img_per_s") for r in rows)
     headers = ["pipeline", "img/s per core", "vs decode only", "vs float path"]
-    headers += ["cores per device"] if rate else []
+    headers += ["device img/s"] * on_device + ["cores per device"] * bool(rate) + ["device share"] * (
+        on_device and bool(rate))
     for col in headers:
         table.add_column(col, justify="left" if col == "pipeline" else "right")
     for r in rows:
         cells = [r["pipeline"], f"{r['img_per_s_per_core']:.0f}", f"{r['vs_decode_only']:.2f}x",
                  f"{r['vs_float_path']:.2f}x" if r["vs_float_path"] else ""]
-        table.add_row(*cells, *([f"{r['cores_per_device']:.1f}"] if rate else []))
+        cells += [_optional(r.get("device_img_per_s"), ".0f")] * on_device
+        cells += [f"{r['cores_per_device']:.1f}"] * bool(rate)
+        cells += [_optional(r.get("device_share"), ".0%")] * (on_device and bool(rate))
+        table.add_row(*cells)
     console.print(table)
     if rate is None:
         console.print("cores per device: run `mixer benchmark --train` first, or pass --throughput N "
                       "(training img/s per device)", highlight=False)
         return
     console.print(f"cores per device: {rate['img_s_per_device']:.0f} training img/s per device ({rate['about']}) / "
-                  "img/s per core; the uint8 rows leave float conversion and normalisation to the device",
-                  highlight=False)
+                  "img/s per core; the uint8 rows leave float conversion and normalisation to the device"
+                  + ("; device share: training img/s / device img/s, the part of the device's time the "
+                     f"{GPU} pipeline takes" if on_device else ""), highlight=False)
 
 
 def data_bench(images: int, seconds: float, out: Path | None = None, throughput: float | None = None,
-               model: str | None = None, run_root: Path = Path("runs")) -> list[dict]:
-    """The `mixer data bench` command: measure, print, and write the CSV and PNG when `out` is given."""
+               model: str | None = None, run_root: Path = Path("runs"), device: str | None = None) -> list[dict]:
+    """The `mixer data bench` command: measure, print, and write the CSV and PNG when `out` is given.
+    device: also time data.decode=gpu's pipelines there (cuda; cpu runs the same code on the CPU)."""
     if images < 1 or seconds <= 0:
         raise UserError("--images must be at least 1 and --seconds above 0")
     if throughput is not None and throughput <= 0:
@@ -232,8 +309,11 @@ def data_bench(images: int, seconds: float, out: Path | None = None, throughput:
     if rate is None and model is not None:
         raise UserError(f"no `mixer benchmark --train` results for --model {model} under {run_root}/benchmark; "
                         f"run `mixer benchmark --train models=[{model}]` or pass --throughput N")
+    if device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    on = pick_device(device) if device is not None else None
     jpegs = synthetic_jpegs(images)
-    rows = run_bench(jpegs, seconds)
+    rows = run_bench(jpegs, seconds, device=on)
     rows = add_cores_needed(rows, rate["img_s_per_device"]) if rate else rows
     print_bench(rows, jpegs, rate)
     if out is not None:
