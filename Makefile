@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test check bench lint clean
+.PHONY: setup demo test check bench lint clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,25 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
+
+# On a machine with a CUDA GPU: the GPU tests, the benchmark and the GPU input pipeline in at most
+# 8 minutes (benchmarks/gpu_check.py); report.md and gpu-check.json go to $$GPU_CHECK_DIR. It runs on
+# that machine's own python3 and torch (GPU_PYTHON=.venv/bin/python for ours); what its image lacks
+# comes from .whl/. Without CUDA: one line, exit status 2.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
+
+# .whl/: the pure-Python packages we need that a GPU machine's image may lack or hold in other
+# versions, at this .venv's versions; carry the folder there (it reaches no registry).
+GPU_WHEELS := hydra-core omegaconf antlr4-python3-runtime hydra-submitit-launcher submitit webdataset \
+              braceexpand torchdata mlxtend timm typer click rich
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir .whl
+	$(BIN)/pip freeze | grep -i -E '^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==' > .whl/requirements.txt
+	$(BIN)/pip wheel -q --no-deps -r .whl/requirements.txt -w .whl
+	@if ls .whl/*.whl | grep -v -- '-none-any.whl$$'; then echo "gpu-wheels: not pure Python (above)" >&2; exit 1; fi
+	@ls .whl/*.whl | wc -l | xargs echo "gpu-wheels: wheels in .whl/:"
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,6 +1,7 @@
 """`mixer benchmark` and the speed-oriented Mixer internals: same numbers as timm's MlpMixer,
 FLOPs against the paper's formula, memory, the claims' ratios, and the command end to end."""
 import json
+from dataclasses import replace
 
 import pytest
 import timm.models.mlp_mixer as timm_mixer
@@ -10,6 +11,7 @@ from torch.nn import functional as F
 from mixer_cli.commands.benchmark import (
     CONTENDERS,
     Contender,
+    best_rows,
     claims,
     flops_per_image,
     list_overrides,
@@ -113,6 +115,15 @@ def test_checkpointing_cuts_training_memory_per_image():
     checkpointed = train_memory(tiny, 32, _plan("memory_batches=[64,128]", "grad_checkpointing=true"))
     assert plain["at_batch"] == 128 and plain["peak_mib"] > 0
     assert 0 < checkpointed["mib_per_image"] < 0.6 * plain["mib_per_image"]
+
+
+def test_memory_false_skips_the_memory_count():
+    tiny = Contender("tiny", "tiny", 8, lambda res: build_mixer(None, img_size=res, **TINY))
+    plan = replace(_plan("memory=false", "device=cpu"), contenders=[tiny])
+    (row,) = best_rows(plan, 32, "train", {("tiny", 2): 10.0}, peak=1e12)
+    assert "memory" not in row and row["img_s"] == 10.0 and row["batch"] == 2
+    (row,) = best_rows(replace(plan, memory=True, memory_batches=(2, 4)), 32, "train", {("tiny", 2): 10.0}, 1e12)
+    assert row["memory"]["at_batch"] == 4 and row["memory"]["mib_per_image"] > 0
 
 
 # --- claims and validation ------------------------------------------------------------------------

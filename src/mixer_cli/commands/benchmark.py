@@ -119,6 +119,7 @@ class Plan:
     repeats: int
     memory_batches: tuple[int, int]
     clock: str
+    memory: bool = True  # count training memory per image (MemTracker on fake tensors)
 
 
 def list_overrides(overrides: list[str]) -> list[str]:
@@ -158,7 +159,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         raise UserError(f"clock must be wall, or cpu when timing on a CPU, not {cfg.clock!r}")
     return Plan(contenders, res, modes, sorted(set(batches)), device, str(cfg.precision), compile_mode(cfg.compile),
                 bool(cfg.grad_checkpointing), cfg.warmup, iters, cfg.repeats, tuple(cfg.memory_batches),
-                str(cfg.clock))
+                str(cfg.clock), bool(cfg.memory))
 
 
 def compile_mode(compile: bool | str) -> str | None:
@@ -376,7 +377,7 @@ def best_rows(plan: Plan, res: int, mode: str, rates: dict[tuple[str, int], floa
             "img_s_by_batch": {str(b): v for b, v in sorted(measured.items())},
             "paper_img_s_core": c.paper.get(res) if mode == "infer" else None,
         }
-        if mode == "train":
+        if mode == "train" and plan.memory:
             row["memory"] = train_memory(c, res, plan)
         rows.append(row)
     return rows
@@ -452,7 +453,8 @@ def print_tables(report: dict) -> None:
             if "error" in r:
                 table.add_row(r["label"], str(r["res"]), "-", r["error"], *["-"] * (len(columns) - 4))
                 continue
-            last = _fmt(r["memory"]["mib_per_image"], ".1f") if mode == "train" else _fmt(r["paper_img_s_core"], ",.0f")
+            last = (_fmt(r.get("memory", {}).get("mib_per_image"), ".1f") if mode == "train"
+                    else _fmt(r["paper_img_s_core"], ",.0f"))
             table.add_row(r["label"], str(r["res"]), str(r["batch"]), f"{r['img_s']:.1f}",
                           f"{r['img_s_per_device']:.1f}", f"{r['gflop_per_image']:.1f}",
                           f"{r['achieved_tflop_s']:.3f}", f"{100 * r['fraction_of_matmul_peak']:.0f}%", last)
@@ -506,6 +508,7 @@ def run_benchmark(cfg: DictConfig, progress: bool = True) -> dict:
         "precision": plan.precision, "compile": plan.compile, "grad_checkpointing": plan.grad_checkpointing,
         "plan": {"res": plan.res, "modes": plan.modes, "batches": plan.batches, "warmup": plan.warmup,
                  "iters": plan.iters, "repeats": plan.repeats, "memory_batches": list(plan.memory_batches),
+                 "memory": plan.memory,
                  "clock": plan.clock},
         "matmul_peak_tflop_s": peak / 1e12, "results": rows, "claims": claims(rows),
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -316,6 +316,7 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "iters": whole(1) | NULL,
     "repeats": whole(1),
     "clock": TEXT,
+    "memory": FLAG,
     "memory_batches": Rule("two increasing batch sizes, e.g. [32, 64]", increasing_pair),
 }
 
