@@ -122,8 +122,8 @@ def test_memory_false_skips_the_memory_count():
     plan = replace(_plan("memory=false", "device=cpu"), contenders=[tiny])
     (row,) = best_rows(plan, 32, "train", {("tiny", 2): 10.0}, peak=1e12)
     assert "memory" not in row and row["img_s"] == 10.0 and row["batch"] == 2
-    (row,) = best_rows(replace(plan, memory=True, memory_batches=(2, 4)), 32, "train", {("tiny", 2): 10.0}, 1e12)
-    assert row["memory"]["at_batch"] == 4 and row["memory"]["mib_per_image"] > 0
+    (row,) = best_rows(replace(plan, memory=True, memory_batches=(64, 128)), 32, "train", {("tiny", 2): 10.0}, 1e12)
+    assert row["memory"]["at_batch"] == 128 and row["memory"]["mib_per_image"] > 0
 
 
 # --- claims and validation ------------------------------------------------------------------------
