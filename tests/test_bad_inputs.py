@@ -200,7 +200,8 @@ CASES = [
     (["pretrain", "trainer.strategy=ddpp"], Match(r"trainer\.strategy must be one of auto, ddp, .*fsdp.* or a "
                                                   r"_target_ config, got 'ddpp'")),
     (["pretrain", "trainer.grad_clip=0"], "trainer.grad_clip must be a number > 0 or null, got 0"),
-    (["pretrain", "trainer.compile=yes"], "trainer.compile must be true, false or auto, got 'yes'"),
+    (["pretrain", "trainer.compile=yes"], "trainer.compile must be true, false, auto or a torch.compile mode "
+     "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs), got 'yes'"),
     (["pretrain", "trainer.device_batch=0"], "trainer.device_batch must be a whole number >= 1 or null, got 0"),
     (["pretrain", "trainer.checkpoint_every_minutes=0"],
      "trainer.checkpoint_every_minutes must be a number > 0 or null, got 0"),

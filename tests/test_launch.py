@@ -89,9 +89,10 @@ def test_auto_precision_and_compile_follow_the_device_the_trainer_picks(monkeypa
     settle_auto(t)
     assert (t.precision, t.compile) == (precision, compiled and not eager)
     # what a user sets is kept, on any device
-    t = compose([f"trainer={trainer}", "trainer.precision=bf16-mixed", "trainer.compile=false"]).trainer
-    settle_auto(t)
-    assert (t.precision, t.compile) == ("bf16-mixed", False)
+    for compile in ("false", "reduce-overhead"):
+        t = compose([f"trainer={trainer}", "trainer.precision=bf16-mixed", f"trainer.compile={compile}"]).trainer
+        settle_auto(t)
+        assert (t.precision, t.compile) == ("bf16-mixed", {"false": False}.get(compile, compile))
 
 
 @pytest.mark.parametrize(("given", "ran"), [([], "32-true"), (["trainer.precision=32"], 32)])  # auto; Lightning's int

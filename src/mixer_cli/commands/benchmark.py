@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mixer_cli.config.run_dirs import Run
-from mixer_cli.config.schema import COMPILE_MODES
+from mixer_cli.core.compiling import compile_mode
 from mixer_cli.core.console import console
 from mixer_cli.core.devices import pick_device
 from mixer_cli.core.errors import UserError
@@ -162,13 +162,6 @@ def plan_from_config(cfg: DictConfig) -> Plan:
                 str(cfg.clock), bool(cfg.memory))
 
 
-def compile_mode(compile: bool | str) -> str | None:
-    """`compile` as the torch.compile mode it names: true is torch's "default", false eager (None)."""
-    if compile is True:
-        return COMPILE_MODES[0]
-    return compile or None
-
-
 def _default_batches(device: torch.device) -> list[int]:
     return [4, 8] if device.type == "cpu" else [32, 64, 128, 256, 512]
 
@@ -205,7 +198,8 @@ def make_step(model: nn.Module, mode: str, batch: int, res: int, plan: Plan) -> 
         return step
     model.train()
     y = torch.randint(0, 1000, (batch,), device=plan.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)  # a tiny lr: timing only, weights barely move
+    # a tiny lr: timing only, weights barely move; fused on a GPU, as training runs it (train/module.py)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True if plan.device.type == "cuda" else None)
 
     def step():
         with _autocast(plan):

@@ -29,6 +29,7 @@ from typing import Any, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
+from mixer_cli.core.compiling import COMPILE_MODES
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import package_root
 from mixer_cli.data import SOURCES
@@ -89,12 +90,11 @@ def list_of(item: Rule, what: str, length: int | None = None) -> Rule:
 
 NULL = Rule("null", lambda v: v is None)
 NUMBER = Rule("a number", is_number)
-# torch.compile's modes (torch._inductor.list_mode_options()); reduce-overhead replays CUDA graphs
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FLAG = Rule("true or false", lambda v: isinstance(v, bool))
 FLAG_OR_COMPILE_MODE = Rule(f"true, false or a torch.compile mode ({', '.join(COMPILE_MODES)})",
                             lambda v: isinstance(v, bool) or v in COMPILE_MODES)
-FLAG_OR_AUTO = Rule("true, false or auto", lambda v: isinstance(v, bool) or v == "auto")
+COMPILE_OR_AUTO = Rule(f"true, false, auto or a torch.compile mode ({', '.join(COMPILE_MODES)})",
+                       lambda v: FLAG_OR_COMPILE_MODE.ok(v) or v == "auto")
 TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 RUN_NAME = Rule("a non-empty name without '/'", lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v)
 SEED = whole(0, 2**32 - 1)  # numpy's (and so Lightning's seed_everything's) bounds
@@ -264,7 +264,7 @@ SCHEMA: dict[str, Rule | Callable[[], Rule]] = {
     "trainer.steps": whole(1) | NULL,
     "trainer.grad_clip": above(0) | NULL,
     "trainer.grad_checkpointing": FLAG,
-    "trainer.compile": FLAG_OR_AUTO,
+    "trainer.compile": COMPILE_OR_AUTO,
     "trainer.val_every_epochs": whole(1),
     "trainer.log_every_steps": whole(1),
     "trainer.progress_every_steps": whole(1),

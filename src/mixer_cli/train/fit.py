@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mixer_cli.config.run_dirs import Run, resume_config
+from mixer_cli.core.compiling import compile_mode, compiled_as
 from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset, class_names
 from mixer_cli.data.device_transforms import NormalizeOnDevice, gpu_decode_transform
@@ -174,7 +175,7 @@ class Job:
             "batch": plan.describe(),
             "devices": plan.world_size,
             # what trainer.precision/compile=auto chose for this device
-            "precision": f"{self.cfg.trainer.precision}" + (", compiled" if self.cfg.trainer.compile else ""),
+            "precision": f"{self.cfg.trainer.precision}" + compiled_as(self.cfg.trainer.compile),
             "epochs": round(trainer.global_step / self.steps_per_epoch, 2),
             "steps": trainer.global_step,
             "planned_steps": self.steps,
@@ -215,7 +216,7 @@ def build(cfg: DictConfig, model: nn.Module, splits: Splits, probe_transform: Ca
     model.pretrained_cfg = {**preprocessing(cfg), ACTIVATION_KEY: loss.activation}
     model.set_grad_checkpointing(t.grad_checkpointing)
     if t.compile:
-        model.compile()  # in place: parameter names (and so checkpoints) stay plain
+        model.compile(mode=compile_mode(t.compile))  # in place: parameter names (and so checkpoints) stay plain
     module = Classifier(
         model,
         loss=loss,

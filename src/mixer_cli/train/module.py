@@ -13,7 +13,9 @@ one held out of training).
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from functools import partial
 
 import lightning as L
 import torch
@@ -211,6 +213,15 @@ class Evaluator(L.LightningModule):
         return self.real_top1 is not None and split in EVAL_SPLITS
 
 
+def fused_on_cuda(factory: partial, device: torch.device) -> dict:
+    """{"fused": True} for a torch optimiser with a fused kernel, on a CUDA device, unless the config
+    sets it: one kernel updates every parameter, where the default launches several per tensor group;
+    elsewhere torch's default, so CPU runs keep their numbers."""
+    if device.type != "cuda" or "fused" in factory.keywords:
+        return {}
+    return {"fused": True} if "fused" in inspect.signature(factory.func).parameters else {}
+
+
 class Classifier(Evaluator):
     """The Evaluator, trained: mixup, the loss, and the optimiser and schedule from their factories."""
 
@@ -242,7 +253,8 @@ class Classifier(Evaluator):
         # The config's weight decay on kernels only, not biases or LayerNorm scales: timm's groups, as
         # big_vision's `wd_mults` default does for the paper's models. The factory is Hydra's partial.
         weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(param_groups_weight_decay(self.model, weight_decay))
+        groups = param_groups_weight_decay(self.model, weight_decay)
+        optimizer = self.optimizer_factory(groups, **fused_on_cuda(self.optimizer_factory, self.device))
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
