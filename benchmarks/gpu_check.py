@@ -66,7 +66,7 @@ def plan_jobs(rehearse: bool) -> list[Job]:
                  "device=cpu"]
         compiled = graphs = ["compile=false", "memory=false"]
     jobs = [
-        Job("tests", ["pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"], 170,
+        Job("tests", ["pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"], 200,
             "the GPU tests (pytest -m cuda)"),
         bench("eager", layouts + large, "bf16, eager: ours in each layout, timm's MlpMixer, ViT", 100, *sizes),
     ]
