@@ -30,6 +30,7 @@ from mixer_cli.core.console import console
 from mixer_cli.core.devices import pick_device
 from mixer_cli.core.errors import UserError
 from mixer_cli.models.mixer import TOKEN_MIXING, VARIANTS, build_mixer, spec_for
+from mixer_cli.train.module import fused_on_cuda
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,9 @@ def make_step(model: nn.Module, mode: str, batch: int, res: int, plan: Plan) -> 
         return step
     model.train()
     y = torch.randint(0, 1000, (batch,), device=plan.device)
-    # a tiny lr: timing only, weights barely move; fused on a GPU, as training runs it (train/module.py)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True if plan.device.type == "cuda" else None)
+    # a tiny lr: timing only, weights barely move; fused on a GPU, as training runs it
+    adamw = partial(torch.optim.AdamW, lr=1e-6)
+    opt = adamw(model.parameters(), **fused_on_cuda(adamw, plan.device))
 
     def step():
         with _autocast(plan):

@@ -125,8 +125,9 @@ class Pipeline:
     float_path: str | None = None  # the name of the pipeline this one replaces
 
 
-def named_recipes() -> tuple[dict[str, tuple[DictConfig, DictConfig]], str]:
-    """The training pipelines' names and (data, aug) configs, and the evaluation's name."""
+def named_recipes() -> tuple[dict[str, tuple[DictConfig, DictConfig]], str, tuple[DictConfig, DictConfig]]:
+    """The training pipelines' names and (data, aug) configs, the evaluation's name and its configs
+    (ImageNet's)."""
     jft, imagenet = recipe_configs("JFT"), recipe_configs("ImageNet")
     size = jft[0].img_size
     method = eval_data_config(*imagenet)["interpolation"]
@@ -135,21 +136,20 @@ def named_recipes() -> tuple[dict[str, tuple[DictConfig, DictConfig]], str]:
     return {
         "JFT: Inception crop + flip": jft,
         f"ImageNet: + RandAugment({imagenet[1].randaug_layers}, {imagenet[1].randaug_magnitude})": imagenet,
-    }, eval_name
+    }, eval_name, imagenet
 
 
 def pipelines() -> list[Pipeline]:
     """Decoding alone, then each recipe's training pipeline and the evaluation, float then uint8."""
-    named, eval_name = named_recipes()
-    imagenet = recipe_configs("ImageNet")
+    named, eval_name, evaluation = named_recipes()
     out = [Pipeline("decode only (PIL)", pil_decode), Pipeline("decode only (torchvision)", decode)]
     for name, (data, aug) in named.items():
         floats = train_transform(data, aug)
         out.append(Pipeline(f"{name}, {FLOAT}", lambda raw, t=floats: t(pil_decode(raw))))
         out.append(Pipeline(f"{name}, {UINT8}", train_uint8_transform(data, aug), f"{name}, {FLOAT}"))
-    floats = eval_transform(*imagenet)
+    floats = eval_transform(*evaluation)
     out.append(Pipeline(f"{eval_name}, {FLOAT}", lambda raw: floats(pil_decode(raw))))
-    out.append(Pipeline(f"{eval_name}, {UINT8}", eval_uint8_transform(*imagenet), f"{eval_name}, {FLOAT}"))
+    out.append(Pipeline(f"{eval_name}, {UINT8}", eval_uint8_transform(*evaluation), f"{eval_name}, {FLOAT}"))
     return out
 
 
@@ -167,9 +167,9 @@ def images_per_second(jpegs: list[bytes], run: Callable[[bytes], object], second
 
 def device_pipelines() -> dict[str, object]:
     """data.decode=gpu's transforms: each recipe's training one and the evaluation's."""
-    named, eval_name = named_recipes()
+    named, eval_name, evaluation = named_recipes()
     out = {f"{name}, {GPU}": gpu_decode_transform(data, aug, train=True) for name, (data, aug) in named.items()}
-    out[f"{eval_name}, {GPU}"] = gpu_decode_transform(*recipe_configs("ImageNet"), train=False)
+    out[f"{eval_name}, {GPU}"] = gpu_decode_transform(*evaluation, train=False)
     return out
 
 
