@@ -27,6 +27,7 @@ from mixer_cli.data.device_transforms import (
     read_header,
     train_uint8_transform,
 )
+from mixer_cli.data.inception_crop import tf_resize_crops
 from mixer_cli.data.transforms import eval_transform, randaugment, train_transform
 from mixer_cli.train.module import Evaluator
 
@@ -148,16 +149,20 @@ def test_device_decode_crops_the_cpu_paths_boxes():
 
 def test_device_decode_runs_randaugment_batched_as_the_cpu_path_does(monkeypatch):
     """With RandAugment, decode_on_device draws each image's ops right after its box and flip, as the
-    CPU path does, and applies them batched: with TF's resize the crops are equal, so the outputs are,
-    bit for bit (the tensor ops give the PIL ops' pixels: tests/test_device_randaugment.py)."""
+    CPU path does, and applies them batched: given the same crops (the CPU path's float resize may round
+    a pixel a level apart: tests/test_inception_crop.py), the outputs are equal bit for bit (the tensor
+    ops give the PIL ops' pixels: tests/test_device_randaugment.py)."""
     data, aug = configs(32, magnitude=15)
     transform = gpu_decode_transform(data, aug, train=True)
+    monkeypatch.setattr(transform, "crop", lambda img, box, flip: tf_resize_crops([img], [box], [flip], 32)[0])
     assert repr(transform.randaugment) == "RandAugment(num_layers=2, magnitude=15)"
     raws = [SMALL[i % 2] for i in range(8)]
     images, _ = collate_encoded([(raw, 0) for raw in raws])
-    batched = []
+    batched, cropped = [], []
     monkeypatch.setattr(device_transforms, "apply_layers",
                         lambda x, draws: batched.append(len(x)) or apply_layers(x, draws))
+    monkeypatch.setattr(device_transforms, "tf_resize_crops",
+                        lambda images, *args: cropped.append(len(images)) or tf_resize_crops(images, *args))
     for seed in range(3):
         batch = seeded(seed, decode_on_device, images, transform, "cpu")
         cpu = seeded(seed, lambda: torch.stack([transform(raw) for raw in raws]))
@@ -165,7 +170,19 @@ def test_device_decode_runs_randaugment_batched_as_the_cpu_path_does(monkeypatch
         transform.randaugment = None  # the same seed without RandAugment: it did change the batch
         assert not torch.equal(seeded(seed, decode_on_device, images, transform, "cpu"), batch)
         transform.randaugment = randaugment(aug)
-    assert batched == [8, 8, 8]  # once per batch, not per image
+    assert batched == [8, 8, 8] and cropped == [8] * 6  # once per batch, not per image
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_device_decode_crops_image_by_image_where_the_resize_is_not_tfs_bilinear(interpolation):
+    """The antialiased resize and TF's bicubic have no batched form: each image is cropped as the CPU
+    path crops it, after the same draws."""
+    data, aug = configs(32, antialias=interpolation == "bilinear")
+    data.interpolation = interpolation
+    transform = gpu_decode_transform(data, aug, train=True)
+    images, _ = collate_encoded([(raw, 0) for raw in SMALL])
+    batch = seeded(1, decode_on_device, images, transform, "cpu")
+    assert torch.equal(batch, seeded(1, lambda: torch.stack([transform(raw) for raw in SMALL])))
 
 
 def test_device_decode_needs_the_inception_crop_for_training():

@@ -14,6 +14,7 @@ from mixer_cli.commands.pretrain import pretrain
 from mixer_cli.config.compose import compose
 from mixer_cli.data.device_randaugment import OPS, apply_layers, draw_layers
 from mixer_cli.data.device_transforms import collate_encoded, decode_on_device, gpu_decode_transform
+from mixer_cli.data.inception_crop import tf_crop_box, tf_resize_crops
 from mixer_cli.data.randaugment import RandAugment
 from mixer_cli.models import load_mixer
 from mixer_cli.reporting.runs import read_metrics
@@ -57,6 +58,20 @@ def test_nvjpeg_decodes_as_the_cpu_decoder_does():
         diff = (on_gpu.cpu().int() - cpu.int()).abs().float()
         assert on_gpu.shape == cpu.shape == (3, 150, 200)
         assert diff.mean() <= 1.0 and diff.quantile(0.999) <= 8, (diff.mean(), diff.max())
+
+
+def test_batched_crops_on_the_gpu_give_the_cpus_pixels():
+    """TF's resize of each box, batched, on CUDA against the CPU: the same taps, float roundings apart."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 150 + 7 * i, 200 - 5 * i), dtype=torch.uint8, generator=generator)
+              for i in range(16)]
+    rng = random.Random(0)
+    boxes = [tf_crop_box(*x.shape[1:], 0.05, rng) for x in images]
+    flips = [i % 2 == 0 for i in range(16)]
+    cpu = tf_resize_crops(images, boxes, flips, 224)
+    gpu = tf_resize_crops([x.cuda() for x in images], boxes, flips, 224)
+    diff = (gpu.cpu().int() - cpu.int()).abs()
+    assert gpu.device.type == "cuda" and diff.max() <= 1 and (diff > 0).float().mean() <= 0.01
 
 
 @pytest.mark.parametrize("name", list(OPS))

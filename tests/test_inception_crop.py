@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms.v2 import functional as F
 
 from mixer_cli.core.errors import UserError
-from mixer_cli.data.inception_crop import InceptionCrop, tf_crop_box, tf_resize
+from mixer_cli.data.inception_crop import InceptionCrop, tf_crop_box, tf_resize, tf_resize_crops
 
 DRAWS = 20000
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -90,6 +91,43 @@ def test_tf_resize_does_not_low_pass():
     box = (0, 0, 64, 64)
     assert (tf.crop(img, box) == 255).all()
     assert smooth.crop(img, box).max() < 80  # about a quarter of 255 (more at the edges)
+
+
+def crops_one_by_one(images, boxes, flips, size):
+    return torch.stack([F.horizontal_flip(out) if flip else out
+                        for out, flip in ((tf_resize(F.crop(x, *box), size), flip)
+                                          for x, box, flip in zip(images, boxes, flips))])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batched_crops_are_tf_resize_of_each_box_flipped_where_drawn(channels):
+    """Images of many sizes, boxes from the sampler plus the edge cases (the whole image, one pixel, a box
+    smaller than the output, flush with the bottom-right corner), against tf_resize one image at a time:
+    within one grey level, where a float rounding falls the other side of the truncation (torch's own
+    kernel rounds differently with one thread and with two)."""
+    rng, generator = random.Random(channels), torch.Generator().manual_seed(channels)
+    images = [torch.randint(0, 256, (channels, rng.randint(1, 300), rng.randint(1, 300)), dtype=torch.uint8,
+                            generator=generator) for _ in range(12)]
+    boxes = [tf_crop_box(*x.shape[1:], 0.05, rng) for x in images[:8]]
+    (h0, w0), (h1, w1), (h2, w2), (h3, w3) = (x.shape[1:] for x in images[8:])
+    boxes += [(0, 0, h0, w0), (h1 // 2, w1 // 2, 1, 1), (0, 0, min(h2, 5), min(w2, 9)),
+              (h3 - h3 // 3, w3 - w3 // 2, h3 // 3 or 1, w3 // 2 or 1)]
+    flips = [i % 3 == 0 for i in range(12)]
+    for size in 7, 32, 224:
+        batched = tf_resize_crops(images, boxes, flips, size)
+        assert batched.shape == (12, channels, size, size) and batched.dtype == torch.uint8
+        diff = (batched.int() - crops_one_by_one(images, boxes, flips, size)).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, (size, (diff > 0).float().mean())
+    assert torch.equal(tf_resize_crops(images, boxes, [not f for f in flips], 32),
+                       tf_resize_crops(images, boxes, flips, 32).flip(-1))
+
+
+def test_batched_crops_interpolate_at_half_pixel_centres_of_the_box_and_truncate():
+    """The hand-computed case of tf_resize, cut out of a larger image: the box's edges clamp, not the image's."""
+    image = torch.full((1, 6, 8), 255, dtype=torch.uint8)
+    image[0, 1:5, 2:6] = torch.tensor([0, 15, 20, 31], dtype=torch.uint8)
+    out = tf_resize_crops([image, image], [(1, 2, 4, 4)] * 2, [False, True], 2)
+    assert out[0, 0].tolist() == [[7, 25], [7, 25]] and out[1, 0].tolist() == [[25, 7], [25, 7]]
 
 
 def test_pil_and_tensor_images_give_the_same_crop():

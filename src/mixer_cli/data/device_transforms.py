@@ -17,9 +17,9 @@ or two antialiased resamplers within one grey level (PIL's and torchvision's); R
 same PIL transform (tests/test_device_transforms.py).
 
 With `data.decode=gpu` the CPU only reads bytes: `decode_on_device` decodes a batch of JPEGs with
-nvJPEG (torchvision's `decode_jpeg(..., device="cuda")`) and crops, resizes and flips each image
-on the device with the same transforms (`on_tensor`), so the boxes come from the same sampler.
-RandAugment follows, batched on the device (data/device_randaugment.py): each image's ops and
+nvJPEG (torchvision's `decode_jpeg(..., device="cuda")`) and crops, resizes and flips the batch on
+the device (data/inception_crop.py `tf_resize_crops`: the same boxes from the same sampler, the same
+resize). RandAugment follows, batched on the device (data/device_randaugment.py): each image's ops and
 arguments are drawn on the CPU right after its box and flip, as the CPU path draws them, and the
 tensor ops compute the PIL ops' pixels (tests/test_device_randaugment.py).
 """
@@ -38,7 +38,7 @@ from torchvision.transforms.v2 import functional as F
 
 from mixer_cli.core.errors import UserError
 from mixer_cli.data.device_randaugment import apply_layers, draw_layers
-from mixer_cli.data.inception_crop import Box, InceptionCrop, inception_crop
+from mixer_cli.data.inception_crop import Box, InceptionCrop, inception_crop, tf_resize_crops
 from mixer_cli.data.randaugment import RandAugment
 from mixer_cli.data.transforms import AREA, AreaResizeCrop, eval_data_config, randaugment, resize_shift_flip
 
@@ -141,16 +141,25 @@ class InceptionCropUint8:
         """A decoded uint8 (C, H, W) image, e.g. on the GPU -> the crop, flipped or not (no RandAugment)."""
         return self.crop(img, *self.sample(img))
 
+    def crop_batch(self, images: list[torch.Tensor], boxes: list[Box], flips: list[bool]) -> torch.Tensor:
+        """`crop` of each image -> uint8 (B, C, size, size): batched for TF's bilinear resize (the recipes'),
+        image by image for the others."""
+        if self.inception.antialias or self.inception.interpolation != "bilinear":
+            return torch.stack([self.crop(img, box, flip) for img, box, flip in zip(images, boxes, flips)])
+        return tf_resize_crops(images, boxes, flips, self.inception.size)
+
     def on_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Decoded uint8 (C, H, W) images on the device -> uint8 (B, C, size, size): each cropped and
-        flipped, then RandAugment on the whole batch. Each image's RandAugment draws follow its box and
-        flip, the order `__call__` draws them in, so a seed gives the CPU path's ops."""
-        crops, draws = [], []
+        """Decoded uint8 (C, H, W) images on the device -> uint8 (B, C, size, size): cropped and flipped
+        (`crop_batch`), then RandAugment on the whole batch. Each image's RandAugment draws follow its box
+        and flip, the order `__call__` draws them in, so a seed gives the CPU path's boxes, flips and ops."""
+        boxes, flips, draws = [], [], []
         for img in images:
-            crops.append(self.on_tensor(img))
+            box, flip = self.sample(img)
+            boxes.append(box)
+            flips.append(flip)
             if self.randaugment is not None:
                 draws.append(draw_layers(self.randaugment, self.inception.size, self.inception.size))
-        batch = torch.stack(crops)
+        batch = self.crop_batch(images, boxes, flips)
         return apply_layers(batch, draws) if draws else batch
 
     def __call__(self, raw: bytes) -> torch.Tensor:
@@ -244,8 +253,8 @@ def decode_on_device(images: list[torch.Tensor], transform: InceptionCropUint8 |
                      device: torch.device | str) -> torch.Tensor:
     """Encoded images (1-D uint8 CPU tensors) -> uint8 (B, C, size, size) on `device`. The JPEGs
     decode as one batch (nvJPEG on a GPU); any other format decodes on the CPU and is copied over.
-    Each image is then cropped, resized and flipped on the device, and RandAugment, where the
-    transform has it, runs on the batch (`transform.on_batch`)."""
+    The batch is then cropped, resized and flipped on the device, and RandAugment, where the
+    transform has it, runs on it (`transform.on_batch`)."""
     is_jpeg = [x[:2].tolist() == list(JPEG_MAGIC) for x in images]
     jpegs = [x for x, j in zip(images, is_jpeg) if j]
     on_device = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])

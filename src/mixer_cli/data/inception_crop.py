@@ -21,6 +21,7 @@ Draws come from python's `random`, which Lightning seeds and reseeds in each loa
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -125,6 +126,47 @@ def tf_resize(img: torch.Tensor, size: int, interpolation: str = "bilinear") -> 
     out = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode=TF_RESIZE_MODES[interpolation],
                                           **({} if interpolation == "nearest" else {"align_corners": False}))
     return out[0].clamp_(0, 255).to(torch.uint8)  # the cast truncates
+
+
+def tf_bilinear_taps(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """(B,) crop starts and lengths along one axis -> the two source indices (B, size), offset by `start`,
+    and their weights, of `size` outputs resized from each crop as `tf_resize` (bilinear) does it: half-pixel
+    centres clamped to the crop. The arithmetic is upsample_bilinear2d's, with the fused multiply-adds (addcmul)
+    its multi-threaded CPU kernel and CUDA's compiler use."""
+    scale = (length.to(torch.float32) / size)[:, None]
+    centres = torch.arange(size, dtype=torch.float32, device=start.device) + 0.5
+    source = torch.addcmul(torch.tensor(-0.5, device=start.device), scale, centres).clamp_(min=0)
+    last = (length - 1)[:, None]
+    first = torch.minimum(source.long(), last)
+    weight = (source - first).clamp_(0, 1)
+    return start[:, None] + first, start[:, None] + first + (first < last), 1 - weight, weight
+
+
+def tf_resize_crops(images: list[torch.Tensor], boxes: list[Box], flips: list[bool], size: int) -> torch.Tensor:
+    """uint8 (C, H, W) images of any sizes, a box and a flip each -> uint8 (B, C, size, size): each box resized
+    as `tf_resize` (bilinear) resizes it and mirrored where flipped, in a fixed number of batched ops instead of
+    a few per image (kernel launches, on a GPU). The images lie end to end in one buffer; each output pixel
+    gathers its four neighbours from it. The pixels are tf_resize's within one grey level: torch's kernel itself
+    rounds differently on one thread, on several and on a GPU, and truncation turns an ulp into a level."""
+    channels = images[0].shape[0]
+    flat = torch.cat([image.reshape(channels, -1) for image in images], 1)
+    offsets = itertools.accumulate((image.shape[-2] * image.shape[-1] for image in images[:-1]), initial=0)
+    widths = [image.shape[-1] for image in images]
+    top, left, height, width, row_length, offset, flip = torch.tensor(
+        [*zip(*boxes), widths, list(offsets), flips], dtype=torch.long).to(images[0].device)
+    y0, y1, wy0, wy1 = tf_bilinear_taps(top, height, size)
+    mirrored = flip.bool()[:, None]
+    x0, x1, wx0, wx1 = (torch.where(mirrored, t.flip(1), t) for t in tf_bilinear_taps(left, width, size))
+
+    def pixels(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # -> float (C, B, size, size)
+        index = (offset[:, None] + rows * row_length[:, None])[:, :, None] + cols[:, None, :]
+        return flat.index_select(1, index.view(-1)).view(channels, *index.shape).to(torch.float32)
+
+    wx0, wx1, wy0, wy1 = wx0[:, None, :], wx1[:, None, :], wy0[:, :, None], wy1[:, :, None]
+    upper = torch.addcmul(pixels(y0, x1) * wx1, pixels(y0, x0), wx0)
+    lower = torch.addcmul(pixels(y1, x1) * wx1, pixels(y1, x0), wx0)
+    out = torch.addcmul(lower * wy1, upper, wy0).clamp_(0, 255).to(torch.uint8)  # the cast truncates
+    return out.permute(1, 0, 2, 3).contiguous()
 
 
 def inception_crop(size: int, aug, interpolation: str) -> InceptionCrop:
