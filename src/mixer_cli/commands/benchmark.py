@@ -29,7 +29,7 @@ from mixer_cli.core.compiling import compile_mode
 from mixer_cli.core.console import console
 from mixer_cli.core.devices import pick_device
 from mixer_cli.core.errors import UserError
-from mixer_cli.models.mixer import TOKEN_MIXING, VARIANTS, build_mixer, spec_for
+from mixer_cli.models.mixer import TOKEN_MIXING, VARIANTS, build_mixer, spec_for, variant_key
 from mixer_cli.train.module import fused_on_cuda
 
 
@@ -77,7 +77,7 @@ PAPER_IMG_S_CORE: dict[str, dict[int, float]] = {
 def _contenders() -> dict[str, Contender]:
     found = {}
     for variant in VARIANTS:
-        key = variant.lower().replace("/", "")
+        key = variant_key(variant)
         patch = VARIANTS[variant]["patch_size"]
         found[f"mixer-{key}"] = Contender(f"mixer-{key}", f"Mixer-{variant}", patch,
                                           partial(_ours, variant), PAPER_IMG_S_CORE.get(f"mixer-{key}", {}))
@@ -384,10 +384,6 @@ def _rate(rows: list[dict], model: str, res: int, mode: str) -> float | None:
                 None)
 
 
-def _variant_keys() -> list[str]:
-    return [v.lower().replace("/", "") for v in VARIANTS]
-
-
 def claims(rows: list[dict]) -> list[dict]:
     """The paper's claims as ratios of throughputs measured in this run, beside the paper's ratio."""
     out = []
@@ -396,9 +392,9 @@ def claims(rows: list[dict]) -> list[dict]:
         (("mixer-b16", "vit-b16"), "Mixer vs ViT"),
         (("mixer-l16", "vit-l16"), "Mixer vs ViT"),
         (("mixer-h14", "vit-h14"), "Mixer vs ViT"),
-    ) + tuple(((f"mixer-{k}", f"timm-mixer-{k}"), "ours vs timm") for k in _variant_keys()) + tuple(
+    ) + tuple(((f"mixer-{k}", f"timm-mixer-{k}"), "ours vs timm") for k in map(variant_key, VARIANTS)) + tuple(
         ((f"mixer-{k}-{layout}", f"mixer-{k}"), f"token mixing {layout} vs {TOKEN_MIXING[0]}")
-        for k in _variant_keys() for layout in TOKEN_MIXING[1:]
+        for k in map(variant_key, VARIANTS) for layout in TOKEN_MIXING[1:]
     ):
         if not {mixer, other} <= present:
             continue

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from PIL import Image, ImageDraw
 from rich.table import Table
 from torch.nn import functional as F
 
+from mixer_cli.config.schema import DEVICE
 from mixer_cli.core.console import console
 from mixer_cli.core.devices import pick_device
 from mixer_cli.core.errors import UserError
@@ -309,8 +309,8 @@ def data_bench(images: int, seconds: float, out: Path | None = None, throughput:
     if rate is None and model is not None:
         raise UserError(f"no `mixer benchmark --train` results for --model {model} under {run_root}/benchmark; "
                         f"run `mixer benchmark --train models=[{model}]` or pass --throughput N")
-    if device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device is not None and not DEVICE.ok(device):
+        raise UserError(f"--device must be {DEVICE.what}, got {device!r}")
     on = pick_device(device) if device is not None else None
     jpegs = synthetic_jpegs(images)
     rows = run_bench(jpegs, seconds, device=on)

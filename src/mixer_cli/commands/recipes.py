@@ -13,7 +13,7 @@ from mixer_cli.config.compose import load_recipe
 from mixer_cli.config.recipes import config_name_of, recipe_choice, recipe_names
 from mixer_cli.core.errors import UserError
 from mixer_cli.data import demo_arrays
-from mixer_cli.models import VARIANTS, MixerSpec
+from mixer_cli.models import VARIANTS, MixerSpec, variant_key
 from mixer_cli.reporting.paper import benchmark_results
 
 
@@ -130,7 +130,7 @@ def plan_row(name: str, cfg: DictConfig, throughput: float | None, rates: dict) 
     spec, images = spec_of(cfg), images_seen(name, cfg)
     train_flops = None if images is None else 3 * forward_flops(spec) * images  # backward = 2 forwards
     variant = _get(cfg, "model.variant")
-    rate = rates.get((f"mixer-{variant.lower().replace('/', '')}", spec.img_size)) if variant else None
+    rate = rates.get((f"mixer-{variant_key(variant)}", spec.img_size)) if variant else None
     if throughput is not None and train_flops is not None:
         hours, basis = train_flops / (throughput * 1e12) / 3600, f"--throughput {throughput:g} TFLOP/s"
     elif rate is not None and images is not None:

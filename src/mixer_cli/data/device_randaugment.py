@@ -2,7 +2,7 @@
 
 A tensor port of data/randaugment.py, which ports `distort_image_with_randaugment` in
 google-research/big_vision, big_vision/pp/archive/autoaugment.py (itself the TF TPU EfficientNet
-code). The draws are the PIL port's own calls (`_randint`, `op_args`), made on the CPU per image in
+code). The draws are the PIL port's own call (`RandAugment.draw`), made on the CPU per image in
 its order (`draw_layers`), so one seed gives the same ops and arguments on either path. The ops then
 run batched (`apply_layers`): layer by layer, the images that drew an op go through it together,
 each with its own argument as a tensor (a lookup table, factor, affine matrix or mask per image).
@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from mixer_cli.data.randaugment import FILL, OP_NAMES, RandAugment, _randint, op_args
+from mixer_cli.data.randaugment import FILL, RandAugment, at_pixel_centres, rotation
 
 Draw = tuple[str, tuple]  # an op's name and its arguments, as the PIL port applies them
 LUMA = (19595, 38470, 7471)  # PIL's RGB -> L weights, in 1/65536
@@ -45,11 +45,7 @@ class ImageSize(NamedTuple):
 
 def draw_layers(randaugment: RandAugment, height: int, width: int) -> list[Draw]:
     """One image's `num_layers` (op, arguments), drawn as RandAugment.__call__ draws them."""
-    draws = []
-    for _ in range(randaugment.num_layers):
-        name = OP_NAMES[_randint(len(OP_NAMES))]
-        draws.append((name, op_args(name, randaugment.magnitude, ImageSize(height, width))))
-    return draws
+    return [randaugment.draw(ImageSize(height, width)) for _ in range(randaugment.num_layers)]
 
 
 def per_image(values: list, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -181,13 +177,6 @@ def sharpness(images: torch.Tensor, args: list[tuple]) -> torch.Tensor:
     return blend(smooth(images), images, first_args(args))
 
 
-def at_pixel_centres(coefficients: tuple[float, ...]) -> tuple[float, ...]:
-    """randaugment._warp's shift of (a, b, c, d, e, f): PIL samples at index + 0.5 and takes the floor,
-    so that it rounds the coordinate."""
-    a, b, c, d, e, f = coefficients
-    return a, b, c + 0.5 - 0.5 * (a + b), d, e, f + 0.5 - 0.5 * (d + e)
-
-
 def to_fixed_point(v: float) -> int:
     """PIL's FIX: v in 16.16 fixed point, rounded."""
     return math.floor(v * 65536.0 + 0.5)
@@ -229,13 +218,6 @@ def translate_warp(images: torch.Tensor, offsets: list[tuple[float, float]]) -> 
     ys = torch.arange(h, dtype=torch.float64, device=images.device).view(1, h, 1) + 0.5
     xs = torch.arange(w, dtype=torch.float64, device=images.device).view(1, 1, w) + 0.5
     return sample_nearest(images, (xs + c).floor().long().expand(n, h, w), (ys + f).floor().long().expand(n, h, w))
-
-
-def rotation(degrees: float, height: int, width: int) -> tuple[float, ...]:
-    """randaugment.rotate's coefficients: counter-clockwise on screen about the image centre."""
-    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    w, h = width - 1, height - 1
-    return cos, -sin, (w - cos * w + sin * h) / 2, sin, cos, (h - sin * w - cos * h) / 2
 
 
 def rotate(images: torch.Tensor, args: list[tuple]) -> torch.Tensor:

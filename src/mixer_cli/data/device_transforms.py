@@ -137,10 +137,6 @@ class InceptionCropUint8:
         out = self.inception.crop(img, box)
         return F.horizontal_flip(out) if flip else out
 
-    def on_tensor(self, img: torch.Tensor) -> torch.Tensor:
-        """A decoded uint8 (C, H, W) image, e.g. on the GPU -> the crop, flipped or not (no RandAugment)."""
-        return self.crop(img, *self.sample(img))
-
     def crop_batch(self, images: list[torch.Tensor], boxes: list[Box], flips: list[bool]) -> torch.Tensor:
         """`crop` of each image -> uint8 (B, C, size, size): batched for TF's bilinear resize (the recipes'),
         image by image for the others."""

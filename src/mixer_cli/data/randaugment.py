@@ -60,20 +60,29 @@ def _fill(img: Image.Image) -> tuple[int, ...]:
     return (FILL,) * len(img.getbands())
 
 
+def at_pixel_centres(coefficients: tuple[float, ...]) -> tuple[float, ...]:
+    """An affine map (a, b, c, d, e, f) in pixel-index coordinates, shifted for PIL: PIL samples at
+    pixel centres (index + 0.5) and takes the floor, so that it rounds the indices."""
+    a, b, c, d, e, f = coefficients
+    return a, b, c + 0.5 - 0.5 * (a + b), d, e, f + 0.5 - 0.5 * (d + e)
+
+
 def _warp(img: Image.Image, a: float, b: float, c: float, d: float, e: float, f: float) -> Image.Image:
     """tfa.image.transform as big_vision calls it: output pixel (x, y) takes the input pixel nearest to
     (a x + b y + c, d x + e y + f), in pixel-index coordinates; points outside the image are grey."""
-    # PIL samples at pixel centres (index + 0.5) and takes the floor: shift so that it rounds indices.
-    c, f = c + 0.5 - 0.5 * (a + b), f + 0.5 - 0.5 * (d + e)
-    return img.transform(img.size, Image.Transform.AFFINE, (a, b, c, d, e, f), Image.Resampling.NEAREST,
-                         fillcolor=_fill(img))
+    return img.transform(img.size, Image.Transform.AFFINE, at_pixel_centres((a, b, c, d, e, f)),
+                         Image.Resampling.NEAREST, fillcolor=_fill(img))
+
+
+def rotation(degrees: float, height: int, width: int) -> tuple[float, ...]:
+    """The affine map of a rotation counter-clockwise on screen about the image centre (tfa.image.rotate)."""
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    w, h = width - 1, height - 1
+    return cos, -sin, (w - cos * w + sin * h) / 2, sin, cos, (h - sin * w - cos * h) / 2
 
 
 def rotate(img: Image.Image, degrees: float) -> Image.Image:
-    """Counter-clockwise on screen about the image centre (tfa.image.rotate)."""
-    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    w, h = img.width - 1, img.height - 1
-    return _warp(img, cos, -sin, (w - cos * w + sin * h) / 2, sin, cos, (h - sin * w - cos * h) / 2)
+    return _warp(img, *rotation(degrees, img.height, img.width))
 
 
 def shear_x(img: Image.Image, level: float) -> Image.Image:
@@ -165,10 +174,15 @@ class RandAugment:
         self.num_layers = num_layers
         self.magnitude = magnitude
 
+    def draw(self, img) -> tuple[str, tuple]:
+        """One layer's op, uniform over OPS, and its arguments for `img` (read for its height and width)."""
+        name = OP_NAMES[_randint(len(OP_NAMES))]
+        return name, op_args(name, self.magnitude, img)
+
     def __call__(self, img: Image.Image) -> Image.Image:
         for _ in range(self.num_layers):
-            name = OP_NAMES[_randint(len(OP_NAMES))]
-            img = OPS[name](img, *op_args(name, self.magnitude, img))
+            name, args = self.draw(img)
+            img = OPS[name](img, *args)
         return img
 
     def __repr__(self) -> str:

@@ -64,6 +64,11 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 
+def variant_key(variant: str) -> str:
+    """A variant's name in model names and files: "B/16" -> "b16" (`mixer benchmark`'s mixer-b16)."""
+    return variant.lower().replace("/", "")
+
+
 def variant_of(spec: MixerSpec) -> str | None:
     """The Table 1 variant whose sizes `spec` has, or None for a custom Mixer."""
     return next((name for name, sizes in VARIANTS.items() if all(getattr(spec, k) == v for k, v in sizes.items())),

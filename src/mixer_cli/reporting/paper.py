@@ -31,7 +31,7 @@ from mixer_cli.core.console import console
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import package_root
 from mixer_cli.core.plots import pyplot
-from mixer_cli.models import VARIANTS
+from mixer_cli.models import VARIANTS, variant_key
 
 AVG5_TARGETS = ("imagenet", "cifar10", "cifar100", "pets", "flowers102")
 ACCURACIES = ("imagenet_top1", "real_top1", "avg5", "vtab1k")
@@ -244,7 +244,7 @@ class Measure:
         """img/s per device of the variant at the resolution, from the latest benchmark that timed it."""
         if variant is None:
             return None
-        model = "mixer-" + variant.lower().replace("/", "")
+        model = f"mixer-{variant_key(variant)}"
         for bench in self.benchmarks:
             for row in bench.get("results", []):
                 if (row.get("model"), row.get("res"), row.get("mode")) == (model, img_size, "infer") \
