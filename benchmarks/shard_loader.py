@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,8 +34,7 @@ from torch.utils.data import default_collate
 
 from mixer_cli.config.compose import compose
 from mixer_cli.data import image_transform
-from mixer_cli.data.indexed_shards import IndexedShards
-from mixer_cli.data.order import GlobalBatchSampler, SeededSamples, epoch_order
+from mixer_cli.data.order import GlobalBatchSampler, SeededSamples, sample_order
 from mixer_cli.data.shards import TrainShards, resolve_shards
 from mixer_cli.data.writer import demo_samples
 from mixer_cli.train.fit import build_datasets
@@ -84,9 +82,8 @@ def write_hf_digits(root: Path) -> tuple[Path, Path]:
 def indexed_batches(dataset):
     """Batches as the training loader's worker makes them, epoch after epoch."""
     samples = SeededSamples(dataset, seed=0)
-    order = dataset.order if isinstance(dataset, IndexedShards) else partial(epoch_order, len(dataset))
     for epoch in itertools.count():
-        sampler = GlobalBatchSampler(partial(order, 0), len(dataset), BATCH)
+        sampler = GlobalBatchSampler(sample_order(dataset, 0), len(dataset), BATCH)
         sampler.set_epoch(epoch)
         for keys in sampler:
             yield default_collate([samples[key] for key in keys])

@@ -33,7 +33,6 @@ from mixer_cli.data.hf_source import (
     check_split,
     class_label,
     columns_of,
-    has_file_names,
     image_bytes,
     open_split,
 )
@@ -212,7 +211,7 @@ def hf_samples(path: str, image_key: str, label_key: str, cache_dir: Path) -> tu
     named, labels = class_label(split, columns), split.column(label_key)
     classes = list(named.names) if named else [str(c) for c in range(max(filter(None, labels), default=0) + 1)]
     check_split(split, columns, len(classes), channels=3)
-    names = split.column(f"{image_key}.path") if has_file_names(split.features[image_key]) else [None] * split.num_rows
+    names = split.file_names(image_key)
     rows = image_rows(split.table if split.table is not None else gathered(split, columns, cache_dir), columns)
     return classes, [Sample(f"row {i}", label, partial(row_image, rows, i, image_key), Path(name).stem if name else "")
                      for i, (label, name) in enumerate(zip(labels, names))]

@@ -32,7 +32,12 @@ class Columns:
         label = row[self.label]
         labels = {"labels": " ".join(map(str, label)).encode()} if self.multi else {"cls": str(label).encode()}
         # PIL tells the format from the bytes; "jpg" only marks the member as the image.
-        return {"__key__": Path(name).stem if name else f"{number:09d}", "jpg": raw, **labels}
+        return {"__key__": row_key(name, number), "jpg": raw, **labels}
+
+
+def row_key(file_name: str | None, number: int) -> str:
+    """A row's key: its image's file name without the suffix, else its number (streamed and indexed alike)."""
+    return Path(file_name).stem if file_name else f"{number:09d}"
 
 
 def image_bytes(value) -> tuple[bytes, str]:
@@ -68,10 +73,13 @@ class HFSplit:
 
         return pq.read_table(list(self.files), columns=[name]).column(0).to_pylist()
 
+    def file_names(self, image: str) -> list[str | None]:
+        """The image column's file names, read without the images; None for each row where it has none."""
+        return self.column(f"{image}.path") if has_file_names(self.features[image]) else [None] * self.num_rows
+
     def keys(self, image: str) -> list[str]:
-        """The rows' keys, from the image column's file names alone (no image is read)."""
-        paths = self.column(f"{image}.path") if has_file_names(self.features[image]) else [None] * self.num_rows
-        return [Path(path).stem if path else f"{i:09d}" for i, path in enumerate(paths)]
+        """The rows' keys (`row_key`), from the image column's file names alone."""
+        return [row_key(name, i) for i, name in enumerate(self.file_names(image))]
 
     def first_row(self, columns: list[str]) -> dict:
         if self.table is not None:

@@ -18,6 +18,7 @@ import hashlib
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch.utils.data import Dataset
@@ -33,6 +34,14 @@ def derived_seed(*parts) -> int:
 def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """The training order of `epoch`: a permutation of range(num_samples) that only (seed, epoch) fix."""
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(derived_seed(seed, "order", epoch)))
+
+
+def sample_order(dataset: Dataset, seed: int) -> Callable[[int], torch.Tensor]:
+    """epoch -> the training order of a map-style set: its own where it has one (IndexedShards.order,
+    shard-aware), else `epoch_order`."""
+    if hasattr(dataset, "order"):
+        return partial(dataset.order, seed)
+    return partial(epoch_order, len(dataset), seed)
 
 
 @contextmanager

@@ -15,7 +15,6 @@ evaluating leaves the training's random stream as it was.
 from __future__ import annotations
 
 import warnings
-from functools import partial
 
 import lightning as L
 import torch
@@ -24,8 +23,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mixer_cli.data.indexed_shards import IndexedShards
-from mixer_cli.data.order import GlobalBatchSampler, SeededSamples, epoch_order
+from mixer_cli.data.order import GlobalBatchSampler, SeededSamples, sample_order
 from mixer_cli.data.shards import TrainShards
 from mixer_cli.data.workers import worker_options
 from mixer_cli.train.preemption import every_rank
@@ -114,9 +112,8 @@ class ImageDataModule(L.LightningDataModule):
                                 batches_per_epoch=self.micro_batches_per_epoch)
         world, rank = self._world()
         n = len(self.train_set)
-        order = (partial(self.train_set.order, self.seed) if isinstance(self.train_set, IndexedShards)
-                 else partial(epoch_order, n, self.seed))
-        sampler = GlobalBatchSampler(order, n, self.device_batch, self.accumulate, world, rank)
+        sampler = GlobalBatchSampler(sample_order(self.train_set, self.seed), n, self.device_batch, self.accumulate,
+                                     world, rank)
         return self._loader(SeededSamples(self.train_set, self.seed), EveryRankLoader, batch_sampler=sampler,
                             batches_per_epoch=self.micro_batches_per_epoch)
 
