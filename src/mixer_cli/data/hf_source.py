@@ -215,7 +215,7 @@ def check_first_image(split: HFSplit, columns: Columns, channels: int) -> None:
         with Image.open(io.BytesIO(raw)) as img:
             img.draft(None, (1, 1))
             img.convert("RGB" if channels == 3 else "L")
-    except (*DECODE_ERRORS, UnidentifiedImageError) as e:
+    except DECODE_ERRORS as e:  # UnidentifiedImageError is an OSError
         reason = "not an image PIL reads" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0]
         raise UserError(f"{split.where}: cannot read the image of row 0 (column {columns.image!r}): {reason}") from None
 
