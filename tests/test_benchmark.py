@@ -19,6 +19,7 @@ from mixer_cli.commands.benchmark import (
     train_memory,
 )
 from mixer_cli.config.compose import compose
+from mixer_cli.core.devices import torch_threads
 from mixer_cli.core.errors import UserError
 from mixer_cli.models import build_mixer
 
@@ -200,12 +201,15 @@ def test_benchmark_command_writes_tables_and_json(tmp_path, monkeypatch):
     monkeypatch.setitem(CONTENDERS, "timm-mixer-s32", Contender("timm-mixer-s32", "timm Mixer-S/32", 8, tiny_timm))
 
     args = ["benchmark", "--res", "32", "--train", "models=mixer-s32,timm-mixer-s32", "batch_sizes=1,2", "iters=1",
-            "repeats=2", "warmup=0", "memory_batches=1,2", f"run_root={tmp_path}"]
-    r = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+            "repeats=2", "warmup=0", "memory_batches=1,2", "threads=1", f"run_root={tmp_path}"]
+    with torch_threads(2):
+        r = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert torch.get_num_threads() == 2  # threads=1 held for the measurement alone
     assert r.exit_code == 0, r.output
     assert "Mixer-S/32" in r.output and "timm Mixer-S/32" in r.output and "ours vs timm" in r.output
     (path,) = (tmp_path / "benchmark").glob("*/results.json")
     report = json.loads(path.read_text())
+    assert report["device"]["name"].endswith("CPU, 1 threads")
     assert [(row["model"], row["mode"]) for row in report["results"]] == [
         ("mixer-s32", "infer"), ("timm-mixer-s32", "infer"), ("mixer-s32", "train"), ("timm-mixer-s32", "train")]
     for row in report["results"]:

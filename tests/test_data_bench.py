@@ -15,6 +15,7 @@ from mixer_cli.commands.data_bench import (
     training_rate,
     write_bench,
 )
+from mixer_cli.core.devices import torch_threads
 from mixer_cli.core.errors import UserError
 
 
@@ -58,6 +59,21 @@ def test_bench_times_each_recipe_on_both_paths_against_decoding(tmp_path):
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "pipeline,img_per_s_per_core,vs_decode_only,vs_float_path,cores_per_device"
     assert len(lines) == 9 and png.stat().st_size > 0
+
+
+def test_bench_times_on_one_thread_and_gives_the_process_its_threads_back(monkeypatch):
+    """Per-core figures need one thread; a caller that goes on (the tests) keeps its own: torch's
+    float kernels round apart on 1 and 2 threads."""
+    import torch
+
+    import mixer_cli.commands.data_bench as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "images_per_second", lambda *_: seen.append(torch.get_num_threads()) or 1.0)
+    with torch_threads(2):
+        run_bench([], seconds=0.0, rounds=2)
+        assert torch.get_num_threads() == 2
+    assert seen == [1] * 2 * len(bench.pipelines())
 
 
 def test_bench_on_a_device_adds_the_gpu_pipelines_with_their_host_and_device_rates(tmp_path):

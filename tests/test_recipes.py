@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
@@ -17,6 +16,7 @@ from mixer_cli.commands.pretrain import pretrain
 from mixer_cli.commands.shuffle import run_experiment
 from mixer_cli.config.compose import compose
 from mixer_cli.config.recipes import config_name_of, recipe_names
+from mixer_cli.core.devices import torch_threads
 from mixer_cli.models import load_mixer
 
 # ------------------------------------------------------------------------------------------------
@@ -309,10 +309,8 @@ def run_recipe(name: str, tmp_path, shards, shard_data, checkpoints, tiny_run, c
 @pytest.fixture
 def one_thread():
     """Tiny models gain nothing from intra-op threads; on a busy machine their waiting costs 2-4x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("name", TRAINED)

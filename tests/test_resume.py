@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from mixer_cli.commands.pretrain import build_model, pretrain
 from mixer_cli.config.compose import compose
 from mixer_cli.config.run_dirs import make_run_dir, save_config
+from mixer_cli.core.devices import torch_threads
 from mixer_cli.data import build_dataset
 from mixer_cli.data.shards import rng_states, set_rng_states
 from mixer_cli.data.workers import leave_stop_signals_to
@@ -122,12 +123,8 @@ def assert_stopped(rc: int, err: str, sig: signal.Signals, run: Path, after: int
 
 def one_thread(run, *args, **kwargs):
     """run(*args) in this process on one thread, as the `mixer` processes run (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return run(*args, **kwargs, progress=False)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train(cfg, callback, progress: bool = False) -> dict:

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from mixer_cli.config.run_dirs import Run
 from mixer_cli.core.compiling import compile_mode
 from mixer_cli.core.console import console
-from mixer_cli.core.devices import pick_device
+from mixer_cli.core.devices import pick_device, torch_threads
 from mixer_cli.core.errors import UserError
 from mixer_cli.models.mixer import TOKEN_MIXING, VARIANTS, build_mixer, spec_for, variant_key
 from mixer_cli.train.module import fused_on_cuda
@@ -474,8 +474,17 @@ def _device_name(device: torch.device) -> str:
 def run_benchmark(cfg: DictConfig, progress: bool = True) -> dict:
     """Measure, print the tables, write results.json in a new run directory; returns the report."""
     plan = plan_from_config(cfg)
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
+    with torch_threads(None if cfg.threads is None else int(cfg.threads)):
+        report = measure(plan, cfg, progress)
+    with Run(cfg, "benchmark") as run:
+        report["results_path"] = str(run.path / "results.json")
+        run.finish(report)
+    print_tables(report)
+    return report
+
+
+def measure(plan: Plan, cfg: DictConfig, progress: bool) -> dict:
+    """The report of the plan's sweeps: the rows, the claims they support and what they ran on."""
     torch.manual_seed(0)
     started = _dt.datetime.now().isoformat(timespec="seconds")
     status = console.status("measuring the matmul peak") if progress else nullcontext()
@@ -493,7 +502,7 @@ def run_benchmark(cfg: DictConfig, progress: bool = True) -> dict:
     for r in rows:
         if "img_s" in r:
             r["fraction_of_matmul_peak"] = r["achieved_tflop_s"] * 1e12 / peak
-    report = {
+    return {
         "started": started, "torch": torch.__version__,
         "device": {"type": plan.device.type, "name": _device_name(plan.device),
                    "per_device_divisor": per_device_divisor(plan.device)},
@@ -505,8 +514,3 @@ def run_benchmark(cfg: DictConfig, progress: bool = True) -> dict:
         "matmul_peak_tflop_s": peak / 1e12, "results": rows, "claims": claims(rows),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    with Run(cfg, "benchmark") as run:
-        report["results_path"] = str(run.path / "results.json")
-        run.finish(report)
-    print_tables(report)
-    return report

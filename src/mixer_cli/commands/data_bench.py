@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from mixer_cli.config.schema import DEVICE
 from mixer_cli.core.console import console
-from mixer_cli.core.devices import pick_device
+from mixer_cli.core.devices import pick_device, torch_threads
 from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import csv_text, package_root, write_atomic
 from mixer_cli.core.plots import pyplot, save_figure
@@ -195,17 +195,17 @@ def run_bench(jpegs: list[bytes], seconds: float, rounds: int = 5, device: torch
     """Rows of pipeline, images/s per core, the ratio to PIL decoding alone and, for a uint8
     pipeline, to the float pipeline it replaces. `seconds` per pipeline, split over `rounds`. With a
     device, data.decode=gpu's pipelines too, with their img/s on the device."""
-    torch.set_num_threads(1)
     named = pipelines()
     on_device = device_pipelines() if device is not None else {}
     best = {p.name: 0.0 for p in named}
     best_device = {name: (0.0, 0.0) for name in on_device}
-    for _ in range(rounds):
-        for p in named:
-            best[p.name] = max(best[p.name], images_per_second(jpegs, p.run, seconds / rounds))
-        for name, transform in on_device.items():
-            rates = device_rates(jpegs, transform, device, seconds / rounds)
-            best_device[name] = tuple(map(max, best_device[name], rates))
+    with torch_threads(1):
+        for _ in range(rounds):
+            for p in named:
+                best[p.name] = max(best[p.name], images_per_second(jpegs, p.run, seconds / rounds))
+            for name, transform in on_device.items():
+                rates = device_rates(jpegs, transform, device, seconds / rounds)
+                best_device[name] = tuple(map(max, best_device[name], rates))
     reference = best[named[0].name]
     rows = [
         {"pipeline": p.name, "img_per_s_per_core": round(best[p.name], 1),

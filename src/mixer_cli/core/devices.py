@@ -1,5 +1,9 @@
-"""The device a command that runs outside Lightning (few-shot, benchmark) puts its model on."""
+"""The device a command that runs outside Lightning (few-shot, benchmark) puts its model on, and
+the threads it runs on."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -15,3 +19,17 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU here; use device=cpu")
     return device
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` (None: left as they are) for the block, then put
+    back: a benchmark called in a longer process (the tests, a notebook) must not leave it slower,
+    or its float kernels rounding as a different thread count rounds."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
