@@ -171,6 +171,39 @@ def test_parquet_row_groups_are_split_over_ranks_and_workers_each_row_once(tmp_p
     assert len(groups[0]) == len(groups[1]) == 2 and not groups[0] & groups[1] and all(len(r) == 8 for r in per_rank)
 
 
+def test_a_run_reads_each_parquet_footer_once_and_again_once_the_file_changes(tmp_path, monkeypatch):
+    """A run opens its split for its classes, their names and each data set: on a network file system
+    every footer read is a round trip."""
+    import pyarrow.parquet as pq
+
+    from mixer_cli.data.hf_source import open_split
+
+    opened, real = [], pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    _, parquet = write_hf(hf_rows([png(i, (8, 8)) for i in range(8)], [i % 3 for i in range(8)], CLASSES), tmp_path)
+    cfg = data_config(tmp_path, "data=hf", f"data.eval_path={parquet}", f"data.train_path={parquet}")
+    assert class_names(cfg.data) == tuple(CLASSES)
+    build_dataset(cfg.data, cfg.aug, "train", seed=0)
+    build_dataset(cfg.data, cfg.aug, "test")
+    second = str(parquet / "part-1.parquet")
+    assert opened.count(second) == 1  # the first file is opened again for its first image
+
+    _, longer = write_hf(hf_rows([png(i, (8, 8)) for i in range(12)], [0] * 12, CLASSES), tmp_path / "longer")
+    (parquet / "part-1.parquet").write_bytes((longer / "part-1.parquet").read_bytes())
+    assert open_split(str(parquet), "eval_path").num_rows == 4 + 6
+    assert opened.count(second) == 2
+
+
+def test_data_write_from_hf_reads_the_label_column_once(tmp_path, monkeypatch):
+    from mixer_cli.data.hf_source import HFSplit
+
+    read, real = [], HFSplit.column
+    monkeypatch.setattr(HFSplit, "column", lambda split, name: read.append(name) or real(split, name))
+    _, parquet = write_hf(hf_rows([png(i, (8, 8)) for i in range(4)], [0, 1, 2, 0], CLASSES), tmp_path)
+    data_write(f"hf:{parquet}", tmp_path / "shards", shard_size=5, seed=0, workers=1)
+    assert read.count("label") == 1
+
+
 def test_the_dev_split_takes_the_same_rows_from_a_save_to_disk_folder_and_parquet_files(tmp_path, forms):
     def dataset(form, split, **kwargs):
         path = next(o for o in forms[form] if o.startswith("data.eval_path=")).split("=", 1)[1]

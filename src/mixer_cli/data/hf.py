@@ -126,15 +126,12 @@ class RowGroup:
         return f"{self.path} (row group {self.index})"
 
 
-def row_groups(files: tuple[str, ...]) -> list[RowGroup]:
-    import pyarrow.parquet as pq
-
+def row_groups(split: HFSplit) -> list[RowGroup]:
     groups, first = [], 0
-    for f in files:
-        meta = pq.ParquetFile(f).metadata
-        for i in range(meta.num_row_groups):
+    for f, sizes in zip(split.files, split.group_rows):
+        for i, rows in enumerate(sizes):
             groups.append(RowGroup(f, i, first))
-            first += meta.row_group(i).num_rows
+            first += rows
     return groups
 
 
@@ -177,7 +174,7 @@ class ParquetEvalRows(EvalShards):
     """Parquet files read once for evaluation: EvalShards with row groups for shards."""
 
     def __init__(self, split: HFSplit, columns: Columns, *args, **kwargs):
-        super().__init__(row_groups(split.files), split.num_rows, *args, read=ParquetRows(columns), **kwargs)
+        super().__init__(row_groups(split), split.num_rows, *args, read=ParquetRows(columns), **kwargs)
         self.split, self.columns = split, columns
 
     def all_keys(self) -> list[str]:
@@ -194,7 +191,7 @@ def hf_dataset(data: DictConfig, transform, key: str, selection: Selection | Non
         return HFRows(split, columns, transform, data.channels, data.num_classes, decoded, selection, training)
     if not training:
         return ParquetEvalRows(split, columns, transform, data.channels, selection, data.num_classes, decoded)
-    return ParquetTrainRows(row_groups(split.files), split.num_rows, transform, data.channels,
+    return ParquetTrainRows(row_groups(split), split.num_rows, transform, data.channels,
                             data.get("shuffle_buffer", 10_000), seed, selection, data.num_classes, decoded,
                             read=ParquetRows(columns))
 
@@ -210,7 +207,7 @@ def hf_samples(path: str, image_key: str, label_key: str, cache_dir: Path) -> tu
                         "`mixer data write` hold one class per image: train on the data set with data=hf")
     named, labels = class_label(split, columns), split.column(label_key)
     classes = list(named.names) if named else [str(c) for c in range(max(filter(None, labels), default=0) + 1)]
-    check_split(split, columns, len(classes), channels=3)
+    check_split(split, columns, len(classes), channels=3, labels=labels)
     names = split.file_names(image_key)
     rows = image_rows(split.table if split.table is not None else gathered(split, columns, cache_dir), columns)
     return classes, [Sample(f"row {i}", label, partial(row_image, rows, i, image_key), Path(name).stem if name else "")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import glob
 import io
+import os
 import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,7 @@ class HFSplit:
     num_rows: int
     table: object = None  # datasets.Dataset
     files: tuple[str, ...] = ()
+    group_rows: tuple[tuple[int, ...], ...] = ()  # each file's row groups' sizes
 
     def column(self, name: str) -> list:
         """A column's values; "image.path" reads the images' file names alone."""
@@ -142,16 +145,32 @@ def arrow_split(root: Path, where: str) -> HFSplit:
 
 
 def parquet_split(files: list[str], where: str) -> HFSplit:
-    import pyarrow.parquet as pq
     from datasets import Features
 
-    schemas = [pq.read_schema(f) for f in files]
+    schemas, group_rows = zip(*map(footer, files))
     for f, schema in zip(files, schemas):
         if not schema.remove_metadata().equals(schemas[0].remove_metadata()):
             raise UserError(f"{where}: {f} has columns ({', '.join(schema.names)}) unlike {files[0]} "
                             f"({', '.join(schemas[0].names)}): a split's parquet files must share one schema")
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    return HFSplit(where, Features.from_arrow_schema(schemas[0]), rows, files=tuple(files))
+    return HFSplit(where, Features.from_arrow_schema(schemas[0]), sum(map(sum, group_rows)), files=tuple(files),
+                   group_rows=group_rows)
+
+
+def footer(path: str) -> tuple:
+    """A parquet file's arrow schema and its row groups' sizes."""
+    stat = os.stat(path)
+    return footer_of_version(path, stat.st_mtime_ns, stat.st_size)
+
+
+@cache
+def footer_of_version(path: str, mtime_ns: int, size: int) -> tuple:
+    """Read once per process for each version of the file: a run opens a split several times (its
+    classes, their names, the data set) and on a network file system each footer is a round trip."""
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    meta = file.metadata
+    return file.schema_arrow, tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
 
 
 def columns_of(split: HFSplit, data: DictConfig) -> Columns:
@@ -183,18 +202,18 @@ def class_label(split: HFSplit, columns: Columns):
     return feature if isinstance(feature, ClassLabel) else None
 
 
-def check_split(split: HFSplit, columns: Columns, num_classes: int, channels: int) -> None:
-    """Refuse, before a run writes anything, labels outside 0..num_classes-1 and an image PIL cannot read."""
+def check_split(split: HFSplit, columns: Columns, num_classes: int, channels: int, labels: list | None = None) -> None:
+    """Refuse, before a run writes anything, labels outside 0..num_classes-1 and an image PIL cannot read.
+    `labels`: the label column, where the caller has read it already."""
     named = class_label(split, columns)
     if named is not None and named.num_classes != num_classes:
         raise UserError(f"{split.where} has {named.num_classes} classes (the ClassLabel of {columns.label!r}), "
                         f"data.num_classes={num_classes}; set data.num_classes={named.num_classes}")
-    check_labels(split, columns, num_classes)
+    check_labels(split, columns, num_classes, split.column(columns.label) if labels is None else labels)
     check_first_image(split, columns, channels)
 
 
-def check_labels(split: HFSplit, columns: Columns, num_classes: int) -> None:
-    labels = split.column(columns.label)
+def check_labels(split: HFSplit, columns: Columns, num_classes: int, labels: list) -> None:
     if columns.multi:
         rows = np.repeat(np.arange(len(labels)), [len(row or ()) for row in labels])
         labels = [c for row in labels for c in row or ()]
