@@ -12,11 +12,11 @@ from mixer_cli.train import launch
 from mixer_cli.train.launch import check_launch, settle_auto
 
 
-def refused(tmp_path, *args) -> str:
+def refused(tmp_path, *args, command: tuple[str, ...] = ("pretrain", "trainer.steps=1")) -> str:
     """The one line `mixer pretrain args` ends with; asserts exit 2, no traceback, no run directory."""
-    r = CliRunner().invoke(app, ["pretrain", *args, "trainer.steps=1", f"run_root={tmp_path}"])
+    r = CliRunner().invoke(app, [*command, *args, f"run_root={tmp_path}"])
     assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
-    assert not (tmp_path / "pretrain").exists()
+    assert not (tmp_path / command[0]).exists()
     assert r.stderr.count("\n") == 1
     return r.stderr.removesuffix("\n")
 
@@ -41,6 +41,19 @@ def test_nodes_no_launcher_starts_are_refused(tmp_path, no_launcher):
         "(trainer=slurm) or torchrun (trainer=torchrun); see docs/reliability.md, 'Launching on several nodes'")
 
 
+def test_mixer_eval_refuses_what_cannot_launch_in_its_own_keys(tmp_path, no_launcher, constant_checkpoint):
+    """Lightning would wait forever for the nodes no launcher starts."""
+    assert refused(tmp_path, "eval.accelerator=cpu", "eval.num_nodes=2",
+                   command=("eval", "--from", str(constant_checkpoint))) == (
+        "error: eval.num_nodes=2, but no launcher started the other nodes: run every node under SLURM or torchrun; "
+        "see docs/reliability.md, 'Launching on several nodes'")
+    if importlib.util.find_spec("transformer_engine") is None:
+        assert refused(tmp_path, "eval.accelerator=cpu", "eval.precision=transformer-engine",
+                       command=("eval", "--from", str(constant_checkpoint))).startswith(
+            "error: eval.accelerator=cpu cannot run (devices=1, precision=transformer-engine): Requirement "
+            "'transformer_engine")
+
+
 @pytest.fixture
 def slurm_job(monkeypatch, no_launcher):
     """Rank 0 of a SLURM job of 2 nodes x 1 task."""
@@ -55,6 +68,13 @@ def test_slurm_sizes_the_launch(slurm_job):
     with pytest.raises(UserError, match=r"^trainer\.num_nodes=1, but this SLURM job has 2 node\(s\): use "
                                         r"trainer=slurm \(it reads SLURM_NNODES\) or trainer\.num_nodes=2$"):
         check_launch(compose(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"]).trainer)
+
+
+def test_slurm_sizes_mixer_evals_launch(slurm_job, monkeypatch):
+    assert check_launch(compose(["eval.accelerator=cpu", "eval.num_nodes=2"], config_name="eval").eval, "eval") == 2
+    with pytest.raises(UserError, match=r"^eval\.num_nodes=1, but this SLURM job has 2 node\(s\): set "
+                                        r"eval\.num_nodes=2$"):
+        check_launch(compose(["eval.accelerator=cpu"], config_name="eval").eval, "eval")
 
 
 def test_slurm_tasks_must_be_the_devices(slurm_job, monkeypatch):
@@ -73,6 +93,10 @@ def test_torchrun_sizes_the_launch(monkeypatch, no_launcher):
     with pytest.raises(UserError, match=r"^trainer\.devices=1 x trainer\.num_nodes=1 = 1 processes, but torchrun "
                                         r"started 3: use trainer=torchrun \(it reads torchrun's sizes\)$"):
         check_launch(compose(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"]).trainer)
+    with pytest.raises(UserError, match=r"^eval\.devices=1 x eval\.num_nodes=1 = 1 processes, but torchrun started "
+                                        r"3: set eval\.devices to torchrun's --nproc-per-node, eval\.num_nodes to "
+                                        r"its --nnodes$"):
+        check_launch(compose(["eval.accelerator=cpu"], config_name="eval").eval, "eval")
 
 
 @pytest.mark.parametrize("trainer", ["default", "ddp", "fsdp", "slurm", "torchrun"])

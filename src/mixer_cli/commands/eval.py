@@ -34,6 +34,7 @@ from mixer_cli.reporting.confusion import plot_confusion_matrix
 from mixer_cli.reporting.runs import print_summary
 from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import device_preprocessing
+from mixer_cli.train.launch import check_launch
 from mixer_cli.train.module import CONFUSION_MATRIX_MAX_CLASSES, Evaluator
 from mixer_cli.train.trainer import quiet_lightning
 
@@ -89,7 +90,6 @@ class PassingBar(RichProgressBar):
 
 def eval_trainer(e: DictConfig) -> L.Trainer:
     """A Trainer that only evaluates, on `eval.devices` devices (several: one process each, DDP)."""
-    quiet_lightning()
     return L.Trainer(accelerator=e.accelerator, devices=e.devices, num_nodes=e.num_nodes, precision=e.precision,
                      logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[PassingBar()])
 
@@ -114,6 +114,8 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: Path) -> dict:
     from timm.data import resolve_data_config
 
     checkpoint = Path(checkpoint).resolve()
+    quiet_lightning()
+    check_launch(cfg.eval, "eval")  # e.g. nodes that no launcher starts: Lightning would wait for them
     model = load_mixer(checkpoint)
     cfg = with_checkpoint_preprocessing(cfg, resolve_data_config({}, model=model))
     cfg.name = cfg.name or default_name(checkpoint)

@@ -37,20 +37,21 @@ def plan_batches(global_batch: int, world_size: int, max_device_batch: int | Non
     return BatchPlan(global_batch, world_size, share // accumulate, accumulate)
 
 
-def devices_per_node(accelerator: str, devices) -> int:
+def devices_per_node(accelerator: str, devices, key: str = "trainer") -> int:
     """How many devices the Trainer will use on each node: Lightning's own parsing of `trainer.devices`
     for `trainer.accelerator`, as its Trainer does it. The batch plan needs the count before the Trainer
-    exists (the Trainer is built in the run directory, which is made only once everything is checked)."""
+    exists (the Trainer is built in the run directory, which is made only once everything is checked).
+    `key`: the config group the messages name (`eval` for `mixer eval`)."""
     name = accelerator_name(accelerator)
     found = AcceleratorRegistry[name]["accelerator"]
     if not found.is_available():
-        raise UserError(f"trainer.accelerator={accelerator}: there is no {name} device on this machine; "
-                        "use trainer.accelerator=cpu (or auto)")
+        raise UserError(f"{key}.accelerator={accelerator}: there is no {name} device on this machine; "
+                        f"use {key}.accelerator=cpu (or auto)")
     try:
         count = found.auto_device_count() if devices == "auto" else devices
         return len(found.get_parallel_devices(found.parse_devices(count)))
     except (MisconfigurationException, TypeError, ValueError) as e:
-        raise UserError(f"trainer.devices={devices} on trainer.accelerator={accelerator}: {e}") from None
+        raise UserError(f"{key}.devices={devices} on {key}.accelerator={accelerator}: {e}") from None
 
 
 def accelerator_name(name: str) -> str:

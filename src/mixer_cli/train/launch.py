@@ -24,14 +24,15 @@ from mixer_cli.train.trainer import build_strategy
 LAUNCH_DOCS = "docs/reliability.md, 'Launching on several nodes'"
 
 
-def check_launch(t: DictConfig) -> int:
-    """The number of processes the `trainer` config runs (devices per node x nodes), once it is
-    known that they can run here; else a UserError naming the key to change. `auto` precision and
-    compile are settled first, in place, so config.yaml records what ran."""
+def check_launch(t: DictConfig, key: str = "trainer") -> int:
+    """The number of processes the `trainer` config (or `mixer eval`'s `eval` config, `key`) runs
+    (devices per node x nodes), once it is known that they can run here; else a UserError naming the
+    key to change. `auto` precision and compile are settled first, in place, so config.yaml records
+    what ran."""
     settle_auto(t)
-    per_node = devices_per_node(t.accelerator, t.devices)
-    check_lightning_accepts(t)
-    check_nodes(t, per_node)
+    per_node = devices_per_node(t.accelerator, t.devices, key)
+    check_lightning_accepts(t, key)
+    check_nodes(t, per_node, key)
     return per_node * t.num_nodes
 
 
@@ -43,14 +44,14 @@ def settle_auto(t: DictConfig) -> None:
     on_cuda = accelerator_name(t.accelerator) == "cuda"
     if t.precision == "auto":
         t.precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_cuda else "32-true"
-    if t.compile == "auto":
+    if t.get("compile") == "auto":
         t.compile = on_cuda
 
 
-def check_lightning_accepts(t: DictConfig) -> None:
+def check_lightning_accepts(t: DictConfig, key: str) -> None:
     """Lightning's checks of accelerator, devices, strategy and precision together, done by building a
     Trainer of them: it starts nothing and writes nothing."""
-    strategy = build_strategy(t)
+    strategy = build_strategy(t) if "strategy" in t else "auto"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -58,29 +59,37 @@ def check_lightning_accepts(t: DictConfig) -> None:
                       precision=t.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
     except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as e:
-        named = t.strategy if isinstance(t.strategy, str) else t.strategy["_target_"].rsplit(".", 1)[-1]
         reason = " ".join(str(e).split())
-        raise UserError(f"trainer.strategy={named} cannot run with trainer.accelerator={t.accelerator} "
-                        f"(devices={t.devices}, precision={t.precision}): {reason}") from None
+        launch = f"devices={t.devices}, precision={t.precision}"
+        if "strategy" not in t:
+            raise UserError(f"{key}.accelerator={t.accelerator} cannot run ({launch}): {reason}") from None
+        named = t.strategy if isinstance(t.strategy, str) else t.strategy["_target_"].rsplit(".", 1)[-1]
+        raise UserError(f"{key}.strategy={named} cannot run with {key}.accelerator={t.accelerator} ({launch}): "
+                        f"{reason}") from None
 
 
-def check_nodes(t: DictConfig, per_node: int) -> None:
+def check_nodes(t: DictConfig, per_node: int, key: str) -> None:
     """trainer.devices and trainer.num_nodes against what the launcher started: SLURM's tasks and
-    nodes, torchrun's WORLD_SIZE; with no launcher, a single node (no one would start the others)."""
-    world = per_node * t.num_nodes
+    nodes, torchrun's WORLD_SIZE; with no launcher, a single node (no one would start the others).
+    The trainer group's advice names its launcher configs; `mixer eval` has none."""
+    world, training = per_node * t.num_nodes, key == "trainer"
+    processes = f"{key}.devices={t.devices} x {key}.num_nodes={t.num_nodes} = {world} processes"
     if SLURMEnvironment.detect():
         nodes, tasks = int(os.environ.get("SLURM_NNODES", "1")), int(os.environ["SLURM_NTASKS"])
         if t.num_nodes != nodes:
-            raise UserError(f"trainer.num_nodes={t.num_nodes}, but this SLURM job has {nodes} node(s): "
-                            f"use trainer=slurm (it reads SLURM_NNODES) or trainer.num_nodes={nodes}")
+            advice = "use trainer=slurm (it reads SLURM_NNODES) or" if training else "set"
+            raise UserError(f"{key}.num_nodes={t.num_nodes}, but this SLURM job has {nodes} node(s): "
+                            f"{advice} {key}.num_nodes={nodes}")
         if world != tasks:
-            raise UserError(f"trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes} = {world} processes, "
-                            f"but SLURM started {tasks} tasks: one task per device (--ntasks-per-node=devices)")
+            raise UserError(f"{processes}, but SLURM started {tasks} tasks: one task per device "
+                            "(--ntasks-per-node=devices)")
     elif TorchElasticEnvironment.detect():
         started = int(os.environ["WORLD_SIZE"])
         if world != started:
-            raise UserError(f"trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes} = {world} processes, "
-                            f"but torchrun started {started}: use trainer=torchrun (it reads torchrun's sizes)")
+            advice = ("use trainer=torchrun (it reads torchrun's sizes)" if training
+                      else "set eval.devices to torchrun's --nproc-per-node, eval.num_nodes to its --nnodes")
+            raise UserError(f"{processes}, but torchrun started {started}: {advice}")
     elif t.num_nodes > 1:
-        raise UserError(f"trainer.num_nodes={t.num_nodes}, but no launcher started the other nodes: run every "
-                        f"node under SLURM (trainer=slurm) or torchrun (trainer=torchrun); see {LAUNCH_DOCS}")
+        launchers = "SLURM (trainer=slurm) or torchrun (trainer=torchrun)" if training else "SLURM or torchrun"
+        raise UserError(f"{key}.num_nodes={t.num_nodes}, but no launcher started the other nodes: run every "
+                        f"node under {launchers}; see {LAUNCH_DOCS}")
