@@ -260,6 +260,23 @@ def test_area_resize_weights_each_pixel_by_the_share_it_covers():
     assert (area_resize(img, 23, 35).int() - pil_box.int()).abs().float().mean() > 2  # PIL's BOX is not area
 
 
+@pytest.mark.parametrize(("mode", "pct", "size", "channels"), [
+    ("center", 0.875, 224, 3),  # pre-training's evaluation: resize_small(256, "area")|central_crop(224)
+    ("squash", 1.0, 24, 3),  # both sides to the resolution: scales apart along the two axes
+    ("center", 0.875, 16, 1)])
+def test_batched_area_resize_gives_each_images_pixels(mode, pct, size, channels):
+    """Images of mixed sizes in one batch: shrunk up to 50x, enlarged, flat, square, as big as the crop."""
+    from mixer_cli.data.transforms import AreaResizeCrop, area_resize_crops
+
+    rng = np.random.default_rng(0)
+    shapes = [(375, 500), (500, 333), (1200, 900), (60, 80), (19, 300), (size, size), (13, 17)]
+    images = [torch.from_numpy(rng.integers(0, 256, (channels, h, w), dtype=np.uint8)) for h, w in shapes]
+    images.append(torch.full((channels, 375, 500), 77, dtype=torch.uint8))  # no float error below a whole level
+    crop = AreaResizeCrop(size, pct, mode)
+    batched = area_resize_crops(images, [crop.resized_size(*img.shape[-2:]) for img in images], size)
+    assert batched.dtype == torch.uint8 and batched.tolist() == torch.stack([crop(img) for img in images]).tolist()
+
+
 def test_pretraining_evaluation_is_resize_small_by_area_then_central_crop():
     """big_vision's resize_small(256, "area")|central_crop(224) on a 375x500 photo: 256x341 (TF rounds
     341.33), then rows 16-240 and columns 58-282 (floor of the margins)."""

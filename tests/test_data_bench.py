@@ -76,6 +76,33 @@ def test_bench_times_on_one_thread_and_gives_the_process_its_threads_back(monkey
     assert seen == [1] * 2 * len(bench.pipelines())
 
 
+def test_the_image_by_image_references_resize_one_image_at_a_time_to_the_batched_pixels(monkeypatch):
+    import random
+
+    import torch
+
+    from mixer_cli.commands.data_bench import IMAGE_BY_IMAGE, device_pipelines
+    from mixer_cli.data import device_transforms, transforms
+
+    pipelines = device_pipelines()
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((375, 500), (500, 333))]
+
+    def run(name: str) -> torch.Tensor:
+        random.seed(0)  # the boxes
+        torch.manual_seed(0)  # the flips
+        return pipelines[name].on_batch(images)
+
+    for name in ("JFT: Inception crop + flip, data.decode=gpu", "eval: resize 256 (area) + centre crop 224, "
+                 "data.decode=gpu"):
+        batched = run(name)
+        with monkeypatch.context() as m:
+            m.setattr(device_transforms, "tf_resize_crops", lambda *_: pytest.fail("batched crop called"))
+            m.setattr(transforms, "area_resize_crops", lambda *_: pytest.fail("batched area resize called"))
+            one_by_one = run(f"{name}, {IMAGE_BY_IMAGE}")
+        assert one_by_one.shape == (2, 3, 224, 224)
+        assert (one_by_one.int() - batched.int()).abs().max() <= 1  # tf_resize_crops' bound
+
+
 def test_bench_on_a_device_adds_the_gpu_pipelines_with_their_host_and_device_rates(tmp_path):
     """data.decode=gpu's pipelines (run here with device=cpu): the host's CPU time per image and the
     device's images per second, and from them the cores and the device share a training rate needs."""
@@ -85,7 +112,9 @@ def test_bench_on_a_device_adds_the_gpu_pipelines_with_their_host_and_device_rat
     on_device = [r for r in rows if r["device_img_per_s"] is not None]
     assert [r["pipeline"] for r in on_device] == [
         "JFT: Inception crop + flip, data.decode=gpu (cpu)", "ImageNet: + RandAugment(2, 15), data.decode=gpu (cpu)",
-        "eval: resize 256 (area) + centre crop 224, data.decode=gpu (cpu)"]
+        "eval: resize 256 (area) + centre crop 224, data.decode=gpu (cpu)",
+        "JFT: Inception crop + flip, data.decode=gpu, image by image (cpu)",
+        "eval: resize 256 (area) + centre crop 224, data.decode=gpu, image by image (cpu)"]
     assert all(r["img_per_s_per_core"] > 0 and r["device_img_per_s"] > 0 for r in on_device)
     # on the CPU the "device" work is this process's, in one thread: CPU time at most wall time
     assert all(r["img_per_s_per_core"] >= 0.9 * r["device_img_per_s"] for r in on_device)

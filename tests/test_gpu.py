@@ -16,6 +16,7 @@ from mixer_cli.data.device_randaugment import OPS, apply_layers, draw_layers
 from mixer_cli.data.device_transforms import collate_encoded, decode_on_device, gpu_decode_transform
 from mixer_cli.data.inception_crop import tf_crop_box, tf_resize_crops
 from mixer_cli.data.randaugment import RandAugment
+from mixer_cli.data.transforms import AreaResizeCrop
 from mixer_cli.models import load_mixer
 from mixer_cli.reporting.runs import read_metrics
 from mixer_cli.train.fit import resume
@@ -72,6 +73,17 @@ def test_batched_crops_on_the_gpu_give_the_cpus_pixels():
     gpu = tf_resize_crops([x.cuda() for x in images], boxes, flips, 224)
     diff = (gpu.cpu().int() - cpu.int()).abs()
     assert gpu.device.type == "cuda" and diff.max() <= 1 and (diff > 0).float().mean() <= 0.01
+
+
+def test_batched_area_resize_on_the_gpu_gives_the_cpus_pixels():
+    """The evaluation's area resize and centre crop, batched on CUDA, against area_resize image by image
+    on the CPU: integer running sums and float64 taps, so the same pixels."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 150 + 37 * i, 500 - 23 * i), dtype=torch.uint8, generator=generator)
+              for i in range(16)]
+    crop = AreaResizeCrop(224, 0.875, "center")
+    gpu = crop.on_batch([x.cuda() for x in images])
+    assert gpu.device.type == "cuda" and gpu.cpu().tolist() == torch.stack([crop(x) for x in images]).tolist()
 
 
 @pytest.mark.parametrize("name", list(OPS))

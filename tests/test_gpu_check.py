@@ -84,7 +84,8 @@ def test_a_rehearsal_runs_the_jobs_on_the_cpu_and_writes_the_report(tmp_path):
     # the fastest of our Mixer-S/32 layouts in training
     speed = max(r["img_s"] for r in summary["benchmark"] if r["model"].startswith("mixer-s32") and r["mode"] == "train")
     gpu_rows = [r for r in summary["data_bench"] if "data.decode=gpu" in r["pipeline"]]
-    assert len(gpu_rows) == 3 and all(r["device_img_per_s"] > 0 for r in gpu_rows)
+    assert len(gpu_rows) == 5 and all(r["device_img_per_s"] > 0 for r in gpu_rows)
+    assert sum("image by image" in r["pipeline"] for r in gpu_rows) == 2  # the references of the batched resizes
     for r in summary["data_bench"]:  # cores per device at the benchmark's Mixer training speed
         assert r["cores_per_device"] == pytest.approx(speed / r["img_per_s_per_core"], abs=0.01, rel=0.02)
     report = (tmp_path / "report.md").read_text()

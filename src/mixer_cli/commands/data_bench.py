@@ -12,13 +12,16 @@ With `--device cuda` the GPU input pipeline (data.decode=gpu) joins the table: t
 bytes, draws each image's crop, flip and RandAugment ops, and launches the work, so its img/s per
 core is this process's CPU time per image of `decode_on_device` on batches; the device does the
 decoding (nvJPEG) and the augmentation, and its rate (img/s in wall time) against the training rate
-is the share of the device's time that the input pipeline takes.
+is the share of the device's time that the input pipeline takes. The JFT crop's and the evaluation's
+rows come again resized image by image, as they were before their resizes were batched: the ratio
+of the two is the batching's gain on that device.
 
 Cores needed per device = a model's training img/s per device (from the latest `mixer benchmark
 --train` results, or given) / a pipeline's img/s per core.
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import time
@@ -40,6 +43,8 @@ from mixer_cli.core.errors import UserError
 from mixer_cli.core.files import csv_text, package_root, write_atomic
 from mixer_cli.core.plots import pyplot, save_figure
 from mixer_cli.data.device_transforms import (
+    EvalResizeUint8,
+    InceptionCropUint8,
     collate_encoded,
     decode,
     decode_on_device,
@@ -55,6 +60,7 @@ QUALITY = 90
 RECIPES = {"JFT": ("jft300m", "inception_flip"), "ImageNet": ("imagenet", "randaug_mixup")}
 UINT8, FLOAT = f"uint8{' (default)' if DEFAULT_DECODE == 'uint8' else ''}", "float (data.decode=pil)"
 GPU = "data.decode=gpu"
+IMAGE_BY_IMAGE = "image by image"
 DEVICE_BATCH = 128  # images per decode_on_device call, as a training batch's share of one device
 COLUMNS = ["pipeline", "img_per_s_per_core", "vs_decode_only", "vs_float_path", "device_img_per_s",
            "cores_per_device", "device_share"]
@@ -166,11 +172,24 @@ def images_per_second(jpegs: list[bytes], run: Callable[[bytes], object], second
 
 
 def device_pipelines() -> dict[str, object]:
-    """data.decode=gpu's transforms: each recipe's training one and the evaluation's."""
+    """data.decode=gpu's transforms: each recipe's training one and the evaluation's; the JFT crop's and
+    the evaluation's again with their resizes image by image, the reference their batching is measured by."""
     named, eval_name, evaluation = named_recipes()
     out = {f"{name}, {GPU}": gpu_decode_transform(data, aug, train=True) for name, (data, aug) in named.items()}
     out[f"{eval_name}, {GPU}"] = gpu_decode_transform(*evaluation, train=False)
+    for name in (next(iter(named)), eval_name):
+        out[f"{name}, {GPU}, {IMAGE_BY_IMAGE}"] = image_by_image(out[f"{name}, {GPU}"])
     return out
+
+
+def image_by_image(transform: InceptionCropUint8 | EvalResizeUint8) -> InceptionCropUint8 | EvalResizeUint8:
+    """A copy of a data.decode=gpu transform that resizes its batch one image at a time."""
+    ref = copy.copy(transform)
+    if isinstance(transform, InceptionCropUint8):
+        ref.crop_batch = lambda images, boxes, flips: torch.stack([ref.crop(*one) for one in zip(images, boxes, flips)])
+    else:
+        ref.on_batch = lambda images: torch.stack([ref.on_tensor(img) for img in images])
+    return ref
 
 
 def device_rates(jpegs: list[bytes], transform, device: torch.device, seconds: float) -> tuple[float, float]:

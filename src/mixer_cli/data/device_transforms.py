@@ -202,7 +202,10 @@ class EvalResizeUint8:
         return F.center_crop(resized, [self.size, self.size])
 
     def on_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Decoded uint8 (C, H, W) images on the device -> uint8 (B, C, size, size)."""
+        """Decoded uint8 (C, H, W) images on the device -> uint8 (B, C, size, size); the area resize
+        batched (`AreaResizeCrop.on_batch`), the antialiased ones image by image."""
+        if self.area is not None:
+            return self.area.on_batch(images)
         return torch.stack([self.on_tensor(img) for img in images])
 
     def __call__(self, raw: bytes) -> torch.Tensor:
