@@ -30,6 +30,7 @@ from mixer_cli.commands.pretrain import build_model, pretrain
 from mixer_cli.config.compose import compose
 from mixer_cli.config.run_dirs import make_run_dir, save_config
 from mixer_cli.core.devices import torch_threads
+from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
 from mixer_cli.data.shards import rng_states, set_rng_states
 from mixer_cli.data.workers import leave_stop_signals_to
@@ -555,3 +556,85 @@ def test_a_training_loader_continues_from_its_state_with_the_very_batches_it_wou
     assert len(continued) == len(left_alone) - 3 and len(left_alone) == 2 * len(first)
     for (x, y), (x2, y2) in zip(left_alone[3:], continued):
         assert torch.equal(y, y2) and torch.equal(x, x2)
+
+
+# --- resuming on another layout -------------------------------------------------------------------
+
+def layout_loader(cfg, device_batch: int, accumulate: int, workers: int, world: int = 1, rank: int = 0):
+    """The training loader of rank `rank` of `world`, with `accumulate` micro-batches of `device_batch`
+    per step, without Lightning."""
+    train = build_dataset(cfg.data, cfg.aug, "train", seed=0)
+    steps = len(train) // (device_batch * accumulate * world)
+    module = ImageDataModule(None, device_batch, workers, train_set=train, accumulate=accumulate,
+                             micro_batches_per_epoch=steps * accumulate)
+    module._world = lambda: (world, rank)
+    return module.train_dataloader()
+
+
+@pytest.mark.parametrize("form", ["indexed", "disk"])
+@pytest.mark.parametrize(("device_batch", "accumulate", "world"), [(8, 2, 1), (8, 1, 2), (4, 2, 2)])
+def test_a_map_style_loaders_place_loads_into_other_devices_accumulation_and_workers(
+        form, device_batch, accumulate, world, tmp_path):
+    """Stopped after 3 steps of 1 x 16 on one device and no loader worker, continued on other layouts
+    with two workers each: each step's samples, augmented alike, are the ones the run left alone had
+    (a sample's augmentation is its own), the ranks' micro-batches in rank order."""
+    cfg = compose(write_demo_data(tmp_path, form))
+    first = layout_loader(cfg, 16, 1, 0)
+    left_alone, state = [], None
+    for x, y in first:
+        left_alone.append((x, y))
+        if len(left_alone) == 3:
+            state = first.state_dict()
+    assert state["position"] == {"epoch": 0, "steps": 3}
+    ranks = [layout_loader(cfg, device_batch, accumulate, 2, world, rank) for rank in range(world)]
+    for loader in ranks:
+        loader.load_state_dict(state)
+    per_rank = [list(loader) for loader in ranks]
+    steps = [[part for batches in per_rank for part in batches[step * accumulate:(step + 1) * accumulate]]
+             for step in range(len(per_rank[0]) // accumulate)]
+    assert len(steps) == len(left_alone) - 3 > 0
+    for (x, y), parts in zip(left_alone[3:], steps):
+        assert torch.equal(y, torch.cat([y2 for _, y2 in parts])) and torch.equal(x, torch.cat([x2 for x2, _ in parts]))
+
+
+def test_a_streams_place_loads_only_into_the_layout_that_saved_it(tmp_path):
+    cfg = compose(write_demo_data(tmp_path, "streamed"))
+    first = training_loader(cfg, workers=2)
+    batches = iter(first)
+    next(batches)
+    state = first.state_dict()
+    assert "position" not in state
+    with pytest.raises(UserError) as refused:
+        training_loader(cfg, workers=0).load_state_dict(state)
+    assert str(refused.value) == (
+        "this run streamed its training data on 1 process(es) with 2 loader worker(s) each, and a stream's place "
+        "is each one's own: resume it on 1 (trainer.devices x trainer.num_nodes) with data.num_workers=2; now 1 "
+        "with 0")
+
+
+@pytest.mark.slow
+def test_a_run_stopped_with_loader_workers_resumes_without_them_as_the_run_left_alone(tmp_path, warm_run):
+    """Loader workers change no sum: the same weights, bit for bit."""
+    shards = [*warm_run, *SHARDS, *write_demo_data(tmp_path, "indexed")]
+    with pytest.raises(Stopped):
+        one_thread(train, compose([*shards, f"run_root={tmp_path / 'runs'}"]), SignalAt(13, signal.SIGTERM))
+    (run,) = (tmp_path / "runs" / "pretrain").iterdir()
+    one_thread(resume, run, ["data.num_workers=0"], "pretrain")
+    assert_same_run(run, reference(tmp_path, shards), steps=50)
+
+
+@pytest.mark.slow
+def test_resuming_a_stream_on_other_workers_ends_in_one_line_and_leaves_the_run_as_it_was(tmp_path, warm_run):
+    from typer.testing import CliRunner
+
+    from mixer_cli.cli import app
+
+    shards = [*warm_run, *SHARDS, *write_demo_data(tmp_path, "streamed")]
+    with pytest.raises(Stopped):
+        one_thread(train, compose([*shards, f"run_root={tmp_path / 'runs'}"]), SignalAt(5, signal.SIGTERM))
+    (run,) = (tmp_path / "runs" / "pretrain").iterdir()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = CliRunner().invoke(app, ["pretrain", "--resume", str(run), "data.num_workers=0"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert r.stderr.startswith("error: this run streamed its training data on 1 process(es) with 2 loader worker(s)")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

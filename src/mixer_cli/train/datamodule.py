@@ -6,10 +6,11 @@ augmentation is seeded by (seed, epoch, sample); evaluation uses an unpadded sam
 counted twice. Streamed shards: the dataset batches itself and yields `micro_batches_per_epoch`
 batches per rank and epoch, so every rank takes the same number of optimiser steps (no DDP hang).
 
-The training loader is torchdata's StatefulDataLoader: Lightning keeps its position (the sampler's
-count; the shard stream's `state_dict` and random generators in every worker) in each checkpoint, so
-a run stopped mid-epoch continues with the very batch, augmented the very way, that the run left
-alone would have had next. Evaluation loaders draw their worker seeds from a generator of their own:
+The training loader is torchdata's StatefulDataLoader: Lightning keeps its position (a map-style
+set's epoch and optimiser steps, which load into any layout; the shard stream's `state_dict` and
+random generators in every worker, which load into the same) in each checkpoint, so a run stopped
+mid-epoch continues with the very batch, augmented the very way, that the run left alone would have
+had next. Evaluation loaders draw their worker seeds from a generator of their own:
 evaluating leaves the training's random stream as it was.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from mixer_cli.core.errors import UserError
 from mixer_cli.data.order import GlobalBatchSampler, SeededSamples, sample_order
 from mixer_cli.data.shards import TrainShards
 from mixer_cli.data.workers import worker_options
@@ -48,14 +50,38 @@ class EveryRankLoader(StatefulDataLoader):
         self.batches_per_epoch = batches_per_epoch
 
     def state_dict(self) -> dict:
-        return {"ranks": every_rank(super().state_dict())}  # every rank saves: Lightning dumps on all
+        state = super().state_dict()
+        saved = {"ranks": every_rank(state)}  # every rank saves: Lightning dumps on all
+        given = sampler_given(state)
+        if isinstance(self.batch_sampler, GlobalBatchSampler) and given is not None:
+            saved["position"] = {"epoch": given["epoch"], "steps": given["given"] // self.batch_sampler.accumulate}
+        return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        """A map-style set's position is (epoch, optimiser steps): the samples of those global batches are
+        the seed's whatever the layout, so it loads into any number of ranks, accumulation steps and
+        workers. A stream's is its ranks' and workers' own: it loads into the layout that saved it."""
+        if "position" in state_dict and isinstance(self.batch_sampler, GlobalBatchSampler):
+            position = state_dict["position"]
+            sampler = self.batch_sampler
+            sampler.load_state_dict({"epoch": position["epoch"], "given": position["steps"] * sampler.accumulate})
+            return
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() \
+            else (1, 0)
+        check_same_layout(state_dict["ranks"], world, self.num_workers)
         state = state_dict["ranks"][rank]
         if state and self.batches_per_epoch and batches_given(state) >= self.batches_per_epoch:
             state = ended(state)
         super().load_state_dict(state)
+
+
+def check_same_layout(ranks: list[dict], world: int, workers: int) -> None:
+    saved_workers = len(ranks[0].get("_snapshot", {}).get("_worker_snapshots", {})) if ranks[0] else workers
+    if (len(ranks), saved_workers) != (world, workers):
+        raise UserError(f"this run streamed its training data on {len(ranks)} process(es) with {saved_workers} "
+                        f"loader worker(s) each, and a stream's place is each one's own: resume it on "
+                        f"{len(ranks)} (trainer.devices x trainer.num_nodes) with data.num_workers={saved_workers}; "
+                        f"now {world} with {workers}")
 
 
 # torchdata's StatefulDataLoader state comes in two layouts: with loader workers, the main process's
@@ -66,6 +92,16 @@ def batches_given(state: dict) -> int:
     if "_snapshot" in state:
         return state["_snapshot"]["_snapshot_step"] + state["_steps_since_snapshot"]
     return state["_num_yielded"]
+
+
+def sampler_given(state: dict) -> dict | None:
+    """GlobalBatchSampler's (epoch, micro-batches given) as the saved iteration had consumed them: the
+    sampler itself runs ahead by the batches its workers prefetch; None before any iteration."""
+    main = state["_snapshot"]["_main_snapshot"] if "_snapshot" in state else state
+    sampler = main.get("_index_sampler_state")
+    if sampler is None:
+        return None
+    return {"epoch": sampler["epoch"], "given": sampler["given"] + state.get("_steps_since_snapshot", 0)}
 
 
 def ended(state: dict) -> dict:
