@@ -612,13 +612,19 @@ def test_a_streams_place_loads_only_into_the_layout_that_saved_it(tmp_path):
         "with 0")
 
 
+def stopped_at(tmp_path: Path, overrides: list[str], step: int) -> Path:
+    """The directory of a run stopped by SIGTERM after `step`, in this process."""
+    with pytest.raises(Stopped):
+        one_thread(train, compose([*overrides, f"run_root={tmp_path / 'runs'}"]), SignalAt(step, signal.SIGTERM))
+    (run,) = (tmp_path / "runs" / "pretrain").iterdir()
+    return run
+
+
 @pytest.mark.slow
 def test_a_run_stopped_with_loader_workers_resumes_without_them_as_the_run_left_alone(tmp_path, warm_run):
     """Loader workers change no sum: the same weights, bit for bit."""
     shards = [*warm_run, *SHARDS, *write_demo_data(tmp_path, "indexed")]
-    with pytest.raises(Stopped):
-        one_thread(train, compose([*shards, f"run_root={tmp_path / 'runs'}"]), SignalAt(13, signal.SIGTERM))
-    (run,) = (tmp_path / "runs" / "pretrain").iterdir()
+    run = stopped_at(tmp_path, shards, 13)
     one_thread(resume, run, ["data.num_workers=0"], "pretrain")
     assert_same_run(run, reference(tmp_path, shards), steps=50)
 
@@ -629,10 +635,7 @@ def test_resuming_a_stream_on_other_workers_ends_in_one_line_and_leaves_the_run_
 
     from mixer_cli.cli import app
 
-    shards = [*warm_run, *SHARDS, *write_demo_data(tmp_path, "streamed")]
-    with pytest.raises(Stopped):
-        one_thread(train, compose([*shards, f"run_root={tmp_path / 'runs'}"]), SignalAt(5, signal.SIGTERM))
-    (run,) = (tmp_path / "runs" / "pretrain").iterdir()
+    run = stopped_at(tmp_path, [*warm_run, *SHARDS, *write_demo_data(tmp_path, "streamed")], 5)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     r = CliRunner().invoke(app, ["pretrain", "--resume", str(run), "data.num_workers=0"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
