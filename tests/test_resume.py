@@ -607,9 +607,9 @@ def test_a_streams_place_loads_only_into_the_layout_that_saved_it(tmp_path):
     with pytest.raises(UserError) as refused:
         training_loader(cfg, workers=0).load_state_dict(state)
     assert str(refused.value) == (
-        "this run streamed its training data on 1 process(es) with 2 loader worker(s) each, and a stream's place "
-        "is each one's own: resume it on 1 (trainer.devices x trainer.num_nodes) with data.num_workers=2; now 1 "
-        "with 0")
+        "this run's checkpoint holds the place in its training data of each of 1 process(es) and 2 loader "
+        "worker(s) (a stream's, or a checkpoint's from before places were saved as steps): resume it on 1 "
+        "(trainer.devices x trainer.num_nodes) with data.num_workers=2; now 1 with 0")
 
 
 def stopped_at(tmp_path: Path, overrides: list[str], step: int) -> Path:
@@ -639,5 +639,6 @@ def test_resuming_a_stream_on_other_workers_ends_in_one_line_and_leaves_the_run_
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     r = CliRunner().invoke(app, ["pretrain", "--resume", str(run), "data.num_workers=0"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
-    assert r.stderr.startswith("error: this run streamed its training data on 1 process(es) with 2 loader worker(s)")
+    assert r.stderr.startswith("error: this run's checkpoint holds the place in its training data of each of 1 "
+                               "process(es) and 2 loader worker(s)")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -78,10 +78,10 @@ class EveryRankLoader(StatefulDataLoader):
 def check_same_layout(ranks: list[dict], world: int, workers: int) -> None:
     saved_workers = len(ranks[0].get("_snapshot", {}).get("_worker_snapshots", {})) if ranks[0] else workers
     if (len(ranks), saved_workers) != (world, workers):
-        raise UserError(f"this run streamed its training data on {len(ranks)} process(es) with {saved_workers} "
-                        f"loader worker(s) each, and a stream's place is each one's own: resume it on "
-                        f"{len(ranks)} (trainer.devices x trainer.num_nodes) with data.num_workers={saved_workers}; "
-                        f"now {world} with {workers}")
+        raise UserError(f"this run's checkpoint holds the place in its training data of each of {len(ranks)} "
+                        f"process(es) and {saved_workers} loader worker(s) (a stream's, or a checkpoint's from "
+                        f"before places were saved as steps): resume it on {len(ranks)} (trainer.devices x "
+                        f"trainer.num_nodes) with data.num_workers={saved_workers}; now {world} with {workers}")
 
 
 # torchdata's StatefulDataLoader state comes in two layouts: with loader workers, the main process's
