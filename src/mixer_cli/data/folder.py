@@ -87,6 +87,14 @@ class Images(ImageFolder):
         return index
 
 
+def probe_image(source) -> None:
+    """Decode an image (a path or a file object) cheaply, raising one of DECODE_ERRORS where PIL cannot:
+    a JPEG decodes at 1/8 scale, to the end of its data all the same."""
+    with Image.open(source) as img:
+        img.draft(None, (1, 1))
+        img.load()
+
+
 def check_each_class(dataset: ImageFolder, key: str, root: Path) -> None:
     """Decode the first image of every class: cheap, and enough to refuse a folder of non-images."""
     first = {}
@@ -94,9 +102,7 @@ def check_each_class(dataset: ImageFolder, key: str, root: Path) -> None:
         first.setdefault(target, path)
     for target, path in first.items():
         try:
-            with Image.open(path) as img:
-                img.draft(None, (1, 1))  # a JPEG decodes at 1/8 scale, to the end of its data all the same
-                img.load()
+            probe_image(path)
         except DECODE_ERRORS as e:
             raise UserError(f"data.{key}={root}: cannot read the first image of class {dataset.classes[target]}, "
                             f"{path} ({problem(path, e)})") from None

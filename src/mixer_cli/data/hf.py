@@ -185,7 +185,7 @@ def hf_dataset(data: DictConfig, transform, key: str, selection: Selection | Non
     """The split at data.<key>: rows of a `save_to_disk` folder, or parquet files streamed."""
     split = open_split(str(data[key]), key)
     columns = columns_of(split, data)
-    check_split(split, columns, data.num_classes, data.channels)
+    check_split(split, columns, data.num_classes)
     decoded = not hands_over_uint8(data)
     if split.table is not None:
         return HFRows(split, columns, transform, data.channels, data.num_classes, decoded, selection, training)
@@ -207,7 +207,7 @@ def hf_samples(path: str, image_key: str, label_key: str, cache_dir: Path) -> tu
                         "`mixer data write` hold one class per image: train on the data set with data=hf")
     named, labels = class_label(split, columns), split.column(label_key)
     classes = list(named.names) if named else [str(c) for c in range(max(filter(None, labels), default=0) + 1)]
-    check_split(split, columns, len(classes), channels=3, labels=labels)
+    check_split(split, columns, len(classes), labels=labels)
     names = split.file_names(image_key)
     rows = image_rows(split.table if split.table is not None else gathered(split, columns, cache_dir), columns)
     return classes, [Sample(f"row {i}", label, partial(row_image, rows, i, image_key), Path(name).stem if name else "")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from mixer_cli.core.errors import UserError
-from mixer_cli.data.folder import DECODE_ERRORS
+from mixer_cli.data.folder import DECODE_ERRORS, probe_image
 
 HUB_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_.]+?)-\d{5}-of-\d{5}")  # the Hub's train-00000-of-00294.parquet
 
@@ -202,7 +202,7 @@ def class_label(split: HFSplit, columns: Columns):
     return feature if isinstance(feature, ClassLabel) else None
 
 
-def check_split(split: HFSplit, columns: Columns, num_classes: int, channels: int, labels: list | None = None) -> None:
+def check_split(split: HFSplit, columns: Columns, num_classes: int, labels: list | None = None) -> None:
     """Refuse, before a run writes anything, labels outside 0..num_classes-1 and an image PIL cannot read.
     `labels`: the label column, where the caller has read it already."""
     named = class_label(split, columns)
@@ -210,7 +210,7 @@ def check_split(split: HFSplit, columns: Columns, num_classes: int, channels: in
         raise UserError(f"{split.where} has {named.num_classes} classes (the ClassLabel of {columns.label!r}), "
                         f"data.num_classes={num_classes}; set data.num_classes={named.num_classes}")
     check_labels(split, columns, num_classes, split.column(columns.label) if labels is None else labels)
-    check_first_image(split, columns, channels)
+    check_first_image(split, columns)
 
 
 def check_labels(split: HFSplit, columns: Columns, num_classes: int, labels: list) -> None:
@@ -227,13 +227,11 @@ def check_labels(split: HFSplit, columns: Columns, num_classes: int, labels: lis
                         f"classes; {len(outside)} such label(s); the Hub marks unlabelled rows -1)")
 
 
-def check_first_image(split: HFSplit, columns: Columns, channels: int) -> None:
+def check_first_image(split: HFSplit, columns: Columns) -> None:
     """Decode the first row's image: cheap, and enough to refuse a column of something else."""
     try:
         raw, _ = image_bytes(split.first_row([columns.image, columns.label])[columns.image])
-        with Image.open(io.BytesIO(raw)) as img:
-            img.draft(None, (1, 1))
-            img.convert("RGB" if channels == 3 else "L")
+        probe_image(io.BytesIO(raw))
     except DECODE_ERRORS as e:  # UnidentifiedImageError is an OSError
         reason = "not an image PIL reads" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0]
         raise UserError(f"{split.where}: cannot read the image of row 0 (column {columns.image!r}): {reason}") from None
