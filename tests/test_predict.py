@@ -54,6 +54,18 @@ def test_constant_logits_give_the_hand_computed_softmax_and_every_readable_image
     results = json.loads((run_dir / "results.json").read_text())
     assert (results["num_predicted"], results["num_skipped"], results["topk"]) == (3, 2, 3)
     assert "img0.png" in r.output and "skipped 2" in r.output
+    assert "3 images predicted by" in r.output and "the table shows" not in r.output
+
+
+def test_the_summary_counts_one_image_and_says_the_table_shows_fewer_classes_than_the_csv(tmp_path,
+                                                                                        constant_checkpoint):
+    (image,) = rgb_images(tmp_path / "photos", 1)
+    r = predict("--from", constant_checkpoint, image, "--topk", 5, f"run_root={tmp_path / 'runs'}",
+                "predict.num_workers=0")
+    assert r.exit_code == 0, r.output
+    assert "1 image predicted by" in r.output and "(the table shows the top 3 of 5)" in r.output
+    _, (row,) = the_run(tmp_path)
+    assert [row[f"class_{k}"] for k in range(1, 6)] == ["1", "3", "5", "4", "2"]
 
 
 def test_probabilities_match_timms_own_preprocessing_and_the_model(tmp_path, tiny_mixer, write_checkpoint):

@@ -126,9 +126,11 @@ def print_predictions(rows: list[dict], results: dict, skipped: list[dict]) -> N
         table.add_row(escape(Path(row["path"]).name),
                       *(f"{escape(row[f'class_{r}'])} {100 * row[f'prob_{r}']:.1f}%" for r in range(1, shown + 1)))
     console.print(table)
-    more = results["num_predicted"] - len(rows)
-    console.print(f"{results['num_predicted']} images predicted by {results['model']}, {results['activation']} "
-                  f"probabilities" + (f" ({more} not shown)" if more > 0 else "")
+    more, count = results["num_predicted"] - len(rows), results["num_predicted"]
+    hidden = [f"{more} not shown"] if more > 0 else []
+    hidden += [f"the table shows the top {shown} of {results['topk']}"] if results["topk"] > shown else []
+    console.print(f"{count} image{'s' * (count != 1)} predicted by {results['model']}, {results['activation']} "
+                  f"probabilities" + (f" ({'; '.join(hidden)})" if hidden else "")
                   + f": {results['run_dir']}/predictions.csv", highlight=False)
     if skipped:
         err_console.print(f"[yellow]skipped {len(skipped)}[/] (listed in {results['run_dir']}/skipped.csv), e.g. "
