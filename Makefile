@@ -43,15 +43,29 @@ GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py
 
-# .whl/: the pure-Python packages we need that a GPU machine's image may lack or hold in other
-# versions, at this .venv's versions; carry the folder there (it reaches no registry).
+# .whl/: the packages we need that a GPU machine's image may lack or hold in other versions, at this
+# .venv's versions; carry the folder there (it reaches no registry). Pure-Python ones are built here;
+# the compiled ones (typer needs pydantic, whose core is compiled) are fetched for that machine's
+# Python (GPU_PY) and platform.
 GPU_WHEELS := hydra-core omegaconf antlr4-python3-runtime hydra-submitit-launcher submitit webdataset \
-              braceexpand torchdata mlxtend timm typer click rich
+              braceexpand torchdata mlxtend timm typer annotated-doc shellingham click rich pydantic \
+              annotated-types typing-inspection typing-extensions
+GPU_COMPILED_WHEELS := pydantic-core
+GPU_PY ?= 3.12
+GPU_PLATFORM ?= manylinux_2_17_x86_64
+# The installed version of each package named: pip freeze writes some names with _ for -.
+pinned = $(BIN)/pip freeze | grep -i -E '^($(shell echo $(subst -,[-_],$(1)) | tr ' ' '|'))=='
 gpu-wheels: $(STAMP)
 	rm -rf .whl && mkdir .whl
-	$(BIN)/pip freeze | grep -i -E '^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==' > .whl/requirements.txt
+	$(call pinned,$(GPU_WHEELS)) > .whl/requirements.txt
 	$(BIN)/pip wheel -q --no-deps -r .whl/requirements.txt -w .whl
 	@if ls .whl/*.whl | grep -v -- '-none-any.whl$$'; then echo "gpu-wheels: not pure Python (above)" >&2; exit 1; fi
+	$(call pinned,$(GPU_COMPILED_WHEELS)) > .whl/compiled.txt
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --platform $(GPU_PLATFORM) \
+	    -r .whl/compiled.txt -d .whl
+	@test $$(cat .whl/*.txt | wc -l) -eq $(words $(GPU_WHEELS) $(GPU_COMPILED_WHEELS)) || \
+	    { echo "gpu-wheels: a package named is not installed in $(VENV)" >&2; exit 1; }
+	@test $$(ls .whl/*.whl | wc -l) -eq $$(cat .whl/*.txt | wc -l) || { echo "gpu-wheels: a wheel is missing" >&2; exit 1; }
 	@ls .whl/*.whl | wc -l | xargs echo "gpu-wheels: wheels in .whl/:"
 
 clean:
