@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from mixer_cli.commands.pretrain import build_model, pretrain
 from mixer_cli.config.compose import compose
-from mixer_cli.config.run_dirs import make_run_dir, save_config
+from mixer_cli.config.run_dirs import make_run_dir, resume_config, save_config
 from mixer_cli.core.devices import torch_threads
 from mixer_cli.core.errors import UserError
 from mixer_cli.data import build_dataset
@@ -36,6 +36,7 @@ from mixer_cli.data.shards import rng_states, set_rng_states
 from mixer_cli.data.workers import leave_stop_signals_to
 from mixer_cli.data.writer import demo_samples, write_shards
 from mixer_cli.evaluate.fewshot import make_loader
+from mixer_cli.models import load_mixer
 from mixer_cli.train.datamodule import ImageDataModule
 from mixer_cli.train.fit import build, build_datasets, resume
 from mixer_cli.train.preemption import Stopped
@@ -597,19 +598,80 @@ def test_a_map_style_loaders_place_loads_into_other_devices_accumulation_and_wor
         assert torch.equal(y, torch.cat([y2 for _, y2 in parts])) and torch.equal(x, torch.cat([x2 for x2, _ in parts]))
 
 
-def test_a_streams_place_loads_only_into_the_layout_that_saved_it(tmp_path):
+@pytest.mark.parametrize(("device_batch", "accumulate", "world"), [(8, 2, 1), (8, 1, 2), (4, 2, 2)])
+def test_a_streams_place_loads_into_other_layouts_which_restart_the_rest_of_its_epoch(
+        device_batch, accumulate, world, tmp_path):
+    """Stopped after 3 steps of 1 x 16 with two workers, continued on other layouts with two workers each:
+    the epoch goes on for the steps it had left, from streams seeded anew (not the epoch's start again),
+    then the next epoch is whole."""
+    cfg = compose(write_demo_data(tmp_path, "streamed"))
+    first = layout_loader(cfg, 16, 1, 2)
+    batches = iter(first)
+    for _ in range(3):
+        next(batches)
+    state = first.state_dict()
+    assert state["position"] == {"epoch": 0, "steps": 3}
+    steps = len(first)
+    ranks = [layout_loader(cfg, device_batch, accumulate, 2, world, rank) for rank in range(world)]
+    for loader in ranks:
+        loader.load_state_dict(state)
+    per_rank = [list(loader) for loader in ranks]
+    assert [len(batches) for batches in per_rank] == [(steps - 3) * accumulate] * world
+    assert {len(y) for batches in per_rank for _, y in batches} == {device_batch}
+    _, fresh_labels = next(iter(layout_loader(cfg, device_batch, accumulate, 2, world, 0)))
+    assert not torch.equal(per_rank[0][0][1], fresh_labels)
+    assert [len(list(loader)) for loader in ranks] == [steps * accumulate] * world
+    assert ranks[0].state_dict()["position"] == {"epoch": 1, "steps": steps}
+
+
+@pytest.mark.parametrize("form", ["streamed", "parquet"])
+def test_a_stream_restarted_on_another_layout_and_stopped_again_continues_exactly_on_that_one(form, tmp_path):
+    cfg = compose(write_demo_data(tmp_path, form))
+    first = layout_loader(cfg, 16, 1, 0)
+    batches = iter(first)
+    for _ in range(3):
+        next(batches)
+    restarted = layout_loader(cfg, 8, 2, 2)
+    restarted.load_state_dict(first.state_dict())
+    batches = iter(restarted)
+    for _ in range(5 * 2):
+        next(batches)
+    state = restarted.state_dict()
+    assert state["position"] == {"epoch": 0, "steps": 8}
+    left_alone = list(batches)
+    again = layout_loader(cfg, 8, 2, 2)
+    again.load_state_dict(state)
+    continued = list(again)
+    assert len(continued) == len(left_alone) == (len(first) - 8) * 2
+    for (x, y), (x2, y2) in zip(left_alone, continued):
+        assert torch.equal(y, y2) and torch.equal(x, x2)
+
+
+def test_a_stream_stopped_at_its_epochs_end_continues_on_another_layout_with_the_next_epoch(tmp_path):
+    cfg = compose(write_demo_data(tmp_path, "streamed"))
+    first = layout_loader(cfg, 16, 1, 2)
+    list(first)
+    state = first.state_dict()
+    assert state["position"] == {"epoch": 0, "steps": len(first)}
+    other = layout_loader(cfg, 8, 2, 0)
+    other.load_state_dict(state)
+    assert len(list(other)) == len(first) * 2
+    assert other.state_dict()["position"] == {"epoch": 1, "steps": len(first)}
+
+
+def test_a_streams_place_from_before_places_were_steps_loads_only_into_the_layout_that_saved_it(tmp_path):
     cfg = compose(write_demo_data(tmp_path, "streamed"))
     first = training_loader(cfg, workers=2)
     batches = iter(first)
     next(batches)
     state = first.state_dict()
-    assert "position" not in state
+    del state["position"]
     with pytest.raises(UserError) as refused:
         training_loader(cfg, workers=0).load_state_dict(state)
     assert str(refused.value) == (
         "this run's checkpoint holds the place in its training data of each of 1 process(es) and 2 loader "
-        "worker(s) (a stream's, or a checkpoint's from before places were saved as steps): resume it on 1 "
-        "(trainer.devices x trainer.num_nodes) with data.num_workers=2; now 1 with 0")
+        "worker(s) (it is from before places were saved as steps): resume it on 1 (trainer.devices x "
+        "trainer.num_nodes) with data.num_workers=2; now 1 with 0")
 
 
 def stopped_at(tmp_path: Path, overrides: list[str], step: int) -> Path:
@@ -629,16 +691,45 @@ def test_a_run_stopped_with_loader_workers_resumes_without_them_as_the_run_left_
     assert_same_run(run, reference(tmp_path, shards), steps=50)
 
 
+def loader_states(ckpt: dict) -> list[dict]:
+    """The training loader's saved states in a checkpoint (Lightning's fit loop keeps them)."""
+    return ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+
+
 @pytest.mark.slow
-def test_resuming_a_stream_on_other_workers_ends_in_one_line_and_leaves_the_run_as_it_was(tmp_path, warm_run):
+def test_a_stream_stopped_with_loader_workers_resumes_without_them_and_ends_at_its_step(tmp_path, warm_run):
+    """Its first epoch's 40 steps end after 40, even though its streams restart: the step count is kept."""
+    run = stopped_at(tmp_path, [*warm_run, *SHARDS, *write_demo_data(tmp_path, "streamed")], 5)
+    assert loader_states(checkpoint(run / "last.ckpt"))[0]["position"] == {"epoch": 0, "steps": 5}
+    ended_epochs = []
+
+    class EpochEnds(Callback):
+        def on_train_epoch_end(self, trainer, *args):
+            ended_epochs.append(trainer.global_step)
+
+    cfg = resume_config(run, ["data.num_workers=0"])
+    with torch_threads(1):
+        job = build(cfg, load_mixer(run / "last.ckpt"), build_datasets(cfg))
+        job.callbacks.append(EpochEnds())
+        results = job.run("pretrain", run, progress=False)
+    assert ended_epochs == [40, 50] and results["steps"] == 50
+
+
+@pytest.mark.slow
+def test_resuming_an_older_streams_checkpoint_on_other_workers_ends_in_one_line_and_leaves_the_run_as_it_was(
+        tmp_path, warm_run):
     from typer.testing import CliRunner
 
     from mixer_cli.cli import app
 
     run = stopped_at(tmp_path, [*warm_run, *SHARDS, *write_demo_data(tmp_path, "streamed")], 5)
+    older = checkpoint(run / "last.ckpt")
+    for state in loader_states(older):
+        del state["position"], state["accumulate"]
+    torch.save(older, run / "last.ckpt")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     r = CliRunner().invoke(app, ["pretrain", "--resume", str(run), "data.num_workers=0"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
     assert r.stderr.startswith("error: this run's checkpoint holds the place in its training data of each of 1 "
-                               "process(es) and 2 loader worker(s)")
+                               "process(es) and 2 loader worker(s) (it is from before places were saved as steps)")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

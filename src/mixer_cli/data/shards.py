@@ -56,6 +56,12 @@ def worker_and_workers() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
+def my_part(batches: int) -> int:
+    """This worker's part of a rank's `batches`, split as evenly as it goes (the loader takes them in turn)."""
+    worker, workers = worker_and_workers()
+    return batches // workers + (worker < batches % workers)
+
+
 def rng_states() -> dict:
     """This process's random generators (torch, CUDA, numpy, Python), in types that torch.load(weights_only=True)
     reads back: checkpoints that hold them stay loadable by `load_mixer`.
@@ -107,7 +113,8 @@ class TrainShards(IterableDataset):
     """Shuffled (image, label) batches from this rank's and worker's share of the shards, `batches_per_epoch`
     per epoch over all workers. Each (rank, worker) holds its own copy and position: `epoch` (the epoch it
     is in), `batches` (yielded in that epoch) and `taken` (samples taken off the shuffle buffer for them,
-    corrupt ones included). `read` makes samples of the shards: tar files by default."""
+    corrupt ones included); `restarted_at`, where a resume on another layout restarted the epoch's
+    streams (`continue_epoch`). `read` makes samples of the shards: tar files by default."""
 
     units = "training shard(s)"
     smaller_units = "write smaller shards (mixer data write --shard-size)"
@@ -124,6 +131,7 @@ class TrainShards(IterableDataset):
         self.corrupt = SkipCorrupt()
         self.placed: tuple[int, int] | None = None  # (rank, world size), set by the DataModule
         self.epoch, self.batches, self.taken = -1, 0, 0
+        self.restarted_at: int | None = None
         self._continuing = False  # a loaded state: the next __iter__ continues its epoch instead of starting one
 
     def set_epoch_length(self, batch_size: int, batches_per_epoch: int) -> None:
@@ -148,13 +156,14 @@ class TrainShards(IterableDataset):
 
     def my_share(self) -> int:
         """Batches this worker yields per epoch: the rank's epoch split as evenly as it goes."""
-        worker, workers = worker_and_workers()
-        return self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        return my_part(self.batches_per_epoch)
 
     def _epoch_stream(self, skip: int):
         """This slot's batches of the current epoch, after the first `skip` samples off the shuffle buffer."""
         shards, slot = self.my_shards()
-        rng = random.Random(f"{self.seed}/{slot}/{self.epoch}")  # the same stream whenever the epoch is rebuilt
+        # The same stream whenever the epoch is rebuilt; one restarted on another layout is a new one.
+        restarted = "" if self.restarted_at is None else f"/restarted at {self.restarted_at}"
+        rng = random.Random(f"{self.seed}/{slot}/{self.epoch}{restarted}")
         read = [0]  # samples that came out of the tar files, to notice shards that hold none
 
         def shard_passes():
@@ -201,8 +210,10 @@ class TrainShards(IterableDataset):
         # served its share of the last epoch before a stop must resume into the new one, not that one.
         if self._continuing:
             self._continuing = False
+            if self.batches is None:  # restarted by continue_epoch: this worker's part of the batches given
+                self.batches = my_part(self.restarted_at)
         else:
-            self.epoch, self.batches, self.taken = self.epoch + 1, 0, 0
+            self.epoch, self.batches, self.taken, self.restarted_at = self.epoch + 1, 0, 0, None
         return self._batches()
 
     def _batches(self):
@@ -215,13 +226,27 @@ class TrainShards(IterableDataset):
         """The position of this (rank, worker), which torchdata's StatefulDataLoader asks for after every
         batch; in a loader worker also its random generators, which the augmentation draws from."""
         state = {"epoch": self.epoch, "batches": self.batches, "taken": self.taken}
+        if self.restarted_at is not None:
+            state["restarted_at"] = self.restarted_at
         return {**state, "rng": rng_states()} if get_worker_info() else state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batches, self.taken = state["epoch"], state["batches"], state["taken"]
+        self.restarted_at = state.get("restarted_at")
         self._continuing = True
         if "rng" in state:
             set_rng_states(state["rng"])
+
+    def continue_epoch(self, epoch: int, batches: int) -> None:
+        """Go on with `epoch` after the rank's first `batches` on another layout (other ranks, accumulation
+        or workers) than the one that gave them: the place of each (rank, worker) in its shards does not
+        carry over, so each restarts its stream of the epoch, seeded anew, for its part of the batches
+        left. The epoch keeps its length; samples given before the stop may come again in it."""
+        self.epoch, self.taken, self.restarted_at = epoch, 0, batches
+        if batches >= self.batches_per_epoch:  # it had ended: the next iteration starts the next epoch
+            self.batches, self.restarted_at = self.batches_per_epoch, None
+            return
+        self.batches, self._continuing = None, True
 
 
 class EvalShards(IterableDataset):

@@ -6,12 +6,12 @@ augmentation is seeded by (seed, epoch, sample); evaluation uses an unpadded sam
 counted twice. Streamed shards: the dataset batches itself and yields `micro_batches_per_epoch`
 batches per rank and epoch, so every rank takes the same number of optimiser steps (no DDP hang).
 
-The training loader is torchdata's StatefulDataLoader: Lightning keeps its position (a map-style
-set's epoch and optimiser steps, which load into any layout; the shard stream's `state_dict` and
-random generators in every worker, which load into the same) in each checkpoint, so a run stopped
+The training loader is torchdata's StatefulDataLoader: Lightning keeps its position in each
+checkpoint (the epoch and optimiser steps, which load into any layout; for the shard stream also
+its `state_dict` and random generators in every worker, which load into the same), so a run stopped
 mid-epoch continues with the very batch, augmented the very way, that the run left alone would have
-had next. Evaluation loaders draw their worker seeds from a generator of their own:
-evaluating leaves the training's random stream as it was.
+had next; a stream on another layout restarts the rest of its epoch. Evaluation loaders draw their
+worker seeds from a generator of their own: evaluating leaves the training's random stream as it was.
 """
 from __future__ import annotations
 
@@ -45,43 +45,68 @@ class EveryRankLoader(StatefulDataLoader):
     iterator's own end, and a loaded iterator would have gone on with the ended epoch, leaving the
     next one without batches (a run stopped there lost an epoch of steps)."""
 
-    def __init__(self, *args, batches_per_epoch: int | None = None, **kwargs):
+    def __init__(self, *args, batches_per_epoch: int | None = None, accumulate: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batches_per_epoch = batches_per_epoch
+        self.batches_per_epoch, self.accumulate = batches_per_epoch, accumulate
+        self.streams = isinstance(self.dataset, TrainShards)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        saved = {"ranks": every_rank(state)}  # every rank saves: Lightning dumps on all
-        given = sampler_given(state)
-        if isinstance(self.batch_sampler, GlobalBatchSampler) and given is not None:
-            saved["position"] = {"epoch": given["epoch"], "steps": given["given"] // self.batch_sampler.accumulate}
+        saved = {"ranks": every_rank(state), "accumulate": self.accumulate}  # every rank saves: Lightning dumps on all
+        given = stream_given(state) if self.streams else sampler_given(state)
+        if given is not None:
+            saved["position"] = {"epoch": given["epoch"], "steps": given["given"] // self.accumulate}
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """A map-style set's position is (epoch, optimiser steps): the samples of those global batches are
-        the seed's whatever the layout, so it loads into any number of ranks, accumulation steps and
-        workers. A stream's is its ranks' and workers' own: it loads into the layout that saved it."""
-        if "position" in state_dict and isinstance(self.batch_sampler, GlobalBatchSampler):
-            position = state_dict["position"]
-            sampler = self.batch_sampler
-            sampler.load_state_dict({"epoch": position["epoch"], "given": position["steps"] * sampler.accumulate})
-            return
+        """The position is (epoch, optimiser steps), which loads into any number of ranks, accumulation
+        steps and workers: a map-style set's global batches are the seed's whatever the layout, so it
+        continues exactly; a stream restarts the rest of its epoch (TrainShards.continue_epoch). On the
+        layout that saved it, a stream continues exactly from each rank's and worker's own place."""
         world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() \
             else (1, 0)
-        check_same_layout(state_dict["ranks"], world, self.num_workers)
+        position = state_dict.get("position")
+        if position is not None:
+            epoch, given = position["epoch"], position["steps"] * self.accumulate
+            if not self.streams:
+                self.batch_sampler.load_state_dict({"epoch": epoch, "given": given})
+                return
+            if not same_layout(state_dict, world, self.num_workers, self.accumulate):
+                self.dataset.continue_epoch(epoch, given)
+                return
+        check_same_layout(state_dict, world, self.num_workers)
         state = state_dict["ranks"][rank]
-        if state and self.batches_per_epoch and batches_given(state) >= self.batches_per_epoch:
+        if state and self.batches_per_epoch and self.given_in_epoch(state) >= self.batches_per_epoch:
             state = ended(state)
         super().load_state_dict(state)
 
+    def given_in_epoch(self, state: dict) -> int:
+        """The micro-batches a rank's saved iteration had given in its epoch."""
+        given = stream_given(state) if self.streams else None
+        return given["given"] if given else batches_given(state)
 
-def check_same_layout(ranks: list[dict], world: int, workers: int) -> None:
-    saved_workers = len(ranks[0].get("_snapshot", {}).get("_worker_snapshots", {})) if ranks[0] else workers
-    if (len(ranks), saved_workers) != (world, workers):
-        raise UserError(f"this run's checkpoint holds the place in its training data of each of {len(ranks)} "
-                        f"process(es) and {saved_workers} loader worker(s) (a stream's, or a checkpoint's from "
-                        f"before places were saved as steps): resume it on {len(ranks)} (trainer.devices x "
-                        f"trainer.num_nodes) with data.num_workers={saved_workers}; now {world} with {workers}")
+
+def saved_layout(state: dict, workers: int) -> tuple[int, int]:
+    """(ranks, loader workers) of the run that saved `state`; a state saved before any batch says nothing
+    of its workers."""
+    ranks = state["ranks"]
+    return len(ranks), len(ranks[0].get("_snapshot", {}).get("_worker_snapshots", {})) if ranks[0] else workers
+
+
+def same_layout(state: dict, world: int, workers: int, accumulate: int) -> bool:
+    """Whether `state` was saved by as many ranks and workers, each giving micro-batches as large: a
+    stream's places count its micro-batches (checkpoints from before they said their accumulation
+    steps are taken at their word)."""
+    return saved_layout(state, workers) == (world, workers) and state.get("accumulate", accumulate) == accumulate
+
+
+def check_same_layout(state: dict, world: int, workers: int) -> None:
+    if saved_layout(state, workers) != (world, workers):
+        saved_ranks, saved_workers = saved_layout(state, workers)
+        raise UserError(f"this run's checkpoint holds the place in its training data of each of {saved_ranks} "
+                        f"process(es) and {saved_workers} loader worker(s) (it is from before places were saved "
+                        f"as steps): resume it on {saved_ranks} (trainer.devices x trainer.num_nodes) with "
+                        f"data.num_workers={saved_workers}; now {world} with {workers}")
 
 
 # torchdata's StatefulDataLoader state comes in two layouts: with loader workers, the main process's
@@ -102,6 +127,20 @@ def sampler_given(state: dict) -> dict | None:
     if sampler is None:
         return None
     return {"epoch": sampler["epoch"], "given": sampler["given"] + state.get("_steps_since_snapshot", 0)}
+
+
+def stream_given(state: dict) -> dict | None:
+    """A shard stream's (epoch, micro-batches given in it) by one rank, from its workers' consumed states:
+    unlike the loader's own count, it includes the batches given before a restart on another layout."""
+    if "_snapshot" in state:
+        places = [w["dataset_state"] for w in state["_snapshot"]["_worker_snapshots"].values()]
+    else:
+        places = [state.get("dataset_state")]
+    places = [p for p in places if p is not None and p["epoch"] >= 0]
+    if not places:
+        return None
+    epoch = max(p["epoch"] for p in places)
+    return {"epoch": epoch, "given": sum(p["batches"] for p in places if p["epoch"] == epoch)}
 
 
 def ended(state: dict) -> dict:
@@ -145,13 +184,13 @@ class ImageDataModule(L.LightningDataModule):
             # The length is exact however many workers share it (TrainShards.__iter__); torch's advice does not apply.
             warnings.filterwarnings("ignore", ".*IterableDataset.*has.*__len__.*")
             return self._loader(self.train_set, EveryRankLoader, batch_size=None,
-                                batches_per_epoch=self.micro_batches_per_epoch)
+                                batches_per_epoch=self.micro_batches_per_epoch, accumulate=self.accumulate)
         world, rank = self._world()
         n = len(self.train_set)
         sampler = GlobalBatchSampler(sample_order(self.train_set, self.seed), n, self.device_batch, self.accumulate,
                                      world, rank)
         return self._loader(SeededSamples(self.train_set, self.seed), EveryRankLoader, batch_sampler=sampler,
-                            batches_per_epoch=self.micro_batches_per_epoch)
+                            batches_per_epoch=self.micro_batches_per_epoch, accumulate=self.accumulate)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader(self.eval_set)
