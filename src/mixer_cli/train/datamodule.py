@@ -101,8 +101,8 @@ def same_layout(state: dict, world: int, workers: int, accumulate: int) -> bool:
 
 
 def check_same_layout(state: dict, world: int, workers: int) -> None:
-    if saved_layout(state, workers) != (world, workers):
-        saved_ranks, saved_workers = saved_layout(state, workers)
+    saved_ranks, saved_workers = saved_layout(state, workers)
+    if (saved_ranks, saved_workers) != (world, workers):
         raise UserError(f"this run's checkpoint holds the place in its training data of each of {saved_ranks} "
                         f"process(es) and {saved_workers} loader worker(s) (it is from before places were saved "
                         f"as steps): resume it on {saved_ranks} (trainer.devices x trainer.num_nodes) with "
