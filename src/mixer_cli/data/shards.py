@@ -242,11 +242,11 @@ class TrainShards(IterableDataset):
         or workers) than the one that gave them: the place of each (rank, worker) in its shards does not
         carry over, so each restarts its stream of the epoch, seeded anew, for its part of the batches
         left. The epoch keeps its length; samples given before the stop may come again in it."""
-        self.epoch, self.taken, self.restarted_at = epoch, 0, batches
+        self.epoch, self.taken = epoch, 0
         if batches >= self.batches_per_epoch:  # it had ended: the next iteration starts the next epoch
             self.batches, self.restarted_at = self.batches_per_epoch, None
             return
-        self.batches, self._continuing = None, True
+        self.batches, self.restarted_at, self._continuing = None, batches, True
 
 
 class EvalShards(IterableDataset):
